@@ -1,0 +1,274 @@
+"""Host network setup around the agent's TUN: addresses, routes, policy rules, rp_filter — and their removal.
+
+Two steps, so the interesting part is testable without root:
+
+- `distributor_plan(config)` / `tm_plan(config)` turn a node config into a `NetPlan`: plain data saying
+  which addresses, routes and rules the node needs.
+- `NetSetup(plan)` applies a plan over netlink (pyroute2, no shelling out to ip(8)), remembers exactly what
+  it added and removes exactly that on `undo()`. `clean_stale()` first removes what a crashed earlier run
+  with the same TUN name and table left behind (the TUN itself dies with its process; policy rules do not).
+
+Distributor: the `tun.capture` prefixes are routed into the TUN in the main table; traffic *from* the
+`tun.capture_from` prefixes is sent into the TUN by `from PREFIX lookup TABLE` with `default dev TUN` in
+TABLE. What the distributor writes back into the TUN arrives with iif TUN and, by a rule of higher
+priority, is routed by the main table — so its own output never loops back into the TUN, whatever source
+address it carries.
+
+TM: the management addresses live on the TUN, and `from MGMT lookup TABLE` sends what the TM host's own
+stack answers from them (its status service) back into the TUN, hence into the overlay, whatever route the
+host would otherwise take to the client.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_TABLE = 4754
+# Rules sit well above `main` (32766); the iif rule must win over the `from` rules.
+IIF_RULE_PRIORITY = 4754
+FROM_RULE_PRIORITY = 4755
+MAIN_TABLE = 254
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+
+
+@dataclass(frozen=True)
+class Route:
+    """`dst dev TUN table TABLE`."""
+
+    dst: IPNetwork
+    table: int
+
+
+@dataclass(frozen=True)
+class Rule:
+    """`priority P [from SRC] [iif IIF] lookup TABLE` for one address family."""
+
+    priority: int
+    table: int
+    version: int
+    src: IPNetwork | None = None
+    iif: str | None = None
+
+
+@dataclass(frozen=True)
+class NetPlan:
+    tun: str
+    mtu: int
+    table: int
+    addresses: tuple[IPInterface, ...] = ()
+    routes: tuple[Route, ...] = ()
+    rules: tuple[Rule, ...] = ()
+    # The distributor receives packets from TMs with client sources on the TUN: strict rp_filter drops them.
+    loose_rp_filter: bool = True
+    needs_forwarding: bool = False
+
+
+def _default_route(version: int, table: int) -> Route:
+    return Route(ipaddress.ip_network("0.0.0.0/0" if version == 4 else "::/0"), table)
+
+
+def distributor_plan(tun: Any, *, table: int = DEFAULT_TABLE) -> NetPlan:
+    """The plan for a distributor from its `[tun]` section (`name`, `mtu`, `capture`, `capture_from`)."""
+    routes = [Route(prefix, MAIN_TABLE) for prefix in tun.capture]
+    rules: list[Rule] = []
+    versions = sorted({prefix.version for prefix in tun.capture_from})
+    for version in versions:
+        routes.append(_default_route(version, table))
+        rules.append(Rule(IIF_RULE_PRIORITY, MAIN_TABLE, version, iif=tun.name))
+    for prefix in tun.capture_from:
+        rules.append(Rule(FROM_RULE_PRIORITY, table, prefix.version, src=prefix))
+    return NetPlan(
+        tun=tun.name,
+        mtu=tun.mtu,
+        table=table,
+        routes=tuple(routes),
+        rules=tuple(rules),
+        needs_forwarding=True,
+    )
+
+
+def tm_plan(tun: Any, management: list[Any], *, table: int = DEFAULT_TABLE) -> NetPlan:
+    """The plan for a TM host: management addresses on the TUN, their replies policy-routed into it."""
+    addresses = tuple(ipaddress.ip_interface(address) for address in management)
+    versions = sorted({address.version for address in addresses})
+    routes = tuple(_default_route(version, table) for version in versions) + tuple(
+        Route(prefix, MAIN_TABLE) for prefix in tun.capture
+    )
+    rules = tuple(Rule(FROM_RULE_PRIORITY, table, address.version, src=address.network) for address in addresses)
+    return NetPlan(tun=tun.name, mtu=tun.mtu, table=table, addresses=addresses, routes=routes, rules=rules)
+
+
+def _family(version: int) -> int:
+    return socket.AF_INET if version == 4 else socket.AF_INET6
+
+
+def _rule_args(rule: Rule) -> dict[str, Any]:
+    args: dict[str, Any] = {"family": _family(rule.version), "priority": rule.priority, "table": rule.table}
+    if rule.src is not None:
+        args["src"] = str(rule.src.network_address)
+        args["src_len"] = rule.src.prefixlen
+    if rule.iif is not None:
+        args["iifname"] = rule.iif
+    return args
+
+
+def _route_args(route: Route, index: int) -> dict[str, Any]:
+    return {
+        "family": _family(route.dst.version),
+        "dst": str(route.dst.network_address),
+        "dst_len": route.dst.prefixlen,
+        "oif": index,
+        "table": route.table,
+    }
+
+
+@dataclass
+class NetSetup:
+    """Applies one `NetPlan` and undoes exactly what it applied. Not thread-safe; one per agent."""
+
+    plan: NetPlan
+    sysctl_root: Path = Path("/proc/sys")
+    warnings: list[str] = field(default_factory=list)
+    _rules: list[dict[str, Any]] = field(default_factory=list)
+    _routes: list[dict[str, Any]] = field(default_factory=list)
+    _sysctls: list[tuple[Path, str]] = field(default_factory=list)
+
+    def clean_stale(self) -> int:
+        """Remove rules a previous run with this TUN name and table left behind; returns how many."""
+        from pyroute2 import IPRoute
+
+        removed = 0
+        with IPRoute() as ipr:
+            for family in (socket.AF_INET, socket.AF_INET6):
+                for rule in ipr.get_rules(family=family):
+                    priority = rule.get_attr("FRA_PRIORITY")
+                    table = rule.get_attr("FRA_TABLE") or rule.get("table")
+                    ifname = rule.get_attr("FRA_IFNAME")
+                    ours = (priority == FROM_RULE_PRIORITY and table == self.plan.table) or (
+                        priority == IIF_RULE_PRIORITY and ifname == self.plan.tun
+                    )
+                    if ours:
+                        ipr.rule("del", **_stale_rule_args(rule, family))
+                        removed += 1
+                for route in ipr.get_routes(family=family, table=self.plan.table):
+                    if route.get_attr("RTA_TABLE") == self.plan.table:
+                        ipr.route("del", **_stale_route_args(route, family))
+                        removed += 1
+        return removed
+
+    def apply(self) -> None:
+        """Bring the TUN up with its MTU and add the plan; on failure undo what was added and re-raise."""
+        from pyroute2 import IPRoute
+
+        try:
+            with IPRoute() as ipr:
+                found = ipr.link_lookup(ifname=self.plan.tun)
+                if not found:
+                    raise RuntimeError(f"TUN {self.plan.tun!r} does not exist; open it before applying the plan")
+                index = found[0]
+                ipr.link("set", index=index, mtu=self.plan.mtu, state="up")
+                for interface in self.plan.addresses:
+                    # nodad: a management address must be usable at once, not after IPv6 DAD (~1 s).
+                    flags = {"flags": 0x02} if interface.version == 6 else {}
+                    ipr.addr("add", index=index, address=str(interface.ip), prefixlen=interface.max_prefixlen, **flags)
+                for route in self.plan.routes:
+                    args = _route_args(route, index)
+                    ipr.route("add", **args)
+                    self._routes.append(args)
+                for rule in self.plan.rules:
+                    args = _rule_args(rule)
+                    ipr.rule("add", **args)
+                    self._rules.append(args)
+            self._set_sysctls()
+        except BaseException:
+            self.undo()
+            raise
+
+    def _set_sysctls(self) -> None:
+        ipv4 = self.sysctl_root / "net/ipv4"
+        if self.plan.loose_rp_filter:
+            # The effective rp_filter is max(conf/all, conf/DEV): 0 only helps when `all` is 0, else use loose.
+            current_all = _read(ipv4 / "conf/all/rp_filter")
+            wanted = "0" if current_all in ("0", None) else "2"
+            self._write(ipv4 / f"conf/{self.plan.tun}/rp_filter", wanted)
+        if self.plan.needs_forwarding:
+            for path in (ipv4 / "ip_forward", self.sysctl_root / "net/ipv6/conf/all/forwarding"):
+                if _read(path) == "0":
+                    self.warnings.append(
+                        f"{path} is 0: this host will not forward what the distributor writes into the TUN; "
+                        f"set it to 1 (sysctl -w, or compose `sysctls:`)"
+                    )
+
+    def _write(self, path: Path, value: str) -> None:
+        previous = _read(path)
+        if previous == value:
+            return
+        try:
+            path.write_text(value)
+        except OSError as error:
+            self.warnings.append(
+                f"cannot set {path} to {value} ({error.strerror}): /proc/sys is read-only here; "
+                f"set it from outside (compose `sysctls:`, or sysctl in the host namespace)"
+            )
+            return
+        if previous is not None:
+            self._sysctls.append((path, previous))
+
+    def undo(self) -> None:
+        """Remove what `apply` added, newest first; missing items (already gone) are fine."""
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        with IPRoute() as ipr:
+            while self._rules:
+                args = self._rules.pop()
+                try:
+                    ipr.rule("del", **args)
+                except NetlinkError:
+                    pass  # ENOENT: someone removed it already; the goal (not there) holds
+            while self._routes:
+                args = self._routes.pop()
+                try:
+                    ipr.route("del", **args)
+                except NetlinkError:
+                    pass  # the TUN closed first and took its routes with it
+        while self._sysctls:
+            path, previous = self._sysctls.pop()
+            try:
+                path.write_text(previous)
+            except OSError:
+                pass  # the TUN is gone and its conf/ directory with it
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def _stale_rule_args(rule: Any, family: int) -> dict[str, Any]:
+    args: dict[str, Any] = {"family": family, "priority": rule.get_attr("FRA_PRIORITY")}
+    table = rule.get_attr("FRA_TABLE") or rule.get("table")
+    args["table"] = table
+    if rule.get_attr("FRA_SRC"):
+        args["src"] = rule.get_attr("FRA_SRC")
+        args["src_len"] = rule["src_len"]
+    if rule.get_attr("FRA_IFNAME"):
+        args["iifname"] = rule.get_attr("FRA_IFNAME")
+    return args
+
+
+def _stale_route_args(route: Any, family: int) -> dict[str, Any]:
+    args: dict[str, Any] = {"family": family, "table": route.get_attr("RTA_TABLE"), "dst_len": route["dst_len"]}
+    if route.get_attr("RTA_DST"):
+        args["dst"] = route.get_attr("RTA_DST")
+    if route.get_attr("RTA_OIF"):
+        args["oif"] = route.get_attr("RTA_OIF")
+    return args

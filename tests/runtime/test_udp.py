@@ -1,0 +1,154 @@
+"""Underlay endpoint: flow entropy through the outer source port, draining reads, send errors counted."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+
+import pytest
+import uvloop
+
+from overlay.runtime.udp import UnderlayEndpoint
+
+LOOPBACK = ipaddress.ip_address("127.0.0.1")
+
+
+def receiver() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(5)
+    return sock
+
+
+def test_each_flow_hash_leaves_from_its_own_source_port() -> None:
+    endpoint = UnderlayEndpoint(LOOPBACK, 0, source_ports=4)
+    peer = receiver()
+    try:
+        assert len(set(endpoint.source_ports)) == 4
+        seen = {}
+        for flow_hash in (0, 1, 2, 3, 4, 5, 6, 7, 1_000_003):
+            assert endpoint.send(b"gre", peer.getsockname(), flow_hash)
+            _, (_, port) = peer.recvfrom(100)
+            seen[flow_hash] = port
+        assert [seen[h] for h in range(4)] == endpoint.source_ports
+        # The same flow always keeps its port (one inner flow = one outer flow, no reordering across paths).
+        assert seen[4] == seen[0] and seen[7] == seen[3]
+        assert seen[1_000_003] == endpoint.source_ports[1_000_003 % 4]
+        assert endpoint.counters["udp_tx_datagrams"] == 9
+    finally:
+        endpoint.close()
+        peer.close()
+
+
+def test_reply_leaves_from_the_well_known_port() -> None:
+    endpoint = UnderlayEndpoint(LOOPBACK, 0, source_ports=2)
+    peer = receiver()
+    try:
+        endpoint.reply(b"echo", peer.getsockname())
+        _, (_, port) = peer.recvfrom(100)
+        assert port == endpoint.port
+    finally:
+        endpoint.close()
+        peer.close()
+
+
+def test_source_port_base_binds_consecutive_ports() -> None:
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    probe.bind(("127.0.0.1", 0))
+    base = probe.getsockname()[1]
+    probe.close()
+    try:
+        endpoint = UnderlayEndpoint(LOOPBACK, 0, source_ports=3, source_port_base=base)
+    except OSError:
+        pytest.skip("the ports after a free ephemeral port were taken meanwhile")
+    try:
+        assert endpoint.source_ports == [base, base + 1, base + 2]
+    finally:
+        endpoint.close()
+
+
+def test_port_in_use_fails_at_start_and_releases_what_it_bound() -> None:
+    endpoint = UnderlayEndpoint(LOOPBACK, 0, source_ports=1)
+    # SO_REUSEPORT lets agents share a port; a socket bound without it blocks the port for everyone.
+    blocker = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    blocker.bind(("127.0.0.1", 0))
+    try:
+        with pytest.raises(OSError):
+            UnderlayEndpoint(LOOPBACK, blocker.getsockname()[1], source_ports=2)
+    finally:
+        blocker.close()
+        endpoint.close()
+
+
+# {description, payload, destination, expected error counter}: the send fails, the agent does not.
+SEND_FAILURES = [
+    {"description": "datagram larger than UDP allows", "payload": b"x" * 70000,
+     "peer": ("127.0.0.1", 9), "counter": "udp_tx_error_emsgsize"},
+    {"description": "IPv6 destination on an IPv4 socket", "payload": b"x",
+     "peer": ("::1", 9), "counter": "udp_tx_error_other"},
+]
+
+
+@pytest.mark.parametrize("case", SEND_FAILURES, ids=[case["description"] for case in SEND_FAILURES])
+def test_send_errors_are_counted_never_raised(case: dict) -> None:
+    endpoint = UnderlayEndpoint(LOOPBACK, 0, source_ports=1)
+    try:
+        assert endpoint.send(case["payload"], case["peer"], 0) is False
+        assert endpoint.counters[case["counter"]] == 1
+        assert endpoint.counters["udp_tx_datagrams"] == 0
+    finally:
+        endpoint.close()
+
+
+def test_reads_drain_every_socket_into_one_callback() -> None:
+    endpoint = UnderlayEndpoint(LOOPBACK, 0, source_ports=2)
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sender.bind(("127.0.0.1", 0))
+    sender_address = sender.getsockname()
+
+    async def run() -> list[tuple[bytes, tuple[str, int]]]:
+        got: list[tuple[bytes, tuple[str, int]]] = []
+        done = asyncio.Event()
+
+        def on_datagram(payload: bytes, peer: tuple[str, int]) -> None:
+            got.append((payload, peer))
+            if len(got) == 3 * 50:
+                done.set()
+
+        endpoint.start(asyncio.get_running_loop(), on_datagram)
+        # A burst larger than one datagram per wakeup: draining must take all of it.
+        for port in (endpoint.port, *endpoint.source_ports):
+            for index in range(50):
+                sender.sendto(f"{port}:{index}".encode(), ("127.0.0.1", port))
+        await asyncio.wait_for(done.wait(), 5)
+        endpoint.stop_reading()
+        return got
+
+    try:
+        got = uvloop.run(run())
+    finally:
+        endpoint.close()
+        sender.close()
+    assert {peer for _, peer in got} == {sender_address}
+    per_port = {port: sum(1 for payload, _ in got if payload.startswith(f"{port}:".encode()))
+                for port in (endpoint.port, *endpoint.source_ports)}
+    assert per_port == {port: 50 for port in per_port}
+    assert endpoint.counters["udp_rx_datagrams"] == 150
+
+
+def test_drain_all_takes_what_arrived_after_reading_stopped() -> None:
+    endpoint = UnderlayEndpoint(LOOPBACK, 0, source_ports=1)
+    got: list[bytes] = []
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        loop = uvloop.new_event_loop()
+        endpoint.start(loop, lambda payload, peer: got.append(payload))
+        endpoint.stop_reading()
+        sender.sendto(b"in-flight", ("127.0.0.1", endpoint.port))
+        loop.close()
+        assert endpoint.drain_all() == 1
+        assert got == [b"in-flight"]
+    finally:
+        endpoint.close()
+        sender.close()

@@ -1,0 +1,103 @@
+"""GRE-in-UDP (RFC 8086) framing: the GRE header (RFC 2784, key and sequence per RFC 2890) that rides
+inside a UDP datagram. The kernel's UDP socket adds the outer IP and UDP headers, so this module only
+builds and parses the UDP payload: ``GRE header || inner packet``.
+
+Wire format (every field big-endian)::
+
+     0                   1                   2                   3
+     0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1
+    +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+    |C| |K|S| Reserved0       | Ver |         Protocol Type         |
+    +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+    |      Checksum (optional)      |       Reserved1 (optional)    |
+    |                         Key (optional)                        |
+    |                 Sequence Number (optional)                    |
+    +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+
+We emit at most the key (4 or 8 bytes of GRE); we accept checksum, key and sequence from peers. The
+checksum is not verified: UDP's own checksum already covers the payload.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+UDP_PORT = 4754  # RFC 8086 "GRE-in-UDP"
+PROTO_IPV4 = 0x0800
+PROTO_IPV6 = 0x86DD
+# IEEE 802 "local experimental" EtherType: marks in-band keepalives that a TM agent echoes unchanged.
+KEEPALIVE_PROTOCOL = 0x88B5
+
+FLAG_CHECKSUM = 0x8000
+FLAG_ROUTING = 0x4000
+FLAG_KEY = 0x2000
+FLAG_SEQUENCE = 0x1000
+VERSION_MASK = 0x0007
+
+# Outer overhead that encapsulation adds on the underlay, for MTU arithmetic.
+UDP_HEADER = 8
+IPV4_HEADER = 20
+IPV6_HEADER = 40
+
+_HEADER = struct.Struct("!HH")
+_HEADER_KEY = struct.Struct("!HHI")
+_PLAIN_V4 = _HEADER.pack(0, PROTO_IPV4)
+_PLAIN_V6 = _HEADER.pack(0, PROTO_IPV6)
+
+
+def gre_header_length(key: int | None) -> int:
+    return 8 if key is not None else 4
+
+
+def overhead(underlay_ipv6: bool, key: int | None) -> int:
+    """Bytes encapsulation adds to an inner packet: outer IP + UDP + GRE."""
+    return (IPV6_HEADER if underlay_ipv6 else IPV4_HEADER) + UDP_HEADER + gre_header_length(key)
+
+
+def encapsulate(inner: bytes, *, key: int | None = None, protocol: int | None = None) -> bytes:
+    """The UDP payload that carries `inner`. The protocol defaults from the inner IP version nibble."""
+    if protocol is None:
+        protocol = PROTO_IPV6 if inner and inner[0] >> 4 == 6 else PROTO_IPV4
+    if key is None:
+        if protocol == PROTO_IPV4:
+            return _PLAIN_V4 + inner
+        if protocol == PROTO_IPV6:
+            return _PLAIN_V6 + inner
+        return _HEADER.pack(0, protocol) + inner
+    return _HEADER_KEY.pack(FLAG_KEY, protocol, key & 0xFFFFFFFF) + inner
+
+
+@dataclass(frozen=True, slots=True)
+class Decapsulated:
+    protocol: int
+    key: int | None
+    sequence: int | None
+    inner: bytes
+
+
+def decapsulate(payload: bytes) -> Decapsulated | None:
+    """Parse a GRE-in-UDP payload; None when it is not a GRE header we accept (malformed, version ≠ 0,
+    routing present, or shorter than its flags promise)."""
+    if len(payload) < 4:
+        return None
+    flags, protocol = _HEADER.unpack_from(payload, 0)
+    if flags & (VERSION_MASK | FLAG_ROUTING):
+        return None
+    offset = 4
+    if flags & FLAG_CHECKSUM:
+        offset += 4
+    key = sequence = None
+    if flags & FLAG_KEY:
+        if len(payload) < offset + 4:
+            return None
+        key = int.from_bytes(payload[offset : offset + 4], "big")
+        offset += 4
+    if flags & FLAG_SEQUENCE:
+        if len(payload) < offset + 4:
+            return None
+        sequence = int.from_bytes(payload[offset : offset + 4], "big")
+        offset += 4
+    if len(payload) < offset:
+        return None
+    return Decapsulated(protocol, key, sequence, bytes(payload[offset:]))

@@ -28,10 +28,15 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_TABLE = 4754
-# Rules sit well above `main` (32766); the iif rule must win over the `from` rules.
+# Rules sit well above `main` (32766). Packets arriving from the TUN are routed by `main`; if `main` has no
+# route for one, the lookup would fall through to the `from` rules and back into the TUN, so an
+# `unreachable` rule for iif TUN sits between them: no route means an ICMP error, never a loop.
 IIF_RULE_PRIORITY = 4754
-FROM_RULE_PRIORITY = 4755
+IIF_UNREACHABLE_PRIORITY = 4755
+FROM_RULE_PRIORITY = 4756
 MAIN_TABLE = 254
+FR_ACT_TO_TBL = 1
+FR_ACT_UNREACHABLE = 7
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
@@ -47,13 +52,14 @@ class Route:
 
 @dataclass(frozen=True)
 class Rule:
-    """`priority P [from SRC] [iif IIF] lookup TABLE` for one address family."""
+    """`priority P [from SRC] [iif IIF] lookup TABLE` (or `unreachable`, table 0) for one address family."""
 
     priority: int
     table: int
     version: int
     src: IPNetwork | None = None
     iif: str | None = None
+    unreachable: bool = False
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,7 @@ def distributor_plan(tun: Any, *, table: int = DEFAULT_TABLE) -> NetPlan:
     for version in versions:
         routes.append(_default_route(version, table))
         rules.append(Rule(IIF_RULE_PRIORITY, MAIN_TABLE, version, iif=tun.name))
+        rules.append(Rule(IIF_UNREACHABLE_PRIORITY, 0, version, iif=tun.name, unreachable=True))
     for prefix in tun.capture_from:
         rules.append(Rule(FROM_RULE_PRIORITY, table, prefix.version, src=prefix))
     return NetPlan(
@@ -109,7 +116,11 @@ def _family(version: int) -> int:
 
 
 def _rule_args(rule: Rule) -> dict[str, Any]:
-    args: dict[str, Any] = {"family": _family(rule.version), "priority": rule.priority, "table": rule.table}
+    args: dict[str, Any] = {"family": _family(rule.version), "priority": rule.priority}
+    if rule.unreachable:
+        args["action"] = FR_ACT_UNREACHABLE
+    else:
+        args["table"] = rule.table
     if rule.src is not None:
         args["src"] = str(rule.src.network_address)
         args["src_len"] = rule.src.prefixlen
@@ -149,9 +160,9 @@ class NetSetup:
                 for rule in ipr.get_rules(family=family):
                     priority = rule.get_attr("FRA_PRIORITY")
                     table = rule.get_attr("FRA_TABLE") or rule.get("table")
-                    ifname = rule.get_attr("FRA_IFNAME")
+                    ifname = rule.get_attr("FRA_IIFNAME")
                     ours = (priority == FROM_RULE_PRIORITY and table == self.plan.table) or (
-                        priority == IIF_RULE_PRIORITY and ifname == self.plan.tun
+                        priority in (IIF_RULE_PRIORITY, IIF_UNREACHABLE_PRIORITY) and ifname == self.plan.tun
                     )
                     if ours:
                         ipr.rule("del", **_stale_rule_args(rule, family))
@@ -254,19 +265,28 @@ def _read(path: Path) -> str | None:
 
 
 def _stale_rule_args(rule: Any, family: int) -> dict[str, Any]:
-    args: dict[str, Any] = {"family": family, "priority": rule.get_attr("FRA_PRIORITY")}
+    args: dict[str, Any] = {"family": family, "priority": rule.get_attr("FRA_PRIORITY"), "action": rule["action"]}
     table = rule.get_attr("FRA_TABLE") or rule.get("table")
-    args["table"] = table
+    if table:
+        args["table"] = table
     if rule.get_attr("FRA_SRC"):
         args["src"] = rule.get_attr("FRA_SRC")
         args["src_len"] = rule["src_len"]
-    if rule.get_attr("FRA_IFNAME"):
-        args["iifname"] = rule.get_attr("FRA_IFNAME")
+    if rule.get_attr("FRA_IIFNAME"):
+        args["iifname"] = rule.get_attr("FRA_IIFNAME")
     return args
 
 
 def _stale_route_args(route: Any, family: int) -> dict[str, Any]:
-    args: dict[str, Any] = {"family": family, "table": route.get_attr("RTA_TABLE"), "dst_len": route["dst_len"]}
+    # proto/scope/type must match what the kernel holds, or the delete finds nothing (ESRCH).
+    args: dict[str, Any] = {
+        "family": family,
+        "table": route.get_attr("RTA_TABLE"),
+        "dst_len": route["dst_len"],
+        "proto": route["proto"],
+        "scope": route["scope"],
+        "type": route["type"],
+    }
     if route.get_attr("RTA_DST"):
         args["dst"] = route.get_attr("RTA_DST")
     if route.get_attr("RTA_OIF"):

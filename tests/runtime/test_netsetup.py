@@ -1,0 +1,204 @@
+"""netsetup: plans from configs (pure), and in a namespace: apply adds exactly them, undo removes exactly them."""
+
+from __future__ import annotations
+
+import ipaddress
+from types import SimpleNamespace
+
+import pytest
+
+from overlay.runtime.netsetup import (
+    DEFAULT_TABLE,
+    FROM_RULE_PRIORITY,
+    IIF_RULE_PRIORITY,
+    IIF_UNREACHABLE_PRIORITY,
+    MAIN_TABLE,
+    NetSetup,
+    Route,
+    Rule,
+    distributor_plan,
+    tm_plan,
+)
+from tests.runtime.lab import in_ns, inside, namespaces, net_state, require_lab
+
+net = ipaddress.ip_network
+
+
+def tun_section(name: str = "rtxd0", mtu: int = 1400, capture=(), capture_from=()) -> SimpleNamespace:
+    return SimpleNamespace(name=name, mtu=mtu, capture=[net(p) for p in capture],
+                           capture_from=[net(p) for p in capture_from])
+
+
+DISTRIBUTOR_PLANS = [
+    {
+        "description": "reference distributor: VIPs and xlate captured, inside network policy-routed, v4+v6",
+        "tun": tun_section(capture=["203.0.113.80/32", "203.0.113.96/27", "2001:db8:80::80/128"],
+                           capture_from=["203.0.113.0/26", "2001:db8:2::/64"]),
+        "routes": {Route(net("203.0.113.80/32"), MAIN_TABLE), Route(net("203.0.113.96/27"), MAIN_TABLE),
+                   Route(net("2001:db8:80::80/128"), MAIN_TABLE),
+                   Route(net("0.0.0.0/0"), DEFAULT_TABLE), Route(net("::/0"), DEFAULT_TABLE)},
+        "rules": {Rule(IIF_RULE_PRIORITY, MAIN_TABLE, 4, iif="rtxd0"), Rule(IIF_RULE_PRIORITY, MAIN_TABLE, 6, iif="rtxd0"),
+                  Rule(IIF_UNREACHABLE_PRIORITY, 0, 4, iif="rtxd0", unreachable=True),
+                  Rule(IIF_UNREACHABLE_PRIORITY, 0, 6, iif="rtxd0", unreachable=True),
+                  Rule(FROM_RULE_PRIORITY, DEFAULT_TABLE, 4, src=net("203.0.113.0/26")),
+                  Rule(FROM_RULE_PRIORITY, DEFAULT_TABLE, 6, src=net("2001:db8:2::/64"))},
+    },
+    {
+        "description": "capture only: no policy routing at all, no table of our own",
+        "tun": tun_section(capture=["198.51.100.0/24"]),
+        "routes": {Route(net("198.51.100.0/24"), MAIN_TABLE)},
+        "rules": set(),
+    },
+    {
+        "description": "IPv4-only capture_from adds no IPv6 rules or routes",
+        "tun": tun_section(capture_from=["203.0.113.0/26"]),
+        "routes": {Route(net("0.0.0.0/0"), DEFAULT_TABLE)},
+        "rules": {Rule(IIF_RULE_PRIORITY, MAIN_TABLE, 4, iif="rtxd0"),
+                  Rule(IIF_UNREACHABLE_PRIORITY, 0, 4, iif="rtxd0", unreachable=True),
+                  Rule(FROM_RULE_PRIORITY, DEFAULT_TABLE, 4, src=net("203.0.113.0/26"))},
+    },
+]
+
+
+@pytest.mark.parametrize("case", DISTRIBUTOR_PLANS, ids=[case["description"] for case in DISTRIBUTOR_PLANS])
+def test_distributor_plan(case: dict) -> None:
+    plan = distributor_plan(case["tun"])
+    assert set(plan.routes) == case["routes"]
+    assert set(plan.rules) == case["rules"]
+    assert plan.addresses == () and plan.needs_forwarding and plan.loose_rp_filter
+    assert plan.mtu == 1400 and plan.tun == "rtxd0"
+
+
+def test_iif_rule_wins_over_the_from_rules() -> None:
+    """Output of the distributor written into the TUN must be routed by `main`, never back into the TUN."""
+    assert IIF_RULE_PRIORITY < IIF_UNREACHABLE_PRIORITY < FROM_RULE_PRIORITY < 32766
+
+
+def test_tm_plan_puts_management_addresses_on_the_tun_and_routes_their_replies_into_it() -> None:
+    plan = tm_plan(tun_section(name="rtxt0"), [ipaddress.ip_address("203.0.113.201"),
+                                               ipaddress.ip_address("2001:db8:ee::201")])
+    assert [str(a) for a in plan.addresses] == ["203.0.113.201/32", "2001:db8:ee::201/128"]
+    assert set(plan.rules) == {Rule(FROM_RULE_PRIORITY, DEFAULT_TABLE, 4, src=net("203.0.113.201/32")),
+                               Rule(FROM_RULE_PRIORITY, DEFAULT_TABLE, 6, src=net("2001:db8:ee::201/128"))}
+    assert set(plan.routes) == {Route(net("0.0.0.0/0"), DEFAULT_TABLE), Route(net("::/0"), DEFAULT_TABLE)}
+    assert not plan.needs_forwarding
+
+
+def test_tm_plan_without_management_adds_nothing() -> None:
+    plan = tm_plan(tun_section(name="rtxt0"), [])
+    assert plan.addresses == () and plan.routes == () and plan.rules == ()
+
+
+REFERENCE_TUN = tun_section(capture=["203.0.113.80/32", "2001:db8:80::80/128"],
+                            capture_from=["203.0.113.0/26", "2001:db8:2::/64"])
+
+
+def rule_key(rule: dict) -> tuple:
+    src = f"{rule['src']}/{rule['srclen']}" if "srclen" in rule else rule.get("src")
+    return rule["priority"], src, rule.get("iif"), rule.get("table", rule.get("action"))
+
+
+def spare_link(ns: str, name: str) -> None:
+    """An unrelated device (this kernel has no dummy driver: one end of a veth pair inside the namespace)."""
+    in_ns(ns, "ip", "link", "add", name, "type", "veth", "peer", "name", f"{name}p")
+    in_ns(ns, "ip", "link", "set", f"{name}p", "up")
+
+
+@pytest.mark.lab
+def test_apply_adds_exactly_the_plan_and_undo_removes_exactly_it() -> None:
+    require_lab()
+    from overlay.runtime.tun import TunDevice
+
+    with namespaces("net") as ns:
+        spare_link(ns["net"], "rtxdummy")  # an unrelated device must survive
+        in_ns(ns["net"], "ip", "rule", "add", "from", "192.0.2.0/24", "lookup", "100", "priority", "100")
+        before = net_state(ns["net"])
+        with inside(ns["net"]):
+            device = TunDevice("rtxd0")
+        try:
+            setup = NetSetup(distributor_plan(REFERENCE_TUN))
+            with inside(ns["net"]):
+                setup.apply()
+            during = net_state(ns["net"])
+            rules4 = {rule_key(r) for r in during["rules4"]}
+            assert (IIF_RULE_PRIORITY, "all", "rtxd0", "main") in rules4
+            assert (FROM_RULE_PRIORITY, "203.0.113.0/26", None, str(DEFAULT_TABLE)) in rules4
+            rules6 = {rule_key(r) for r in during["rules6"]}
+            assert (FROM_RULE_PRIORITY, "2001:db8:2::/64", None, str(DEFAULT_TABLE)) in rules6
+            routes = {(r["dst"], r.get("dev"), r.get("table", "main")) for r in during["routes4"] + during["routes6"]}
+            assert {("203.0.113.80", "rtxd0", "main"), ("2001:db8:80::80", "rtxd0", "main"),
+                    ("default", "rtxd0", str(DEFAULT_TABLE))} <= routes
+            tun_link = next(link for link in during["links"] if link["ifname"] == "rtxd0")
+            assert tun_link["mtu"] == 1400
+            # The kernel itself says where things go: from the inside into the TUN, the TUN's output via main.
+            assert "dev rtxd0" in in_ns(ns["net"], "ip", "route", "get", "198.51.100.10", "from", "203.0.113.10",
+                                        "iif", "rtxdummy")
+            # Without a route in main, a packet from the TUN is unreachable instead of looping back into it.
+            looped = in_ns(ns["net"], "ip", "route", "get", "192.0.2.9", "from", "203.0.113.10", "iif", "rtxd0",
+                           check=False)
+            assert "rtxd0" not in looped.split("cache")[0]
+            with inside(ns["net"]):
+                setup.undo()
+            undone = net_state(ns["net"])
+            # Rules are gone at once; routes of the TUN's own (fe80::/64, multicast) stay while it is open.
+            for key in ("rules4", "rules6"):
+                assert undone[key] == before[key], key
+            ours = [r for r in undone["routes4"] + undone["routes6"]
+                    if r.get("table") == str(DEFAULT_TABLE) or r["dst"] in ("203.0.113.80", "2001:db8:80::80")]
+            assert ours == []
+        finally:
+            device.close()
+        assert net_state(ns["net"]) == before
+
+
+@pytest.mark.lab
+def test_clean_stale_removes_leftovers_of_a_crashed_run_only() -> None:
+    require_lab()
+    from overlay.runtime.tun import TunDevice
+
+    with namespaces("net") as ns:
+        spare_link(ns["net"], "rtxdummy")
+        in_ns(ns["net"], "ip", "link", "set", "rtxdummy", "up")
+        in_ns(ns["net"], "ip", "rule", "add", "from", "192.0.2.0/24", "lookup", "100", "priority", "100")
+        before = net_state(ns["net"])
+        # A crashed run: its TUN died with it, its rules and table-4754 routes (via another device) did not.
+        with inside(ns["net"]):
+            device = TunDevice("rtxd0")
+            crashed = NetSetup(distributor_plan(REFERENCE_TUN))
+            crashed.apply()
+        device.close()
+        in_ns(ns["net"], "ip", "route", "add", "default", "dev", "rtxdummy", "table", str(DEFAULT_TABLE))
+        assert net_state(ns["net"])["rules4"] != before["rules4"]
+        with inside(ns["net"]):
+            removed = NetSetup(distributor_plan(REFERENCE_TUN)).clean_stale()
+        assert removed == 3 * 2 + 1  # iif, unreachable and from rules (v4, v6), the stray table route
+        after = net_state(ns["net"])
+        for key in ("rules4", "rules6", "routes4", "routes6"):
+            assert after[key] == before[key], key
+
+
+@pytest.mark.lab
+def test_tm_setup_answers_from_the_management_address_into_the_tun() -> None:
+    require_lab()
+    from overlay.runtime.tun import TunDevice
+
+    with namespaces("tm") as ns:
+        spare_link(ns["tm"], "rtxup")
+        in_ns(ns["tm"], "ip", "addr", "add", "192.0.2.71/26", "dev", "rtxup")
+        in_ns(ns["tm"], "ip", "link", "set", "rtxup", "up")
+        in_ns(ns["tm"], "ip", "route", "add", "default", "via", "192.0.2.65")
+        with inside(ns["tm"]):
+            device = TunDevice("rtxt0")
+        try:
+            setup = NetSetup(tm_plan(tun_section(name="rtxt0"), [ipaddress.ip_address("203.0.113.201")]))
+            with inside(ns["tm"]):
+                setup.apply()
+            assert "203.0.113.201/32" in in_ns(ns["tm"], "ip", "-4", "addr", "show", "dev", "rtxt0")
+            assert "dev rtxt0" in in_ns(ns["tm"], "ip", "route", "get", "198.51.100.10", "from", "203.0.113.201")
+            assert "dev rtxup" in in_ns(ns["tm"], "ip", "route", "get", "198.51.100.10")
+            with inside(ns["tm"]):
+                setup.undo()
+            assert "dev rtxup" in in_ns(ns["tm"], "ip", "route", "get", "198.51.100.10", "from", "192.0.2.71")
+            assert str(FROM_RULE_PRIORITY) not in in_ns(ns["tm"], "ip", "rule")
+        finally:
+            device.close()

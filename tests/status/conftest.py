@@ -1,0 +1,113 @@
+"""A fake distributor (status provider + admin controller) shaped like docs/operations.md describes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+ADMIN_TOKEN = "s3cret-token-for-tests-only"
+
+# Packets each TM receives per status() call: shares of 50 %, 30 %, 20 %.
+TRAFFIC_STEP = {"tm1": 500, "tm2": 300, "tm3": 200}
+
+
+class FakeDistributor:
+    """Every status() call advances the per-TM counters, so the sampler sees steady traffic."""
+
+    role = "distributor"
+    name = "dist1"
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.states = {"tm1": "enabled", "tm2": "draining", "tm3": "enabled"}
+        self.up = {"tm1": True, "tm2": True, "tm3": False}
+        self.ready = True
+        self.generation = 1
+        self.reload_error: str | None = None
+
+    def status(self) -> dict[str, Any]:
+        self.calls += 1
+        return {
+            "role": self.role,
+            "name": self.name,
+            "version": "0.1.0",
+            "uptime_s": 3723.5,
+            "config": {"generation": self.generation, "hash": "sha256:9f2c4e1d0b7a", "path": "/etc/overlay/dist1.toml"},
+            "tms": {
+                tm: {
+                    "state": self.states[tm],
+                    "up": self.up[tm],
+                    "packets": step * self.calls,
+                    "bytes": step * self.calls * 100,
+                    "rows": {"tm1": 32768, "tm2": 32768, "tm3": 0}[tm],
+                    "underlay": f"192.0.2.{70 + int(tm[-1])}:4754",
+                }
+                for tm, step in TRAFFIC_STEP.items()
+            },
+            "health": {
+                "config": {"interval": 1.0, "timeout": 1.0, "rise": 2, "fall": 3, "http": False, "all_down": "drop"},
+                "all_down": False,
+                "serving": ["tm1", "tm2"],
+                "tms": {
+                    tm: {"up": self.up[tm], "probes_sent": 100, "replies": 97 if self.up[tm] else 60, "timeouts": 3 if self.up[tm] else 40, "http_failures": 0, "transitions": 0 if self.up[tm] else 1, "rtt_seconds": 0.0012 if self.up[tm] else None}
+                    for tm in TRAFFIC_STEP
+                },
+                "rejected": {"foreign_sender": 2},
+            },
+            "cells": {"unknown>virtual": 1200 * self.calls, "node>unknown": 900 * self.calls, "unknown>unknown": 4},
+            "drops": {"truncated": 3, "no_tm_up": 0, "ttl_exceeded": self.calls},
+            "counters": {"rx.packets": 1000 * self.calls, "tx.packets": 990 * self.calls, "tun.rx_errors": 0},
+            "gauges": {"udp.sockets": 2},
+        }
+
+    def healthy(self) -> tuple[bool, dict[str, Any]]:
+        return self.ready, {"tms_up": sum(self.up.values()), "reason": None if self.ready else "no TM up"}
+
+    # AdminController
+    def set_tm_state(self, name: str, state: str) -> dict[str, Any]:
+        if name not in self.states:
+            raise KeyError(name)
+        previous, self.states[name] = self.states[name], state
+        return {"previous": previous}
+
+    def reload(self) -> dict[str, Any]:
+        if self.reload_error:
+            return {"ok": False, "error": self.reload_error, "generation": self.generation}
+        self.generation += 1
+        return {"ok": True, "error": None, "generation": self.generation}
+
+
+class FakeTm:
+    role = "tm"
+    name = "tm1"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def status(self) -> dict[str, Any]:
+        self.calls += 1
+        return {
+            "role": self.role,
+            "name": self.name,
+            "version": "0.1.0",
+            "uptime_s": 12.0,
+            "config": {"generation": 1, "hash": "sha256:aa"},
+            "peers": {"dist1": {"packets": 10 * self.calls, "underlay": "192.0.2.2:4754"}},
+            "drops": {"no_state": 7},
+            "conntrack": {"entries": 42, "limit": 65536, "by_state": {"established": 40, "syn_sent": 2}},
+            "counters": {"conntrack.created": 50, "conntrack.expired": 8},
+        }
+
+    def healthy(self) -> tuple[bool, dict[str, Any]]:
+        return True, {}
+
+
+@pytest.fixture
+def distributor() -> FakeDistributor:
+    return FakeDistributor()
+
+
+@pytest.fixture
+def tm() -> FakeTm:
+    return FakeTm()

@@ -38,6 +38,7 @@ class ProcessTable:
         self.pid_dir = state_dir / "pids"
         self.log_dir = state_dir / "logs"
         self._children: dict[int, subprocess.Popen[bytes]] = {}
+        self.started: list[LabProcess] = []  # everything this table ever started, for leak checks
 
     def start(self, name: str, namespace: str, argv: list[str], *, cwd: Path | None = None) -> LabProcess:
         """Run `argv` inside `namespace` (`ip netns exec` execs it: the PID is the program's own)."""
@@ -55,7 +56,9 @@ class ProcessTable:
             )
         self._children[child.pid] = child
         (self.pid_dir / name).write_text(f"{child.pid} {_starttime(child.pid) or ''}\n")
-        return LabProcess(name, namespace, child.pid, log)
+        process = LabProcess(name, namespace, child.pid, log)
+        self.started.append(process)
+        return process
 
     def recorded(self) -> dict[str, int]:
         """Processes from the records that are still the very processes started: name -> PID."""

@@ -1,0 +1,188 @@
+"""A node's config file: the tables every role shares, then the role's own tables.
+
+Common tables: `[node]` (role, name), `[status]`, `[log]`, `[underlay]`, `[tun]`; a TM also has
+`[[distributor]]` (who may send to it) and `[tm]` (parsed by `overlay.tm.config`); a distributor has
+`[hash]`, `[sets]`, `[[tm]]`, `[decision]`, `[[edge]]`, `[health]` (parsed by
+`overlay.distributor.config`). docs/config.md documents every field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from overlay.configlib import (
+    ConfigError,
+    IPAddress,
+    IPNetwork,
+    Section,
+    parse_toml,
+    to_address,
+    to_endpoint,
+    to_network,
+)
+from overlay.gre import UDP_PORT, overhead
+
+if TYPE_CHECKING:
+    from overlay.distributor.config import DistributorConfig
+    from overlay.tm.config import TMConfig
+
+ROLES = ("distributor", "tm")
+LOG_FORMATS = ("console", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class StatusConfig:
+    host: str
+    port: int
+    admin_token_file: str | None
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    format: str
+    level: str
+
+
+@dataclass(frozen=True)
+class UnderlayConfig:
+    address: IPAddress
+    port: int
+    mtu: int
+    source_ports: int
+    gre_key: int | None
+
+
+@dataclass(frozen=True)
+class TunConfig:
+    name: str
+    mtu: int
+    capture: tuple[IPNetwork, ...]
+    capture_from: tuple[IPNetwork, ...]
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    role: str
+    name: str
+    source: str
+    digest: str
+    status: StatusConfig
+    log: LogConfig
+    underlay: UnderlayConfig
+    tun: TunConfig
+    distributors: tuple[tuple[IPAddress, int], ...]
+    distributor: DistributorConfig | None
+    tm: TMConfig | None
+
+
+def load_node_config(path: str | Path) -> NodeConfig:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("", f"cannot read config: {exc.strerror}", None, str(path)) from None
+    return parse_node_config(text, str(path), base=path.parent)
+
+
+def parse_node_config(text: str, source: str = "config", base: Path | None = None) -> NodeConfig:
+    root = parse_toml(text, source)
+    node = root.section("node", required=True)
+    role = node.str("role", choices=ROLES)
+    name = node.str("name")
+    if not name or not all(c.isalnum() or c in "-_." for c in name):
+        raise node.error("name", "use letters, digits, '-', '_' and '.' only")
+    node.done()
+
+    status = _parse_status(root.section("status"))
+    log = _parse_log(root.section("log"))
+    underlay = _parse_underlay(root.section("underlay", required=True))
+    tun = _parse_tun(root.section("tun"), role, underlay)
+
+    distributor = tm = None
+    distributors: tuple[tuple[IPAddress, int], ...] = ()
+    if role == "distributor":
+        from overlay.distributor.config import parse_distributor
+
+        distributor = parse_distributor(
+            root, name, underlay.address, underlay.mtu, underlay.gre_key, tun.capture, tun.capture_from, base
+        )
+    else:
+        from overlay.tm.config import parse_tm_section
+
+        peers = []
+        for section in root.sections("distributor"):
+            peers.append(section.convert("underlay", lambda v: to_endpoint(v, UDP_PORT)))
+            section.done()
+        distributors = tuple(peers)
+        if not distributors:
+            raise root.error("distributor", "a TM needs at least one [[distributor]] { underlay = ADDRESS[:PORT] }")
+        tm = parse_tm_section(root.section("tm", required=True))
+    root.done()
+    return NodeConfig(
+        role=role,
+        name=name,
+        source=source,
+        digest=hashlib.sha256(text.encode()).hexdigest(),
+        status=status,
+        log=log,
+        underlay=underlay,
+        tun=tun,
+        distributors=distributors,
+        distributor=distributor,
+        tm=tm,
+    )
+
+
+def _parse_status(section: Section) -> StatusConfig:
+    host, port = section.convert("listen", _listen, ("127.0.0.1", 8080))
+    token_file = section.str("admin_token_file", None)
+    section.done()
+    return StatusConfig(host, port, token_file)
+
+
+def _listen(value: object) -> tuple[str, int]:
+    address, port = to_endpoint(value, 8080)
+    return str(address), port
+
+
+def _parse_log(section: Section) -> LogConfig:
+    config = LogConfig(section.str("format", "console", choices=LOG_FORMATS), section.str("level", "info", choices=LOG_LEVELS))
+    section.done()
+    return config
+
+
+def _parse_underlay(section: Section) -> UnderlayConfig:
+    address = section.convert("address", to_address)
+    port = section.int("port", UDP_PORT, minimum=1, maximum=65535)
+    mtu = section.int("mtu", 1500, minimum=1280, maximum=65535)
+    source_ports = section.int("source_ports", 8, minimum=1, maximum=64)
+    gre_key = section.int("gre_key", None, minimum=0, maximum=0xFFFFFFFF)
+    section.done()
+    return UnderlayConfig(address, port, mtu, source_ports, gre_key)
+
+
+def _parse_tun(section: Section, role: str, underlay: UnderlayConfig) -> TunConfig:
+    name = section.str("name", "ovl0" if role == "distributor" else "ovl-tm")
+    if not 0 < len(name) <= 15 or "/" in name or " " in name:
+        raise section.error("name", "an interface name has 1-15 characters, no '/' or spaces")
+    # Largest inner packet that still fits the underlay once encapsulated.
+    largest = underlay.mtu - overhead(underlay.address.version == 6, underlay.gre_key)
+    mtu = section.int("mtu", largest, minimum=576, maximum=largest)
+    capture = tuple(section.each("capture", to_network))
+    capture_from = tuple(section.each("capture_from", to_network))
+    if role != "distributor":
+        for key in ("capture", "capture_from"):
+            if section.has(key):
+                raise section.error(key, "only a distributor captures traffic")
+    for key, prefixes in (("capture", capture), ("capture_from", capture_from)):
+        for index, prefix in enumerate(prefixes):
+            if underlay.address.version == prefix.version and underlay.address in prefix:
+                raise section.error(
+                    f"{key}[{index}]", f"contains the underlay address {underlay.address}: tunnel traffic would loop"
+                )
+    section.done()
+    return TunConfig(name, mtu, capture, capture_from)

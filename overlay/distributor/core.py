@@ -1,0 +1,371 @@
+"""The distributor's sans-I/O core: bytes in, a `Verdict` out. No sockets, no clocks, no asyncio.
+
+Where is the decision made? `Distributor.decide(flow)`, in this order (FIGS. 6-10 in overlay terms):
+1. a packet that arrived *from a TM* (by its underlay address) is on its way out: forward it;
+2. a packet *to a TM's management address* goes to that TM;
+3. otherwise classify source (row) and destination (column) and apply the decision table cell:
+   hash-src / hash-dst (keyed hash of that one endpoint → table row → TM), to-dest (the owner of the
+   xlate address or port block; without one: forward, or for unknown sources hash-src), route, drop.
+Forwarded packets go to the edge agent that owns the destination prefix, else back into the TUN.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from collections import Counter
+from dataclasses import dataclass
+
+import xxhash
+
+from overlay import checksum, gre
+from overlay.addrsets import PrefixIndex
+from overlay.decision import (
+    DROP,
+    HASH_DST,
+    HASH_SRC,
+    NAT_ABLE,
+    NODE,
+    ROUTE,
+    TO_DEST,
+    VIRTUAL,
+    XLATE,
+    column_of,
+    row_of,
+)
+from overlay.distributor.config import DistributorConfig
+from overlay.packet import PROTO_ICMP, PROTO_ICMPV6, Flow, parse_flow
+from overlay.selection import SelectionTable, build_table
+
+ACTION_TM = "tm"
+ACTION_FORWARD = "forward"
+ACTION_LOCAL = "local"
+ACTION_DROP = "drop"
+
+TM_STATES = ("enabled", "draining", "disabled")
+
+_ROLE_BITS = {"virtual": VIRTUAL, "node": NODE, "nat_able": NAT_ABLE, "nat_xlate": XLATE}
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What to do with one packet. For `tm`: `sendto(packet, dest)` (packet is the GRE-in-UDP payload).
+    For `forward`: write `packet` (inner IP) into the TUN, or with `dest` set sendto an edge agent.
+    For `local`: a keepalive echo (`packet` is its payload) for the health checker. `drop`: count only."""
+
+    action: str
+    tm: str | None
+    reason: str
+    cell: str | None = None
+    packet: bytes | None = None
+    dest: tuple[str, int] | None = None
+    flow_hash: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The full trace of one decision (what `overlay explain` prints)."""
+
+    action: str
+    tm: str | None
+    reason: str
+    step: str  # "management" | "table"
+    src_roles: int = 0
+    dst_roles: int = 0
+    row: str | None = None
+    column: str | None = None
+    cell: str | None = None
+    hashed: str | None = None  # "src" | "dst"
+    key: bytes | None = None
+    hash_value: int | None = None
+    table_row: int | None = None
+    first: str | None = None
+    second: str | None = None
+
+    @property
+    def cell_name(self) -> str | None:
+        return f"{self.row}>{self.column}" if self.row else None
+
+
+class Distributor:
+    def __init__(self, config: DistributorConfig):
+        self._admin: dict[str, str] = {}
+        self._up: dict[str, bool] = {}
+        self.counters_tm: Counter[str] = Counter()
+        self.counters_cell: Counter[str] = Counter()
+        self.counters_reason: Counter[str] = Counter()
+        self.generation = 0
+        self.reconfigure(config)
+
+    # -- configuration and fleet state ----------------------------------------------------------------
+    def reconfigure(self, config: DistributorConfig) -> None:
+        """Swap to a new config. Admin states and health of TMs that survive are kept."""
+        self.config = config
+        roles: PrefixIndex[int] = PrefixIndex()
+        for set_name, entries in config.sets.items():
+            for entry in entries:
+                roles.add(entry, _ROLE_BITS[set_name])
+        owners: PrefixIndex[str] = PrefixIndex()
+        management: dict[bytes, str] = {}
+        by_underlay: dict[tuple[str, int], str] = {}
+        dests: dict[str, tuple[str, int]] = {}
+        for tm in config.tms:
+            for entry in tm.xlate:
+                owners.add(entry, tm.name)
+            for address in tm.management:
+                management[address.packed] = tm.name
+            dest = (str(tm.underlay[0]), tm.underlay[1])
+            by_underlay[dest] = tm.name
+            dests[tm.name] = dest
+        edges: PrefixIndex[str] = PrefixIndex()
+        edge_by_underlay: dict[tuple[str, int], str] = {}
+        edge_dests: dict[str, tuple[str, int]] = {}
+        from overlay.addrsets import AddressEntry
+
+        for edge in config.edges:
+            dest = (str(edge.underlay[0]), edge.underlay[1])
+            edge_by_underlay[dest] = edge.name
+            edge_dests[edge.name] = dest
+            for prefix in edge.prefixes:
+                edges.add(AddressEntry(prefix), edge.name)
+        self._roles = roles
+        self._owners = owners
+        self._management = management
+        self._tm_by_underlay = by_underlay
+        self._tm_dest = dests
+        self._edges = edges
+        self._edge_by_underlay = edge_by_underlay
+        self._edge_dest = edge_dests
+        self._seed64 = int.from_bytes(config.seed[:8], "big")
+        self._hash_ports = config.hash_key == "addr+port"
+        self._admin = {tm.name: self._admin.get(tm.name, "enabled") for tm in config.tms}
+        self._up = {tm.name: self._up.get(tm.name, True) for tm in config.tms}
+        self.generation += 1
+        self._rebuild()
+
+    def set_tm_up(self, name: str, up: bool) -> None:
+        if name not in self._up:
+            raise KeyError(name)
+        if self._up[name] != up:
+            self._up[name] = up
+            self._rebuild()
+
+    def set_tm_state(self, name: str, state: str) -> None:
+        """Admin state: `enabled`; `draining` (keeps the rows it has — established connections finish
+        — but takes no new rows after a rebuild); `disabled` (leaves the table now)."""
+        if name not in self._admin:
+            raise KeyError(name)
+        if state not in TM_STATES:
+            raise ValueError(f"state must be one of {', '.join(TM_STATES)}")
+        self._admin[name] = state
+        self._rebuild()
+
+    def tm_states(self) -> dict[str, dict[str, object]]:
+        return {
+            name: {"admin": self._admin[name], "up": self._up[name], "in_table": name in self._active}
+            for name in self._admin
+        }
+
+    def _rebuild(self) -> None:
+        weights = {
+            tm.name: tm.weight
+            for tm in self.config.tms
+            if self._up[tm.name] and self._admin[tm.name] in ("enabled", "draining")
+        }
+        self._active = frozenset(name for name, weight in weights.items() if weight > 0)
+        if not self._active and self.config.health.all_down == "keep-last" and getattr(self, "_table", None):
+            return  # keep routing to the last known fleet rather than nowhere
+        self._table: SelectionTable = build_table(weights, self.config.seed, self.config.rows_log2)
+        self._mask = self._table.rows - 1
+
+    @property
+    def table(self) -> SelectionTable:
+        return self._table
+
+    # -- classification ---------------------------------------------------------------------------------
+    def roles(self, version: int, address: bytes, protocol: int, port: int | None) -> int:
+        bits = 0
+        for value in self._roles.lookup(version, address, protocol, port):
+            bits |= value
+        return bits
+
+    def owner(self, version: int, address: bytes, protocol: int, port: int | None) -> str | None:
+        found = self._owners.lookup(version, address, protocol, port)
+        return found[0] if found else None
+
+    def hash_endpoint(self, address: bytes, port: int | None, fragment: bool) -> tuple[bytes, int]:
+        """The keyed hash of one endpoint. With `addr+port`, fragments still hash the address alone
+        (non-first fragments carry no port), which is why `addr` is the default."""
+        key = address
+        if self._hash_ports and port is not None and not fragment:
+            key = address + port.to_bytes(2, "big")
+        return key, xxhash.xxh64_intdigest(key, self._seed64)
+
+    # -- the decision -------------------------------------------------------------------------------------
+    def decide(self, flow: Flow) -> Decision:
+        tm = self._management.get(flow.dst)
+        if tm is not None:
+            return Decision(ACTION_TM, tm, "management", "management", first=tm)
+        src_roles = self.roles(flow.version, flow.src, flow.proto, flow.sport)
+        dst_roles = self.roles(flow.version, flow.dst, flow.proto, flow.dport)
+        row = row_of(src_roles)
+        column = column_of(dst_roles)
+        cell = self.config.decision.action(row, column)
+        common = dict(step="table", src_roles=src_roles, dst_roles=dst_roles, row=row, column=column, cell=cell)
+        if cell == TO_DEST or (cell == HASH_SRC and row == "unknown" and dst_roles & XLATE):
+            owner = self.owner(flow.version, flow.dst, flow.proto, flow.dport)
+            if owner is not None:
+                if owner in self._active:
+                    return Decision(ACTION_TM, owner, "owner", first=owner, **common)  # type: ignore[arg-type]
+                return Decision(ACTION_DROP, None, "owner-down", first=owner, **common)  # type: ignore[arg-type]
+            if cell == TO_DEST:
+                return Decision(ACTION_FORWARD, None, "no-owner", **common)  # type: ignore[arg-type]
+        if cell == HASH_SRC or cell == HASH_DST:
+            hashed = "src" if cell == HASH_SRC else "dst"
+            address, port = (flow.src, flow.sport) if hashed == "src" else (flow.dst, flow.dport)
+            key, value = self.hash_endpoint(address, port, flow.fragment)
+            table_row = value & self._mask
+            first, second = self._table.choice(table_row)
+            if first is None:
+                if self.config.health.all_down == "route":
+                    return Decision(ACTION_FORWARD, None, "no-tm:route", hashed=hashed, key=key, hash_value=value, table_row=table_row, **common)  # type: ignore[arg-type]
+                return Decision(ACTION_DROP, None, "no-tm", hashed=hashed, key=key, hash_value=value, table_row=table_row, **common)  # type: ignore[arg-type]
+            return Decision(
+                ACTION_TM, first, cell, hashed=hashed, key=key, hash_value=value, table_row=table_row,
+                first=first, second=second, **common,  # type: ignore[arg-type]
+            )
+        if cell == ROUTE:
+            return Decision(ACTION_FORWARD, None, "route", **common)  # type: ignore[arg-type]
+        if cell == DROP:
+            return Decision(ACTION_DROP, None, "cell-drop", **common)  # type: ignore[arg-type]
+        raise AssertionError(f"unhandled cell action {cell}")
+
+    # -- packet entry points ------------------------------------------------------------------------------
+    def from_tun(self, packet: bytes) -> Verdict:
+        """A packet the host routed into the TUN."""
+        flow = parse_flow(packet)
+        if isinstance(flow, str):
+            return self._drop(flow)
+        return self._apply(flow, packet, self.decide(flow))
+
+    def from_overlay(self, payload: bytes, peer: tuple[str, int]) -> Verdict:
+        """A GRE-in-UDP payload from an underlay peer: a TM's output, a keepalive echo, or an edge's packet."""
+        frame = gre.decapsulate(payload)
+        if frame is None:
+            return self._drop("malformed:gre")
+        tm = self._tm_by_underlay.get(peer)
+        if frame.protocol == gre.KEEPALIVE_PROTOCOL:
+            if tm is None:
+                return self._drop("keepalive-from-unknown-peer")
+            return Verdict(ACTION_LOCAL, tm, "keepalive", packet=frame.inner)
+        if frame.protocol not in (gre.PROTO_IPV4, gre.PROTO_IPV6):
+            return self._drop("unsupported-gre-protocol")
+        if tm is not None:
+            self.counters_reason["from-tm"] += 1
+            return self._forward(frame.inner, "from-tm", tm)
+        if peer in self._edge_by_underlay:
+            flow = parse_flow(frame.inner)
+            if isinstance(flow, str):
+                return self._drop(flow)
+            return self._apply(flow, frame.inner, self.decide(flow))
+        return self._drop("unknown-peer")
+
+    def _apply(self, flow: Flow, packet: bytes, decision: Decision) -> Verdict:
+        cell = decision.cell_name
+        if cell is not None:
+            self.counters_cell[cell] += 1
+        self.counters_reason[decision.reason] += 1
+        if decision.action == ACTION_TM:
+            tm = decision.tm
+            assert tm is not None
+            if len(packet) + gre.overhead(self.config.underlay_ipv6, self.config.gre_key) > self.config.underlay_mtu:
+                too_big = self._too_big(flow, packet)
+                if too_big is not None:
+                    return too_big
+            self.counters_tm[tm] += 1
+            return Verdict(
+                ACTION_TM, tm, decision.reason, cell, gre.encapsulate(packet, key=self.config.gre_key),
+                self._tm_dest[tm], decision.hash_value or 0,
+            )
+        if decision.action == ACTION_FORWARD:
+            return self._forward(packet, decision.reason, None, cell)
+        return Verdict(ACTION_DROP, None, decision.reason, cell)
+
+    def _forward(self, packet: bytes, reason: str, tm: str | None, cell: str | None = None) -> Verdict:
+        version = packet[0] >> 4 if packet else 0
+        if self._edge_dest and version in (4, 6) and len(packet) >= (20 if version == 4 else 40):
+            dst = packet[16:20] if version == 4 else packet[24:40]
+            edges = self._edges.lookup(version, dst, 0, None)
+            if edges:
+                return Verdict(ACTION_FORWARD, tm, f"{reason}:edge", cell, gre.encapsulate(packet, key=self.config.gre_key), self._edge_dest[edges[0]])
+        return Verdict(ACTION_FORWARD, tm, reason, cell, packet)
+
+    def _drop(self, reason: str) -> Verdict:
+        self.counters_reason[reason] += 1
+        return Verdict(ACTION_DROP, None, reason)
+
+    def _too_big(self, flow: Flow, packet: bytes) -> Verdict | None:
+        """A packet that no longer fits once encapsulated. IPv4 without DF: send anyway (the kernel
+        fragments the outer UDP datagram). With DF, or IPv6: drop it and answer the source with ICMP
+        "fragmentation needed" / "packet too big" carrying the inner MTU, so PMTU discovery adapts."""
+        inner_mtu = self.config.underlay_mtu - gre.overhead(self.config.underlay_ipv6, self.config.gre_key)
+        if flow.version == 4 and not packet[6] & 0x40:
+            return None
+        if flow.icmp_error:
+            return self._drop("too-big:icmp-error")  # never answer an error with an error
+        self.counters_reason["too-big"] += 1
+        return Verdict(ACTION_FORWARD, None, "too-big:icmp-sent", None, icmp_too_big(packet, inner_mtu))
+
+    # -- status -------------------------------------------------------------------------------------------
+    def counters(self) -> dict[str, int]:
+        flat: dict[str, int] = {}
+        flat.update({f"tm.{name}": count for name, count in self.counters_tm.items()})
+        flat.update({f"cell.{name}": count for name, count in self.counters_cell.items()})
+        flat.update({f"reason.{name}": count for name, count in self.counters_reason.items()})
+        return flat
+
+    def snapshot(self) -> dict[str, object]:
+        share = self._table.share()
+        return {
+            "generation": self.generation,
+            "hash_key": self.config.hash_key,
+            "table_rows": self._table.rows,
+            "tms": {
+                tm.name: {
+                    "underlay": f"{self._tm_dest[tm.name][0]}:{self._tm_dest[tm.name][1]}",
+                    "weight": tm.weight,
+                    "table_share": round(share.get(tm.name, 0.0), 6),
+                    "packets": self.counters_tm.get(tm.name, 0),
+                    **self.tm_states()[tm.name],
+                }
+                for tm in self.config.tms
+            },
+            "cells": dict(self.counters_cell),
+            "reasons": dict(self.counters_reason),
+        }
+
+
+def icmp_too_big(packet: bytes, mtu: int) -> bytes:
+    """ICMP "fragmentation needed" (v4) or "packet too big" (v6) back to the packet's source, quoting as
+    much of it as fits in a minimum-MTU datagram. Its source is the packet's destination: the host that
+    receives it learns the path MTU towards that destination, which is what PMTU discovery needs."""
+    if packet[0] >> 4 == 4:
+        header_length = (packet[0] & 0x0F) * 4
+        quoted = packet[: header_length + 8]
+        icmp = bytearray(struct.pack("!BBHHH", 3, 4, 0, 0, mtu) + quoted)
+        struct.pack_into("!H", icmp, 2, checksum.internet_checksum(icmp))
+        total = 20 + len(icmp)
+        header = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, total, 0, 0, 64, PROTO_ICMP, 0, packet[16:20], packet[12:16]))
+        struct.pack_into("!H", header, 10, checksum.internet_checksum(header))
+        return bytes(header + icmp)
+    src, dst = packet[24:40], packet[8:24]
+    quoted = packet[: 1280 - 40 - 8]
+    icmp = bytearray(struct.pack("!BBHI", 2, 0, 0, mtu) + quoted)
+    initial = checksum.pseudo_header_sum(src, dst, PROTO_ICMPV6, len(icmp))
+    struct.pack_into("!H", icmp, 2, checksum.internet_checksum(icmp, initial))
+    header = struct.pack("!IHBB16s16s", 6 << 28, len(icmp), PROTO_ICMPV6, 64, src, dst)
+    return header + bytes(icmp)
+
+
+def format_address(version: int, address: bytes) -> str:
+    return str(ipaddress.IPv4Address(address) if version == 4 else ipaddress.IPv6Address(address))

@@ -27,7 +27,7 @@ function formatNumber(value) {
   if (Math.abs(value) >= 1e9) return (value / 1e9).toFixed(2) + " G";
   if (Math.abs(value) >= 1e6) return (value / 1e6).toFixed(2) + " M";
   if (Math.abs(value) >= 1e4) return (value / 1e3).toFixed(1) + " k";
-  return Number.isInteger(value) ? String(value) : value.toFixed(1);
+  return Number.isInteger(value) ? String(value) : value.toFixed(Math.abs(value) >= 100 ? 0 : 1);
 }
 
 function formatDuration(seconds) {
@@ -89,7 +89,8 @@ function drawShareChart(history) {
   }
   for (const age of [60, 45, 30, 15, 0]) {
     const x = left + plotW * (1 - age / window);
-    nodes.push(el("svg:text", { x, y: height - 4, "text-anchor": "middle", class: "axis" }, age ? `-${age}s` : "now"));
+    const anchor = age === window ? "start" : age === 0 ? "end" : "middle";
+    nodes.push(el("svg:text", { x, y: height - 4, "text-anchor": anchor, class: "axis" }, age ? `-${age}s` : "now"));
   }
   const barW = plotW / window;
   let bars = 0;

@@ -16,6 +16,7 @@ from overlay import __version__
 # Modules that contribute subcommands, in the order `overlay --help` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
     "overlay.lab.cli",
+    "overlay.status.cli",
 )
 
 

@@ -87,3 +87,21 @@ def make_lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
             lab.down()
     for lab in labs:
         assert_no_leftovers(lab, before)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
+
+
+@pytest.fixture
+def show_logs_on_failure(request: pytest.FixtureRequest) -> Iterator[Callable[[Lab], None]]:
+    """Register a lab whose agents' log tails are printed (into the failure report) if the test fails."""
+    labs: list[Lab] = []
+    yield labs.append
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        for lab in labs:
+            print(lab.agent_logs())

@@ -1,0 +1,375 @@
+"""The traffic manager's sans-I/O core: packets and the time in, verdicts and rewritten packets out.
+
+The runtime feeds `receive` with inner packets the distributor sent, `from_local` with packets the TM
+host's own stack sent, and calls `expire` at `next_deadline()`; it sends results with action "overlay"
+back to the distributor and delivers "local" ones to the host. Nothing here reads a clock or a socket.
+
+Where is the decision made? `receive`: management address → local; a tracked flow → its rewrite
+(`conntrack.Half`); an ICMP error → the flow it quotes; otherwise `_open` decides whether the packet
+opens a connection (`_open_nat` / `_open_firewall`) or is dropped as invalid — the signal that a
+distributor sent a flow to the wrong TM.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from overlay.checksum import checksum_delta
+from overlay.tm import reasons as R
+from overlay.tm.balancer import Server, Service
+from overlay.tm.config import TMConfig
+from overlay.tm.conntrack import Conn, ConnTable, Half
+from overlay.tm.firewall import RuleList, compile_prefixes, in_prefixes
+from overlay.tm.packet import (
+    ADDRESS_LENGTH, ECHO_REPLY_MARK, ICMP, ICMPV6, TCP, UDP, IcmpError, parse_ip, parse_transport,
+)
+from overlay.tm.ports import PortAllocator
+from overlay.tm.rewrite import rewrite, translate_icmp_error
+from overlay.tm.states import (
+    FIN, ICMP_ECHO, RST, STATE_NAMES, SYN, TCP_SYN_SENT, UDP_REPLIED, UDP_UNREPLIED, tcp_next, tcp_opens,
+)
+
+OVERLAY = "overlay"
+LOCAL = "local"
+DROP = "drop"
+
+_PROTOCOL_NAMES = {TCP: "tcp", UDP: "udp", ICMP: "icmp", ICMPV6: "icmpv6"}
+
+
+@dataclass(frozen=True, slots=True)
+class TMResult:
+    action: str           # "overlay" | "local" | "drop"
+    packet: bytes | None
+    reason: str
+
+
+class TrafficManager:
+    def __init__(self, config: TMConfig) -> None:
+        self._table = ConnTable(config.conntrack.max_entries, [])
+        self._allocators: dict[tuple[bytes, int], PortAllocator] = {}
+        self._counts = dict.fromkeys(R.ALL_REASONS, 0)
+        self._local_counts = dict.fromkeys(R.ALL_REASONS, 0)
+        self._received = 0
+        self._from_local = 0
+        self._created = 0
+        self._drops = {reason: TMResult(DROP, None, reason) for reason in R.ALL_REASONS}
+        self._apply(config)
+
+    # -- configuration ------------------------------------------------------------------------------
+    def _apply(self, config: TMConfig) -> None:
+        self.config = config
+        self._nat = config.mode == "nat"
+        self._management = frozenset(address.packed for address in config.management)
+        self._xlate: dict[int, bytes] = {address.version: address.packed for address in config.xlate}
+        self._xlate_set = frozenset(self._xlate.values())
+        self._natable = compile_prefixes(config.natable)
+        self._services: dict[tuple[int, bytes, bytes], Service] = {}
+        for service_config in config.services:
+            protocol = TCP if service_config.protocol == "tcp" else UDP
+            key = (protocol, service_config.virtual.packed, service_config.port.to_bytes(2, "big"))
+            self._services[key] = Service(service_config)
+        self._virtual = frozenset(vip for _, vip, _ in self._services)
+        # Pool members' service endpoints: a UDP packet from one without state is a reply, not an opener.
+        self._backends = frozenset(
+            (protocol, server.packed + server.port_bytes)
+            for (protocol, _, _), service in self._services.items() for server in service.servers
+        )
+        self._rules = RuleList(config.firewall_rules)
+        self._table.max_entries = config.conntrack.max_entries
+        self._table.timeouts = [float(config.conntrack.timeouts[name]) for name in STATE_NAMES]
+
+    def reconfigure(self, config: TMConfig) -> None:
+        """Swap the config; live connections keep their translations, server and port.
+
+        Servers that left a pool keep serving their existing connections; ports of live connections stay
+        reserved in the new allocators even when the port block moved.
+        """
+        self._apply(config)
+        lo, hi = config.port_range
+        self._allocators = {}
+        for conn in self._table.connections():
+            if conn.server is not None:
+                # Re-point least-connections counts at the new pool's Server objects.
+                conn.server = self._find_server(conn)
+                if conn.server is not None:
+                    conn.server.connections += 1
+            if conn.snat is not None:
+                port = conn.snat[1]
+                address = conn.original.addresses[:ADDRESS_LENGTH[conn.version]]  # type: ignore[index]
+                allocator = self._allocator(address, conn.protocol, lo, hi)
+                allocator.reserve(port)
+                conn.snat = (allocator, port)
+
+    def _find_server(self, conn: Conn) -> Server | None:
+        """The new config's pool member this connection was DNATed to, if it is still configured."""
+        half = conn.original
+        assert half.addresses is not None and half.ports is not None   # only NAT connections have a server
+        length = ADDRESS_LENGTH[conn.version]
+        virtual = half.key[length:2 * length]
+        service = self._services.get((conn.protocol, virtual, half.key[2 * length + 2:2 * length + 4]))
+        if service is None:
+            return None
+        return service.find(half.addresses[length:], int.from_bytes(half.ports[2:4], "big"))
+
+    def _allocator(self, address: bytes, protocol: int, low: int | None = None, high: int | None = None) -> PortAllocator:
+        allocator = self._allocators.get((address, protocol))
+        if allocator is None:
+            if low is None or high is None:
+                low, high = self.config.port_range
+            allocator = self._allocators[(address, protocol)] = PortAllocator(low, high)
+        return allocator
+
+    # -- packets --------------------------------------------------------------------------------------
+    def receive(self, packet: bytes, now: float) -> TMResult:
+        """An inner packet the distributor sent to this TM."""
+        self._received += 1
+        parsed = parse_ip(packet)
+        if type(parsed) is str:
+            return self._drop(parsed)
+        version, protocol, l4, end = parsed  # type: ignore[misc]
+        if (packet[16:20] if version == 4 else packet[24:40]) in self._management:
+            self._counts[R.MANAGEMENT] += 1
+            return TMResult(LOCAL, packet if end == len(packet) else packet[:end], R.MANAGEMENT)
+        flow = parse_transport(packet, version, protocol, l4, end)
+        if type(flow) is tuple:
+            key, info = flow
+            half = self._table.lookup(protocol, key, now)
+            if half is None:
+                return self._open(packet, version, protocol, l4, end, key, info, now)
+            conn = half.conn
+            if protocol == TCP:
+                state, conn.closer = tcp_next(conn.state, half.direction, info, conn.closer)
+            elif protocol == UDP:
+                state = UDP_REPLIED if half.direction else conn.state
+            else:
+                state = ICMP_ECHO
+            self._table.touch(conn, state, now)
+            reason = half.reason
+            self._counts[reason] += 1
+            if half.addresses is None:
+                return TMResult(OVERLAY, packet if end == len(packet) else packet[:end], reason)
+            return TMResult(OVERLAY, rewrite(packet, version, protocol, l4, end, half), reason)
+        if type(flow) is str:
+            return self._drop(flow)  # type: ignore[arg-type]
+        return self._icmp_error(packet, version, l4, end, flow, now)  # type: ignore[arg-type]
+
+    def from_local(self, packet: bytes, now: float) -> TMResult:
+        """A packet the TM host's own stack sent: only from a management address, unmodified."""
+        self._from_local += 1
+        parsed = parse_ip(packet)
+        if type(parsed) is str:
+            self._local_counts[parsed] += 1  # type: ignore[index]
+            return self._drops[parsed]  # type: ignore[index]
+        version, _, _, end = parsed  # type: ignore[misc]
+        if (packet[12:16] if version == 4 else packet[8:24]) not in self._management:
+            self._local_counts[R.INVALID_LOCAL_SOURCE] += 1
+            return self._drops[R.INVALID_LOCAL_SOURCE]
+        self._local_counts[R.MANAGEMENT] += 1
+        return TMResult(OVERLAY, packet if end == len(packet) else packet[:end], R.MANAGEMENT)
+
+    def _drop(self, reason: str) -> TMResult:
+        self._counts[reason] += 1
+        return self._drops[reason]
+
+    def _icmp_error(self, packet: bytes, version: int, l4: int, end: int, error: IcmpError, now: float) -> TMResult:
+        half = self._table.lookup(error.inner_protocol, error.key, now)
+        if half is None:
+            return self._drop(R.INVALID_ICMP_NO_STATE)
+        if half.addresses is None:
+            self._counts[R.FIREWALL_RELATED] += 1
+            return TMResult(OVERLAY, packet[:end], R.FIREWALL_RELATED)
+        translated = translate_icmp_error(packet, version, l4, end, error, half)
+        if type(translated) is str:
+            return self._drop(translated)  # type: ignore[arg-type]
+        self._counts[R.ICMP_RELATED] += 1
+        return TMResult(OVERLAY, translated, R.ICMP_RELATED)  # type: ignore[arg-type]
+
+    # -- new connections ------------------------------------------------------------------------------
+    def _open(self, packet: bytes, version: int, protocol: int, l4: int, end: int, key: bytes, info: int,
+              now: float) -> TMResult:
+        """A packet without state: open a connection if it may, else drop it with the reason."""
+        if protocol == TCP:
+            if not tcp_opens(info):
+                if info & SYN and info & (RST | FIN):
+                    return self._drop(R.INVALID_TCP_FLAGS)
+                return self._invalid(version, protocol, key)
+            state = TCP_SYN_SENT
+        elif protocol == UDP:
+            state = UDP_UNREPLIED
+        else:
+            if info:     # an echo reply never opens
+                return self._invalid(version, protocol, key)
+            state = ICMP_ECHO
+        if self._nat:
+            return self._open_nat(packet, version, protocol, l4, end, key, state, now)
+        return self._open_firewall(packet, version, protocol, end, key, state, now)
+
+    def _invalid(self, version: int, protocol: int, key: bytes) -> TMResult:
+        """No state and not an opener. To our xlate address but outside our port block: the distributor
+        sent another TM's traffic here (reported separately, it points at the owner map)."""
+        length = ADDRESS_LENGTH[version]
+        if key[length:2 * length] in self._xlate_set:
+            port = int.from_bytes(key[-2:], "big")
+            low, high = self.config.port_range
+            if not low <= port <= high:
+                return self._drop(R.INVALID_FOREIGN_PORT)
+        return self._drop(R.INVALID_NO_STATE)
+
+    def _open_nat(self, packet: bytes, version: int, protocol: int, l4: int, end: int, key: bytes, state: int,
+                  now: float) -> TMResult:
+        length = ADDRESS_LENGTH[version]
+        src, dst, tail = key[:length], key[length:2 * length], key[2 * length:]
+        if dst in self._xlate_set:
+            # Nothing opens toward a translation address: only replies go there, and they have state.
+            return self._invalid(version, protocol, key)
+        natable = in_prefixes(self._natable, version, src)
+        service = None
+        if dst in self._virtual:
+            service = self._services.get((protocol, dst, tail[2:4])) if protocol in (TCP, UDP) else None
+            if service is None:
+                return self._drop(R.NO_SERVICE)
+        elif not natable:
+            return self._drop(R.NO_RULE)
+        elif protocol == UDP and (UDP, src + tail[0:2]) in self._backends:
+            return self._drop(R.INVALID_NO_STATE)     # a service's reply whose connection is elsewhere
+        xlate = self._xlate.get(version) if natable else None
+        if natable and xlate is None:
+            return self._drop(R.NO_XLATE_ADDRESS)
+        if not self._table.make_room(now):
+            return self._drop(R.CONNTRACK_FULL)
+
+        server = None
+        new_dst, new_dport = dst, tail[2:4]
+        if service is not None:
+            server = service.choose(src)
+            if server is None:
+                return self._drop(R.NO_SERVER)
+            new_dst, new_dport = server.packed, server.port_bytes
+        snat = None
+        if xlate is not None:
+            allocator = self._allocator(xlate, protocol)
+            port = allocator.allocate()
+            if port is None:
+                return self._drop(R.PORTS_EXHAUSTED)
+            snat = (allocator, port)
+            new_src, new_sport = xlate, port.to_bytes(2, "big")
+        else:
+            new_src, new_sport = src, (tail[0:2] if protocol != ICMP and protocol != ICMPV6 else tail[1:3])
+
+        if service is not None:
+            reasons = (R.HAIRPIN, R.REVERSE_HAIRPIN) if snat else (R.DNAT, R.REVERSE_DNAT)
+        else:
+            reasons = (R.SNAT, R.REVERSE_SNAT)
+        conn = Conn(protocol, version, state, now)
+        conn.server, conn.snat = server, snat
+        if protocol == TCP or protocol == UDP:
+            old_ports, new_ports = tail, new_sport + new_dport
+            reply_key = new_dst + new_src + new_dport + new_sport
+        else:
+            old_ports, new_ports = tail[1:3], new_sport      # the echo identifier
+            reply_key = new_dst + new_src + ECHO_REPLY_MARK + new_sport
+        conn.original = _half(conn, 0, key, reasons[0], src + dst, new_src + new_dst, old_ports, new_ports)
+        conn.reply = _half(conn, 1, reply_key, reasons[1], new_dst + new_src, dst + src,
+                           _swap(new_ports), _swap(old_ports))
+        if self._table.clashes(protocol, reply_key):
+            if snat is not None:
+                snat[0].release(snat[1])
+            return self._drop(R.CONNTRACK_CLASH)
+        self._table.add(conn)
+        self._created += 1
+        self._counts[reasons[0]] += 1
+        return TMResult(OVERLAY, rewrite(packet, version, protocol, l4, end, conn.original), reasons[0])
+
+    def _open_firewall(self, packet: bytes, version: int, protocol: int, end: int, key: bytes, state: int,
+                       now: float) -> TMResult:
+        length = ADDRESS_LENGTH[version]
+        src, dst, tail = key[:length], key[length:2 * length], key[2 * length:]
+        port = int.from_bytes(tail[2:4], "big") if protocol == TCP or protocol == UDP else None
+        if not self._rules.allows(version, protocol, src, dst, port):
+            return self._drop(R.FIREWALL_DENY)
+        if not self._table.make_room(now):
+            return self._drop(R.CONNTRACK_FULL)
+        if protocol == TCP or protocol == UDP:
+            reply_key = dst + src + tail[2:4] + tail[0:2]
+        else:
+            reply_key = dst + src + ECHO_REPLY_MARK + tail[1:3]
+        if self._table.clashes(protocol, reply_key):
+            return self._drop(R.CONNTRACK_CLASH)
+        conn = Conn(protocol, version, state, now)
+        conn.original = Half(conn, 0, key, R.FIREWALL_ALLOW, None, None, 0, 0)
+        conn.reply = Half(conn, 1, reply_key, R.FIREWALL_REPLY, None, None, 0, 0)
+        self._table.add(conn)
+        self._created += 1
+        self._counts[R.FIREWALL_ALLOW] += 1
+        return TMResult(OVERLAY, packet if end == len(packet) else packet[:end], R.FIREWALL_ALLOW)
+
+    # -- time -----------------------------------------------------------------------------------------
+    def expire(self, now: float) -> int:
+        """Remove every connection whose idle timeout has passed at `now`; how many were removed."""
+        return self._table.expire(now)
+
+    def next_deadline(self) -> float | None:
+        """When `expire` next has work (None: no connections)."""
+        return self._table.next_deadline()
+
+    # -- status ---------------------------------------------------------------------------------------
+    def counters(self) -> dict[str, int]:
+        """Flat, monotonically increasing counters."""
+        result = {
+            "packets.received": self._received,
+            "packets.from_local": self._from_local,
+            "conntrack.created": self._created,
+            "conntrack.expired": self._table.expired,
+            "conntrack.early_drop": self._table.evicted,
+        }
+        for reason, count in self._counts.items():
+            name = R.counter_name(reason)
+            result[name] = result.get(name, 0) + count
+        for reason, count in self._local_counts.items():
+            name = "forwarded.management" if reason == R.MANAGEMENT else R.counter_name(reason)
+            result[name] = result.get(name, 0) + count
+        return result
+
+    def snapshot(self) -> dict:
+        """JSON-able status: connections by state, table use, port allocators, services."""
+        table = self._table
+        ports: dict[str, dict[str, dict[str, int]]] = {}
+        for (address, protocol), allocator in sorted(self._allocators.items()):
+            entry = ports.setdefault(_address_text(address), {})
+            entry[_PROTOCOL_NAMES[protocol]] = {
+                "in_use": allocator.in_use, "capacity": allocator.capacity, "exhausted": allocator.exhausted,
+            }
+        return {
+            "mode": self.config.mode,
+            "connections": {"total": table.size, "by_state": table.count_by_state()},
+            "table": {
+                "size": table.size,
+                "limit": table.max_entries,
+                "fullness": round(table.size / table.max_entries, 4),
+            },
+            "ports": {"range": list(self.config.port_range), "by_address": ports},
+            "services": [service.status() for service in self._services.values()],
+            "management": [str(address) for address in self.config.management],
+            "xlate": [str(address) for address in self.config.xlate],
+        }
+
+
+def _swap(ports: bytes) -> bytes:
+    """Source and destination port swapped (a reply's view); an echo identifier stays as it is."""
+    return ports[2:4] + ports[0:2] if len(ports) == 4 else ports
+
+
+def _half(conn: Conn, direction: int, key: bytes, reason: str, old_addresses: bytes, new_addresses: bytes,
+          old_ports: bytes, new_ports: bytes) -> Half:
+    """A direction's rewrite with its checksum deltas precomputed from the values the key fixes."""
+    ip_delta = checksum_delta(old_addresses, new_addresses)
+    if conn.protocol == ICMP:
+        l4_delta = checksum_delta(old_ports, new_ports)               # ICMPv4 has no pseudo-header
+    else:
+        l4_delta = checksum_delta(old_addresses + old_ports, new_addresses + new_ports)
+    return Half(conn, direction, key, reason, new_addresses, new_ports, ip_delta, l4_delta)
+
+
+def _address_text(packed: bytes) -> str:
+    return str(ipaddress.ip_address(packed))

@@ -1,0 +1,80 @@
+"""Every reason a traffic manager gives for what it did with a packet, and the counter each one feeds.
+
+Reasons are the `reason` of a `TMResult`; every result increments exactly one counter, so an operator
+can answer "why was this dropped?" from `/metrics` alone. Drops with a category (`invalid:`,
+`malformed:`, `unsupported:`) count under that category; translations under `translated.`; firewall and
+management pass-through under `forwarded.`; plain drops under `dropped.`.
+"""
+
+from __future__ import annotations
+
+# -- action "overlay": the packet goes back to the distributor ------------------------------------------
+DNAT = "dnat"                          # client → virtual service, rewritten to a server
+REVERSE_DNAT = "reverse-dnat"          # server → client reply, source rewritten back to the virtual address
+SNAT = "snat"                          # NAT-able source → outside, source rewritten to the xlate address
+REVERSE_SNAT = "reverse-snat"          # outside → xlate reply, destination rewritten back to the inside host
+HAIRPIN = "hairpin"                    # NAT-able source → virtual service: DNAT and SNAT at once
+REVERSE_HAIRPIN = "reverse-hairpin"    # the server's reply to a hairpin connection
+ICMP_RELATED = "icmp-related"          # ICMP error about a tracked NAT flow, outer and quoted header translated
+FIREWALL_ALLOW = "firewall-allow"      # firewall mode: packet of an allowed connection, original direction
+FIREWALL_REPLY = "firewall-reply"      # firewall mode: packet of an allowed connection, reply direction
+FIREWALL_RELATED = "firewall-related"  # firewall mode: ICMP error about a tracked connection
+MANAGEMENT = "management"              # to/from a management address (action "local" inbound, "overlay" outbound)
+
+# -- action "drop" ----------------------------------------------------------------------------------
+INVALID_NO_STATE = "invalid:no-state"                    # no connection and the packet does not open one
+INVALID_FOREIGN_PORT = "invalid:foreign-port-block"      # to our xlate address, port outside our block
+INVALID_ICMP_NO_STATE = "invalid:icmp-error-no-state"    # ICMP error quoting a flow we do not track
+INVALID_ICMP_MISMATCH = "invalid:icmp-error-mismatch"    # ICMP error not addressed to the quoted sender
+INVALID_TCP_FLAGS = "invalid:tcp-flags"                  # SYN with RST or FIN: never a valid opener
+INVALID_LOCAL_SOURCE = "invalid:local-source"            # from_local packet not from a management address
+CONNTRACK_FULL = "conntrack-full"                        # table at max_entries and nothing may be evicted
+CONNTRACK_CLASH = "conntrack-clash"                      # the reply tuple is already used by another connection
+PORTS_EXHAUSTED = "ports-exhausted"                      # no free port in the xlate address's port block
+NO_XLATE_ADDRESS = "no-xlate-address"                    # NAT-able source of a family without xlate address
+NO_SERVICE = "no-service"                                # to a virtual address, but no service on that port
+NO_SERVER = "no-server"                                  # the service has no server with weight > 0
+NO_RULE = "no-rule"                                      # NAT mode: opener that is neither to a service nor NAT-able
+FIREWALL_DENY = "firewall-deny"                          # firewall mode: opener no rule allows
+
+MALFORMED_EMPTY = "malformed:empty"
+MALFORMED_VERSION = "malformed:bad-ip-version"
+MALFORMED_TRUNCATED_IPV4 = "malformed:truncated-ipv4"
+MALFORMED_IPV4_HEADER_LENGTH = "malformed:bad-ipv4-header-length"
+MALFORMED_IPV4_TOTAL_LENGTH = "malformed:bad-ipv4-total-length"
+MALFORMED_TRUNCATED_IPV6 = "malformed:truncated-ipv6"
+MALFORMED_IPV6_EXTENSION = "malformed:truncated-ipv6-extension"
+MALFORMED_TRUNCATED_TCP = "malformed:truncated-tcp"
+MALFORMED_TCP_OFFSET = "malformed:bad-tcp-data-offset"
+MALFORMED_TRUNCATED_UDP = "malformed:truncated-udp"
+MALFORMED_UDP_LENGTH = "malformed:bad-udp-length"
+MALFORMED_TRUNCATED_ICMP = "malformed:truncated-icmp"
+MALFORMED_ICMP_INNER = "malformed:bad-icmp-error-inner"
+
+UNSUPPORTED_FRAGMENT = "unsupported:fragment"
+UNSUPPORTED_PROTOCOL = "unsupported:protocol"
+UNSUPPORTED_IPV6_EXTENSION = "unsupported:ipv6-extension"
+UNSUPPORTED_ICMP_TYPE = "unsupported:icmp-type"
+
+ALL_REASONS: tuple[str, ...] = tuple(
+    value for name, value in sorted(globals().items()) if name.isupper() and isinstance(value, str)
+)
+
+_FORWARDED = frozenset({FIREWALL_ALLOW, FIREWALL_REPLY, FIREWALL_RELATED})
+_TRANSLATED = frozenset({DNAT, REVERSE_DNAT, SNAT, REVERSE_SNAT, HAIRPIN, REVERSE_HAIRPIN, ICMP_RELATED})
+
+
+def counter_name(reason: str) -> str:
+    """`invalid:no-state` → `invalid.no_state`, `dnat` → `translated.dnat`, `no-service` → `dropped.no_service`."""
+    if ":" in reason:
+        category, detail = reason.split(":", 1)
+        return f"{category}.{detail.replace('-', '_')}"
+    detail = reason.replace("-", "_")
+    if reason in _TRANSLATED:
+        return f"translated.{detail}"
+    if reason in _FORWARDED:
+        return f"forwarded.{detail}"
+    if reason == MANAGEMENT:
+        # Counted separately per direction by the core (`local.management`, `forwarded.management`).
+        return f"local.{detail}"
+    return f"dropped.{detail}"

@@ -1,0 +1,121 @@
+"""Rewriting packets of tracked connections, with incremental (RFC 1624) checksum updates.
+
+`rewrite` is the per-packet hot path: the connection's `Half` already holds the new addresses and ports
+and the folded checksum deltas, so it copies the packet once, assigns two slices and fixes one or two
+checksums with an addition and a fold.
+
+`translate_icmp_error` is the slow path for ICMP errors about a tracked flow (PMTU discovery and
+traceroute): the outer destination and the quoted packet are turned into what the other side of the
+NAT sent or expects, and every checksum that covers a changed word is updated: the outer IPv4 header,
+the quoted IPv4 header, the quoted transport checksum when the quote includes it, and the ICMP checksum
+(ICMPv6: pseudo-header included). Every changed field starts at an even offset from the start of the
+region its checksum covers, which is what the incremental update needs.
+"""
+
+from __future__ import annotations
+
+from overlay.checksum import add_deltas, apply_delta, checksum_delta
+from overlay.tm import reasons as R
+from overlay.tm.conntrack import Half
+from overlay.tm.packet import ICMPV6, TCP, UDP, IcmpError
+
+
+def rewrite(packet: bytes, version: int, protocol: int, l4: int, end: int, half: Half) -> bytes:
+    buf = bytearray(packet) if end == len(packet) else bytearray(packet[:end])
+    if version == 4:
+        buf[12:20] = half.addresses  # type: ignore[assignment]
+        total = (~(buf[10] << 8 | buf[11]) & 0xFFFF) + half.ip_delta
+        total = ~((total & 0xFFFF) + (total >> 16)) & 0xFFFF
+        buf[10] = total >> 8
+        buf[11] = total & 0xFF
+    else:
+        buf[8:40] = half.addresses  # type: ignore[assignment]
+    if protocol == TCP:
+        buf[l4:l4 + 4] = half.ports  # type: ignore[assignment]
+        at = l4 + 16
+    elif protocol == UDP:
+        buf[l4:l4 + 4] = half.ports  # type: ignore[assignment]
+        at = l4 + 6
+        if not (buf[at] or buf[at + 1]):
+            return bytes(buf)    # IPv4 UDP without checksum: nothing to update
+    else:
+        buf[l4 + 4:l4 + 6] = half.ports  # type: ignore[assignment]
+        at = l4 + 2
+    total = (~(buf[at] << 8 | buf[at + 1]) & 0xFFFF) + half.l4_delta
+    total = ~((total & 0xFFFF) + (total >> 16)) & 0xFFFF
+    if not total and protocol == UDP:
+        total = 0xFFFF       # a computed 0 is sent as all ones: 0 means "no checksum" in UDP
+    buf[at] = total >> 8
+    buf[at + 1] = total & 0xFF
+    return bytes(buf)
+
+
+def _replace(buf: bytearray, at: int, new: bytes) -> int:
+    """Write `new` at `at` and return its checksum delta."""
+    end = at + len(new)
+    delta = checksum_delta(buf[at:end], new)
+    buf[at:end] = new
+    return delta
+
+
+def _update_checksum(buf: bytearray, at: int, delta: int) -> int:
+    """Apply `delta` to the 16-bit checksum at `at`; return the delta of that rewrite itself (the
+    checksum field is covered by an enclosing checksum, e.g. the ICMP one)."""
+    old = bytes(buf[at:at + 2])
+    value = apply_delta(old[0] << 8 | old[1], delta)
+    new = value.to_bytes(2, "big")
+    buf[at:at + 2] = new
+    return checksum_delta(old, new)
+
+
+def translate_icmp_error(packet: bytes, version: int, l4: int, end: int, error: IcmpError, half: Half) -> bytes | str:
+    """The error rewritten for the other side of the NAT, or a reason to drop it.
+
+    `half` is the tracked direction the error travels in, found by the swapped key of the quoted packet:
+    its key is (s, d, sport, dport) and it rewrites to (s2, d2, sport2, dport2). The quote is a packet
+    d → s as the reporter saw it, so it becomes d2 → s2; the error goes to d, so it now goes to d2; and
+    when the reporter is the peer s itself, it now comes from s2. An error from a router on the path
+    keeps its source, so traceroute still shows the hops.
+    """
+    assert half.addresses is not None and half.ports is not None
+    length = 4 if version == 4 else 16
+    src_at = 12 if version == 4 else 8
+    dst_at = src_at + length
+    key = half.key
+    s, d = key[:length], key[length:2 * length]
+    s2, d2 = half.addresses[:length], half.addresses[length:]
+    if packet[dst_at:dst_at + length] != d:
+        return R.INVALID_ICMP_MISMATCH
+    buf = bytearray(packet[:end])
+
+    # Outer header: destination to the real sender; source too if the peer itself reported.
+    outer_source = s2 if buf[src_at:dst_at] == s else bytes(buf[src_at:dst_at])
+    outer_delta = _replace(buf, src_at, outer_source + d2)
+    if version == 4:
+        _update_checksum(buf, 10, outer_delta)
+    icmp_delta = outer_delta if version == 6 else 0   # ICMPv6 covers the pseudo-header, ICMPv4 does not
+
+    # The quoted packet: addresses, its IPv4 header checksum, ports or echo identifier, its checksum.
+    inner_ip, inner_l4 = error.inner_ip, error.inner_l4
+    inner_src_at = inner_ip + (12 if version == 4 else 8)
+    address_delta = _replace(buf, inner_src_at, d2 + s2)
+    icmp_delta += address_delta
+    if version == 4:
+        icmp_delta += _update_checksum(buf, inner_ip + 10, address_delta)
+    protocol = error.inner_protocol
+    if protocol == TCP or protocol == UDP:
+        port_delta = _replace(buf, inner_l4, half.ports[2:4] + half.ports[0:2])
+        checksum_at = inner_l4 + (16 if protocol == TCP else 6)
+        pseudo_delta = address_delta
+    else:
+        port_delta = _replace(buf, inner_l4 + 4, half.ports)
+        checksum_at = inner_l4 + 2
+        pseudo_delta = address_delta if protocol == ICMPV6 else 0
+    icmp_delta += port_delta
+    # The quote may stop before the transport checksum (RFC 792 only promises 8 bytes); a zero UDP
+    # checksum means "none" and stays zero.
+    if checksum_at + 2 <= end and not (protocol == UDP and not (buf[checksum_at] or buf[checksum_at + 1])):
+        icmp_delta += _update_checksum(buf, checksum_at, add_deltas(pseudo_delta, port_delta))
+
+    _update_checksum(buf, l4 + 2, add_deltas(icmp_delta))
+    return bytes(buf)

@@ -1,0 +1,208 @@
+"""`overlay status`, `tm_admin`, `admin_reload` and the admin token, against a live status server."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from overlay.cli import main
+from overlay.status.admin import AdminTokenError, bearer_matches, load_admin_token
+from overlay.status.cli import admin_reload, format_summary, recent_rates, tm_admin
+from overlay.status.server import start_status_server
+
+from .conftest import ADMIN_TOKEN, FakeDistributor, FakeTm
+
+
+class LiveServer:
+    """A status server on its own event loop in a thread: the CLI under test blocks on urllib."""
+
+    def __init__(self, provider: object, **kwargs: object):
+        self.provider = provider
+        self._kwargs = kwargs
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._server = None
+
+    def __enter__(self) -> str:
+        self._thread.start()
+        start = start_status_server(self.provider, "127.0.0.1", 0, sample_interval=0.05, **self._kwargs)  # type: ignore[arg-type]
+        self._server = asyncio.run_coroutine_threadsafe(start, self._loop).result(timeout=10)
+        asyncio.run_coroutine_threadsafe(asyncio.sleep(0.3), self._loop).result(timeout=10)  # a few history samples
+        return self._server.url
+
+    def __exit__(self, *exc: object) -> None:
+        if self._server is not None:
+            asyncio.run_coroutine_threadsafe(self._server.close(), self._loop).result(timeout=10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
+
+
+@pytest.fixture
+def dist_url(distributor: FakeDistributor) -> Iterator[str]:
+    with LiveServer(distributor, admin=distributor, admin_token=ADMIN_TOKEN) as url:
+        yield url
+
+
+@pytest.fixture(autouse=True)
+def no_token_in_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OVERLAY_ADMIN_TOKEN", raising=False)
+
+
+def test_status_command_prints_a_summary(dist_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["status", dist_url]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("dist1 (distributor) · version 0.1.0 · up 1h 2m · config generation 1 sha256:9f2c4e1d0b7a")
+    assert "readiness: ready" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("tm")}
+    assert rows["tm1"][:4] == ["tm1", "enabled", "up", "1.2"]
+    assert rows["tm2"][1:3] == ["draining", "up"]
+    assert rows["tm3"][2:4] == ["DOWN", "-"]
+    assert [row[-2] for row in (rows["tm1"], rows["tm2"], rows["tm3"])] == ["50.0%", "30.0%", "20.0%"]
+    assert "drops: truncated 3, ttl_exceeded" in out
+
+
+def test_status_command_json_is_the_raw_status(dist_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    assert main(["status", dist_url, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tms"]["tm2"]["state"] == "draining"
+
+
+def test_status_command_exits_non_zero_when_not_ready(distributor: FakeDistributor, capsys: pytest.CaptureFixture[str]) -> None:
+    distributor.ready = False
+    with LiveServer(distributor) as url:
+        assert main(["status", url.removeprefix("http://")]) == 1  # host:port works too
+    assert "readiness: NOT READY (reason no TM up, tms_up 2)" in capsys.readouterr().out
+
+
+def test_status_command_unreachable(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["status", "http://127.0.0.1:9", "--timeout", "2"]) == 1
+    assert "cannot reach http://127.0.0.1:9/status" in capsys.readouterr().err
+
+
+def test_status_of_a_tm_shows_peers_and_conntrack(tm: FakeTm, capsys: pytest.CaptureFixture[str]) -> None:
+    with LiveServer(tm) as url:
+        assert main(["status", url]) == 0
+    out = capsys.readouterr().out
+    assert "PEER" in out and "dist1" in out
+    assert "conntrack: entries 42, established 40, limit 65536, syn_sent 2" in out
+    assert "drops: no_state 7" in out
+
+
+def test_tm_admin_drains_and_reports(dist_url: str, distributor: FakeDistributor, capsys: pytest.CaptureFixture[str]) -> None:
+    assert tm_admin("drain", "tm1", dist_url, ADMIN_TOKEN) == 0
+    assert distributor.states["tm1"] == "draining"
+    # The last line: unconfigured structlog in the in-process server may log to stdout before it.
+    assert capsys.readouterr().out.splitlines()[-1] == "tm1: enabled -> draining"
+
+
+def test_tm_admin_takes_the_token_from_the_environment(dist_url: str, distributor: FakeDistributor, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OVERLAY_ADMIN_TOKEN", ADMIN_TOKEN)
+    assert tm_admin("disable", "tm3", dist_url, None) == 0
+    assert distributor.states["tm3"] == "disabled"
+
+
+ADMIN_FAILURES = [
+    {"description": "wrong token", "call": ("drain", "tm1", "wrong"), "code": 1, "stderr": "refused, the admin token is missing or wrong"},
+    {"description": "no token anywhere", "call": ("drain", "tm1", None), "code": 2, "stderr": "no admin token"},
+    {"description": "unknown TM", "call": ("drain", "tm9", ADMIN_TOKEN), "code": 1, "stderr": "unknown TM 'tm9'"},
+    {"description": "unknown action", "call": ("reboot", "tm1", ADMIN_TOKEN), "code": 2, "stderr": "unknown action 'reboot'"},
+]
+
+
+@pytest.mark.parametrize("case", ADMIN_FAILURES, ids=lambda case: case["description"])
+def test_tm_admin_failures(dist_url: str, distributor: FakeDistributor, capsys: pytest.CaptureFixture[str], case: dict) -> None:
+    action, name, token = case["call"]
+    assert tm_admin(action, name, dist_url, token) == case["code"]
+    assert case["stderr"] in capsys.readouterr().err
+    assert distributor.states["tm1"] == "enabled"
+
+
+def test_tm_admin_against_a_node_without_admin_api(tm: FakeTm, capsys: pytest.CaptureFixture[str]) -> None:
+    with LiveServer(tm) as url:
+        assert tm_admin("drain", "tm1", url, ADMIN_TOKEN) == 1
+    assert "no admin API at" in capsys.readouterr().err
+
+
+def test_admin_reload_accepted_then_refused(dist_url: str, distributor: FakeDistributor, capsys: pytest.CaptureFixture[str]) -> None:
+    assert admin_reload(dist_url, ADMIN_TOKEN) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "reloaded: config generation 2"
+    distributor.reload_error = "tm[0].weight: must be > 0"
+    assert admin_reload(dist_url, ADMIN_TOKEN) == 1
+    assert "reload refused, generation 2 stays: tm[0].weight: must be > 0" in capsys.readouterr().err
+
+
+# -- token --------------------------------------------------------------------------------------------------
+
+
+def test_token_from_file_wins_over_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "token"
+    path.write_text("from-file\n")
+    monkeypatch.setenv("OVERLAY_ADMIN_TOKEN", "from-env")
+    assert load_admin_token(str(path)) == "from-file"
+    assert load_admin_token(None) == "from-env"
+
+
+@pytest.mark.parametrize("env", [None, "", "   "], ids=["unset", "empty", "blank"])
+def test_no_token_means_none(monkeypatch: pytest.MonkeyPatch, env: str | None) -> None:
+    if env is not None:
+        monkeypatch.setenv("OVERLAY_ADMIN_TOKEN", env)
+    assert load_admin_token(None) is None
+
+
+@pytest.mark.parametrize("content", [None, "", "\n  \n"], ids=["missing", "empty", "blank"])
+def test_configured_but_unusable_token_file_is_an_error(tmp_path: Path, content: str | None) -> None:
+    path = tmp_path / "token"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(AdminTokenError, match=str(path)):
+        load_admin_token(str(path))
+
+
+BEARER_CASES = [
+    {"description": "exact", "header": "Bearer abc", "expected": True},
+    {"description": "scheme is case-insensitive", "header": "bearer abc", "expected": True},
+    {"description": "missing", "header": None, "expected": False},
+    {"description": "empty", "header": "", "expected": False},
+    {"description": "no token", "header": "Bearer ", "expected": False},
+    {"description": "other scheme", "header": "Basic abc", "expected": False},
+    {"description": "longer", "header": "Bearer abcd", "expected": False},
+    {"description": "non-ascii", "header": "Bearer ábc", "expected": False},
+]
+
+
+@pytest.mark.parametrize("case", BEARER_CASES, ids=lambda case: case["description"])
+def test_bearer_matches(case: dict) -> None:
+    assert bearer_matches(case["header"], "abc") is case["expected"]
+
+
+# -- summary formatting -------------------------------------------------------------------------------------
+
+
+def test_recent_rates_average_only_the_recent_window() -> None:
+    history = {
+        "samples": [
+            {"age": 30.0, "span": 1.0, "pps": {"tm1": 1000.0}},  # outside the 10 s window
+            {"age": 1.0, "span": 1.0, "pps": {"tm1": 100.0, "tm2": 50.0}},
+            {"age": 0.0, "span": 1.0, "pps": {"tm1": 300.0}},  # tm2 missing: counter reset
+        ]
+    }
+    assert recent_rates(history) == {"tm1": 200.0, "tm2": 25.0}
+    assert recent_rates({"samples": []}) == {}
+
+
+def test_summary_warns_loudly_when_every_tm_is_down() -> None:
+    status = {
+        "role": "distributor",
+        "name": "d",
+        "tms": {"tm1": {"state": "enabled", "up": False, "packets": 0}},
+        "health": {"all_down": True, "config": {"all_down": "route"}, "tms": {}},
+    }
+    text = format_summary(status, {"ok": False}, {"samples": []})
+    assert "!! every TM is down (all-down policy: route)" in text
+    assert "readiness: NOT READY" in text

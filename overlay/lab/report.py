@@ -2,8 +2,8 @@
 
 Shares come from the distributor's `/status` (`tms.NAME.packets`, the packets it sent to each TM),
 measured as the difference across the run so earlier health probes and warm-up do not count. Invalid
-drops come from each TM's own `/status` counters: a TM drops a packet "invalid:..." when it has no state
-for it — the one number that shows a distributor breaking symmetry.
+drops come from each TM's own `/status` counters: a TM drops a packet as "invalid:..." (counted as
+`invalid.*`) when it has no state for it — the one number that shows a distributor breaking symmetry.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from overlay.lab import topology
 from overlay.lab.lab import Lab
 from overlay.lab.traffic import TrafficReport
 
-INVALID_PREFIX = "invalid:"
+INVALID_PREFIX = "invalid."  # overlay.tm.reasons.counter_name("invalid:no-state") == "invalid.no_state"
 
 
 def tm_packets(distributor_status: Mapping[str, Any]) -> dict[str, int]:
@@ -26,7 +26,7 @@ def tm_packets(distributor_status: Mapping[str, Any]) -> dict[str, int]:
 
 
 def invalid_drops(tm_status: Mapping[str, Any]) -> dict[str, int]:
-    """The TM's non-zero `invalid:*` drop counters (reason -> count)."""
+    """The TM's non-zero `invalid.*` drop counters (counter -> count)."""
     counters = tm_status.get("counters", {})
     return {
         reason: int(count)

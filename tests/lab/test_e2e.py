@@ -163,7 +163,7 @@ def route_mtu(lab: Lab, destination: str, source: str) -> int | None:
 def icmp_translated(lab: Lab) -> int:
     return sum(
         count for tm in topology.TMS for reason, count in lab.status(tm).get("counters", {}).items()
-        if "icmp-related" in reason and isinstance(count, int)
+        if reason == "translated.icmp_related" and isinstance(count, int)
     )
 
 

@@ -15,6 +15,8 @@ from overlay import __version__
 
 # Modules that contribute subcommands, in the order `overlay --help` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
+    "overlay.tools_cli",
+    "overlay.runtime.cli",
     "overlay.lab.cli",
     "overlay.status.cli",
 )

@@ -205,6 +205,8 @@ def _parse_tms(root: Section, sets: dict[str, tuple[AddressEntry, ...]], underla
         name = section.str("name")
         if not name or not all(c.isalnum() or c in "-_." for c in name):
             raise section.error("name", "use letters, digits, '-', '_' and '.' only")
+        if name in ("forward", "drop", "summary"):
+            raise section.error("name", f"{name!r} is reserved (replay writes {name}.pcap/.json)")
         if name in seen_names:
             raise section.error("name", f"duplicate TM name {name!r} (also tm[{seen_names[name]}])")
         seen_names[name] = index

@@ -80,7 +80,8 @@ def _outer(distributor: Distributor, payload: bytes, dest: tuple[str, int], flow
         ip6 = dpkt.ip6.IP6(src=socket.inet_pton(socket.AF_INET6, source), dst=socket.inet_pton(socket.AF_INET6, dest[0]),
                            nxt=17, hlim=64, data=udp, plen=udp.ulen)
         return bytes(ip6)
-    ip = dpkt.ip.IP(src=socket.inet_aton(source), dst=socket.inet_aton(dest[0]), p=17, ttl=64, data=udp, off=dpkt.ip.IP_DF)
+    ip = dpkt.ip.IP(src=socket.inet_aton(source), dst=socket.inet_aton(dest[0]), p=17, ttl=64, data=udp)
+    ip.df = 1
     ip.len = 20 + udp.ulen
     return bytes(ip)
 

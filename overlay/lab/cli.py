@@ -81,7 +81,7 @@ def _up(args: argparse.Namespace) -> int:
         lab.down()
         raise
     print(f"lab {lab.prefix} up: {', '.join(sorted(lab.plan.namespaces[r].name for r in lab.plan.namespaces))}")
-    print(f"logs in {lab.processes.log_dir}; `overlay lab down` removes it")
+    print(f"logs in {lab.processes.log_dir}; `overlay lab down` tears the lab down")
     return 0
 
 

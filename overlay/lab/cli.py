@@ -77,7 +77,7 @@ def _up(args: argparse.Namespace) -> int:
     try:
         lab.up(agents=not args.no_agents)
     except BaseException:
-        print(lab.agent_logs(), file=sys.stderr)
+        print(f"the lab did not come up; logs of every process: {lab.processes.log_dir}", file=sys.stderr)
         lab.down()
         raise
     print(f"lab {lab.prefix} up: {', '.join(sorted(lab.plan.namespaces[r].name for r in lab.plan.namespaces))}")
@@ -122,7 +122,7 @@ def _demo(args: argparse.Namespace) -> int:
         print("interrupted; tearing the lab down", file=sys.stderr)
         return 130
     except (LabUnavailable, netns.LabError):
-        print(lab.agent_logs(), file=sys.stderr)
+        print(f"logs of every process: {lab.processes.log_dir}", file=sys.stderr)
         raise
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)

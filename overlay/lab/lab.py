@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,12 @@ class Lab:
         self._start_agent("dist", "distributor", self.configs.distributor)
         for role in (*topology.TMS, "dist"):
             self._wait_ready(role, f"http://127.0.0.1:{topology.STATUS_PORT}/healthz", timeout)
+        # The distributor is healthy with one TM up; traffic before all three are up would skew the shares
+        # and leave a TM without traffic, so wait for its health checks to see the whole fleet.
+        self._wait_ready(
+            "dist", f"http://127.0.0.1:{topology.STATUS_PORT}/healthz", timeout,
+            accept=lambda body: set(json.loads(body).get("up", ())) >= set(topology.TMS),
+        )
 
     def down(self) -> list[str]:
         """Stop every process of the lab and remove its namespaces; returns the namespaces removed."""
@@ -127,7 +134,9 @@ class Lab:
             cwd=self.config_dir.parent,
         )
 
-    def _wait_ready(self, role: str, url: str, timeout: float) -> None:
+    def _wait_ready(
+        self, role: str, url: str, timeout: float, accept: Callable[[bytes], bool] = lambda body: True
+    ) -> None:
         deadline = time.monotonic() + timeout
         last = "no answer yet"
         while time.monotonic() < deadline:
@@ -136,7 +145,7 @@ class Lab:
                 raise netns.LabError(f"{role} exited with {code} before it was ready:\n{self.processes.log_tail(role)}")
             try:
                 status, body = nsnet.http_request(self.ns(role), url, timeout=1.0)
-                if status == 200:
+                if status == 200 and accept(body):
                     return
                 last = f"HTTP {status}: {body[:200]!r}"
             except OSError as error:

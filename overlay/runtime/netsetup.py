@@ -23,9 +23,13 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 DEFAULT_TABLE = 4754
 # Rules sit well above `main` (32766). Packets arriving from the TUN are routed by `main`; if `main` has no
@@ -72,7 +76,8 @@ class NetPlan:
     rules: tuple[Rule, ...] = ()
     # The distributor receives packets from TMs with client sources on the TUN: strict rp_filter drops them.
     loose_rp_filter: bool = True
-    needs_forwarding: bool = False
+    # IP versions this host must forward (what the distributor writes into the TUN is routed onwards).
+    forwarding: tuple[int, ...] = ()
 
 
 def _default_route(version: int, table: int) -> Route:
@@ -96,7 +101,7 @@ def distributor_plan(tun: Any, *, table: int = DEFAULT_TABLE) -> NetPlan:
         table=table,
         routes=tuple(routes),
         rules=tuple(rules),
-        needs_forwarding=True,
+        forwarding=tuple(sorted({prefix.version for prefix in (*tun.capture, *tun.capture_from)} or {4})),
     )
 
 
@@ -152,6 +157,17 @@ class NetSetup:
 
     def clean_stale(self) -> int:
         """Remove rules a previous run with this TUN name and table left behind; returns how many."""
+        return _outside_event_loop(self._clean_stale)
+
+    def apply(self) -> None:
+        """Bring the TUN up with its MTU and add the plan; on failure undo what was added and re-raise."""
+        _outside_event_loop(self._apply)
+
+    def undo(self) -> None:
+        """Remove what `apply` added, newest first; missing items (already gone) are fine."""
+        _outside_event_loop(self._undo)
+
+    def _clean_stale(self) -> int:
         from pyroute2 import IPRoute
 
         removed = 0
@@ -173,8 +189,7 @@ class NetSetup:
                         removed += 1
         return removed
 
-    def apply(self) -> None:
-        """Bring the TUN up with its MTU and add the plan; on failure undo what was added and re-raise."""
+    def _apply(self) -> None:
         from pyroute2 import IPRoute
 
         try:
@@ -198,7 +213,7 @@ class NetSetup:
                     self._rules.append(args)
             self._set_sysctls()
         except BaseException:
-            self.undo()
+            self._undo()
             raise
 
     def _set_sysctls(self) -> None:
@@ -208,13 +223,14 @@ class NetSetup:
             current_all = _read(ipv4 / "conf/all/rp_filter")
             wanted = "0" if current_all in ("0", None) else "2"
             self._write(ipv4 / f"conf/{self.plan.tun}/rp_filter", wanted)
-        if self.plan.needs_forwarding:
-            for path in (ipv4 / "ip_forward", self.sysctl_root / "net/ipv6/conf/all/forwarding"):
-                if _read(path) == "0":
-                    self.warnings.append(
-                        f"{path} is 0: this host will not forward what the distributor writes into the TUN; "
-                        f"set it to 1 (sysctl -w, or compose `sysctls:`)"
-                    )
+        paths = {4: ipv4 / "ip_forward", 6: self.sysctl_root / "net/ipv6/conf/all/forwarding"}
+        for version in self.plan.forwarding:
+            path = paths[version]
+            if _read(path) == "0":
+                self.warnings.append(
+                    f"{path} is 0: this host will not forward what the distributor writes into the TUN; "
+                    f"set it to 1 (sysctl -w, or compose `sysctls:`)"
+                )
 
     def _write(self, path: Path, value: str) -> None:
         previous = _read(path)
@@ -231,8 +247,7 @@ class NetSetup:
         if previous is not None:
             self._sysctls.append((path, previous))
 
-    def undo(self) -> None:
-        """Remove what `apply` added, newest first; missing items (already gone) are fine."""
+    def _undo(self) -> None:
         from pyroute2 import IPRoute
         from pyroute2.netlink.exceptions import NetlinkError
 
@@ -255,6 +270,31 @@ class NetSetup:
                 path.write_text(previous)
             except OSError:
                 pass  # the TUN is gone and its conf/ directory with it
+
+
+def _outside_event_loop(function: Callable[[], T]) -> T:
+    """Run `function` in a short-lived thread of its own.
+
+    pyroute2's synchronous IPRoute drives an asyncio loop of its own underneath; called from inside the
+    agent's running (uvloop) loop it fails ("event loop is already running"). A fresh thread has no loop,
+    and shares the process's (the calling thread's) network namespace. Setup and teardown are rare, so
+    blocking the agent's loop for the few milliseconds this takes is fine.
+    """
+    result: list[T] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(function())
+        except BaseException as error:
+            errors.append(error)
+
+    worker = threading.Thread(target=run, name="netsetup")
+    worker.start()
+    worker.join()
+    if errors:
+        raise errors[0]
+    return result[0]
 
 
 def _read(path: Path) -> str | None:

@@ -52,7 +52,8 @@ class UnderlayEndpoint:
     `on_datagram(payload, peer)` gets each UDP payload as `bytes` and the sender as (host, port).
     `send(payload, peer, flow_hash)` never raises: EAGAIN/ENOBUFS/unreachable are counted by errno name.
     `source_port_base` binds the send sockets to consecutive ports from there (for firewalls that must
-    list them); None lets the kernel pick ephemeral ones.
+    list them); None lets the kernel pick ephemeral ones. With `source_ports=0` everything is sent from
+    the well-known port (a TM: the distributor knows it by that port).
     """
 
     def __init__(
@@ -63,8 +64,8 @@ class UnderlayEndpoint:
         source_ports: int = 8,
         source_port_base: int | None = None,
     ):
-        if source_ports < 1:
-            raise ValueError("source_ports must be at least 1")
+        if source_ports < 0:
+            raise ValueError("source_ports must be 0 (send from the well-known port) or more")
         self.address = address
         self._loop: asyncio.AbstractEventLoop | None = None
         self.send_sockets: list[socket.socket] = []
@@ -132,7 +133,7 @@ class UnderlayEndpoint:
     def send(self, payload: bytes, peer: Peer, flow_hash: int = 0) -> bool:
         """Send from the socket `flow_hash` picks (so one inner flow keeps one outer source port)."""
         sockets = self.send_sockets
-        sock = sockets[flow_hash % len(sockets)]
+        sock = sockets[flow_hash % len(sockets)] if sockets else self.receive_socket
         return self._send(sock, payload, peer)
 
     def reply(self, payload: bytes, peer: Peer) -> bool:

@@ -65,8 +65,14 @@ def test_distributor_plan(case: dict) -> None:
     plan = distributor_plan(case["tun"])
     assert set(plan.routes) == case["routes"]
     assert set(plan.rules) == case["rules"]
-    assert plan.addresses == () and plan.needs_forwarding and plan.loose_rp_filter
+    assert plan.addresses == () and plan.loose_rp_filter
     assert plan.mtu == 1400 and plan.tun == "rtxd0"
+
+
+def test_distributor_warns_about_forwarding_only_for_the_versions_it_captures() -> None:
+    assert distributor_plan(tun_section(capture=["203.0.113.80/32"])).forwarding == (4,)
+    both = distributor_plan(tun_section(capture=["203.0.113.80/32"], capture_from=["2001:db8:2::/64"]))
+    assert both.forwarding == (4, 6)
 
 
 def test_iif_rule_wins_over_the_from_rules() -> None:
@@ -81,7 +87,7 @@ def test_tm_plan_puts_management_addresses_on_the_tun_and_routes_their_replies_i
     assert set(plan.rules) == {Rule(FROM_RULE_PRIORITY, DEFAULT_TABLE, 4, src=net("203.0.113.201/32")),
                                Rule(FROM_RULE_PRIORITY, DEFAULT_TABLE, 6, src=net("2001:db8:ee::201/128"))}
     assert set(plan.routes) == {Route(net("0.0.0.0/0"), DEFAULT_TABLE), Route(net("::/0"), DEFAULT_TABLE)}
-    assert not plan.needs_forwarding
+    assert plan.forwarding == ()
 
 
 def test_tm_plan_without_management_adds_nothing() -> None:

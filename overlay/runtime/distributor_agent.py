@@ -1,0 +1,205 @@
+"""The distributor agent: TUN + GRE-in-UDP sockets around `overlay.distributor.core.Distributor`.
+
+Per packet the agent only executes the core's `Verdict`: "tm" → `sendto(dest)` from the source-port
+socket its flow hash picks (RFC 8086 entropy); "forward" → into the TUN (the host routes it on), or to
+an edge agent when the verdict names one; "local" → an echoed keepalive for the health checker; "drop" →
+nothing (the core counted it with its reason).
+
+Health: one `loop.call_at` timer, re-armed to `HealthChecker.next_deadline()`, sends keepalives
+(GRE protocol 0x88B5) through the same tunnel as traffic and applies up/down changes to the core. What the
+table serves follows `HealthChecker.serving()`, so the all-down policy `keep-last` is honoured here too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import structlog
+
+from overlay import gre
+from overlay.config import NodeConfig
+from overlay.distributor.core import ACTION_FORWARD, ACTION_LOCAL, ACTION_TM, Distributor, Verdict
+from overlay.health import HealthChecker
+from overlay.runtime.agent import Agent
+from overlay.runtime.netsetup import NetPlan, distributor_plan
+
+log = structlog.get_logger("overlay.distributor")
+
+HTTP_HEALTH_PATH = "/healthz"
+
+
+class DistributorAgent(Agent):
+    role = "distributor"
+
+    def __init__(self, config: NodeConfig):
+        if config.distributor is None:
+            raise ValueError(f"{config.source}: not a distributor config (node.role = {config.role!r})")
+        super().__init__(config)
+        self.core: Distributor | None = None
+        self.health: HealthChecker | None = None
+        self._serving: set[str] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._http_checks: set[asyncio.Task[None]] = set()
+        self._all_down_logged = False
+
+    def net_plan(self) -> NetPlan:
+        return distributor_plan(self.config.tun)
+
+    def admin(self) -> Any:
+        return self
+
+    # -- packets --------------------------------------------------------------------------------------
+
+    def _open_role(self, loop: asyncio.AbstractEventLoop) -> None:
+        assert self.config.distributor is not None and self.tun is not None and self.udp is not None
+        dconfig = self.config.distributor
+        self.core = Distributor(dconfig)
+        now = loop.time()
+        self.health = HealthChecker(dconfig.health, [tm.name for tm in dconfig.tms], now, sender=self.config.name)
+        self._serving = self.health.serving()
+        for tm in dconfig.tms:
+            self.core.set_tm_up(tm.name, tm.name in self._serving)
+        self.tun.start(loop, self._from_tun)
+        self.udp.start(loop, self._from_overlay)
+        self._arm_health(now)
+
+    def _from_tun(self, packet: bytes) -> None:
+        self._execute(self.core.from_tun(packet))  # type: ignore[union-attr]
+
+    def _from_overlay(self, payload: bytes, peer: tuple[str, int]) -> None:
+        verdict = self.core.from_overlay(payload, peer)  # type: ignore[union-attr]
+        if verdict.action == ACTION_LOCAL:
+            # The only "local" verdict is an echoed keepalive: the health checker matches it.
+            assert self.health is not None and self.loop is not None and verdict.packet is not None
+            now = self.loop.time()
+            self.health.on_reply(verdict.packet, now)
+            self._apply_health(now)
+            return
+        self._execute(verdict)
+
+    def _execute(self, verdict: Verdict) -> None:
+        action = verdict.action
+        if action == ACTION_TM:
+            self.udp.send(verdict.packet, verdict.dest, verdict.flow_hash)  # type: ignore[union-attr,arg-type]
+        elif action == ACTION_FORWARD:
+            if verdict.dest is None:
+                self.tun.write(verdict.packet)  # type: ignore[union-attr,arg-type]
+            else:
+                self.udp.send(verdict.packet, verdict.dest, verdict.flow_hash)  # type: ignore[union-attr,arg-type]
+
+    # -- health ---------------------------------------------------------------------------------------
+
+    def _arm_health(self, now: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        assert self.health is not None and self.loop is not None
+        deadline = self.health.next_deadline()
+        if deadline != float("inf"):
+            self._timer = self.loop.call_at(max(deadline, now), self._on_health_timer)
+
+    def _on_health_timer(self) -> None:
+        assert self.health is not None and self.loop is not None and self.config.distributor is not None
+        now = self.loop.time()
+        key = self.config.distributor.gre_key
+        destinations = {tm.name: (str(tm.underlay[0]), tm.underlay[1]) for tm in self.config.distributor.tms}
+        for index, (tm, payload) in enumerate(self.health.due_probes(now)):
+            datagram = gre.encapsulate(payload, key=key, protocol=gre.KEEPALIVE_PROTOCOL)
+            self.udp.send(datagram, destinations[tm], index)  # type: ignore[union-attr]
+        for tm in self.health.due_http(now):
+            task = self.loop.create_task(self._check_http(tm))
+            self._http_checks.add(task)
+            task.add_done_callback(self._http_checks.discard)
+        self._apply_health(now)
+        self._arm_health(now)
+
+    async def _check_http(self, tm: str) -> None:
+        """`/healthz` of the TM's status service on its first management address (same port as ours)."""
+        import aiohttp
+
+        assert self.health is not None and self.config.distributor is not None and self.loop is not None
+        entry = next((entry for entry in self.config.distributor.tms if entry.name == tm), None)
+        if entry is None or not entry.management:
+            self.health.on_http(tm, False, self.loop.time())
+            return
+        address = entry.management[0]
+        host = f"[{address}]" if address.version == 6 else str(address)
+        url = f"http://{host}:{self.config.status.port}{HTTP_HEALTH_PATH}"
+        timeout = aiohttp.ClientTimeout(total=self.health.config.timeout)
+        try:
+            async with aiohttp.ClientSession(timeout=timeout) as session:
+                async with session.get(url) as response:
+                    ok = response.status == 200
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            ok = False
+        now = self.loop.time()
+        self.health.on_http(tm, ok, now)
+        self._apply_health(now)
+
+    def _apply_health(self, now: float) -> None:
+        """Feed up/down changes to the core; log each loudly, and the fleet being all down louder."""
+        assert self.health is not None and self.core is not None
+        for tm, up in self.health.tick(now):
+            if up:
+                log.warning("tm.up", tm=tm)
+            else:
+                log.error("tm.down", tm=tm, detection_time_s=self.health.config.detection_time)
+        serving = self.health.serving()
+        if serving != self._serving:
+            for tm in serving ^ self._serving:
+                self.core.set_tm_up(tm, tm in serving)
+            self._serving = serving
+        all_down = self.health.all_down()
+        if all_down and not self._all_down_logged:
+            log.critical("fleet.all_down", policy=self.health.config.all_down, serving=sorted(serving))
+        elif not all_down and self._all_down_logged:
+            log.warning("fleet.recovered", up=sorted(self.health.up()))
+        self._all_down_logged = all_down
+
+    # -- control --------------------------------------------------------------------------------------
+
+    def set_tm_state(self, name: str, state: str) -> dict:
+        """Admin API: drain/enable/disable a TM (KeyError for an unknown TM, ValueError for a bad state)."""
+        assert self.core is not None
+        self.core.set_tm_state(name, state)
+        log.warning("tm.admin_state", tm=name, state=state)
+        return {"tm": name, "state": state, "tms": self.core.tm_states()}
+
+    def _reconfigure(self, new: NodeConfig) -> None:
+        assert self.core is not None and self.health is not None and self.loop is not None
+        if new.distributor is None:
+            raise ValueError("the reloaded config is not a distributor's")
+        # Dry run first: a config the core refuses raises here, before the running core changes at all.
+        Distributor(new.distributor)
+        self.core.reconfigure(new.distributor)
+        now = self.loop.time()
+        if new.distributor.health != self.health.config:
+            self.health.config = new.distributor.health
+        self.health.set_tms([tm.name for tm in new.distributor.tms], now)
+        self._serving = self.health.serving()
+        for tm in new.distributor.tms:
+            self.core.set_tm_up(tm.name, tm.name in self._serving)
+        self._arm_health(now)
+
+    def _close_role(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for task in list(self._http_checks):
+            task.cancel()
+
+    # -- status ---------------------------------------------------------------------------------------
+
+    def _role_status(self) -> dict:
+        if self.core is None or self.health is None:
+            return {}
+        snapshot = self.core.snapshot()
+        counters = self.transport_counters()
+        counters.update(self.core.counters())
+        return {**snapshot, "health": self.health.snapshot(), "counters": counters}
+
+    def healthy(self) -> tuple[bool, dict]:
+        if self.health is None:
+            return False, {"reason": "starting"}
+        up = sorted(self.health.up())
+        return bool(up), {"up": up, "serving": sorted(self.health.serving()), "generation": self.generation}

@@ -23,7 +23,7 @@ from overlay.configlib import (
     to_endpoint,
     to_network,
 )
-from overlay.gre import UDP_PORT, overhead
+from overlay.gre import FLEET_ID_MAX, UDP_PORT, overhead
 
 if TYPE_CHECKING:
     from overlay.distributor.config import DistributorConfig
@@ -160,7 +160,7 @@ def _parse_underlay(section: Section) -> UnderlayConfig:
     port = section.int("port", UDP_PORT, minimum=1, maximum=65535)
     mtu = section.int("mtu", 1500, minimum=1280, maximum=65535)
     source_ports = section.int("source_ports", 8, minimum=1, maximum=64)
-    gre_key = section.int("gre_key", None, minimum=0, maximum=0xFFFFFFFF)
+    gre_key = section.int("gre_key", None, minimum=0, maximum=FLEET_ID_MAX)
     section.done()
     return UnderlayConfig(address, port, mtu, source_ports, gre_key)
 
@@ -170,7 +170,8 @@ def _parse_tun(section: Section, role: str, underlay: UnderlayConfig) -> TunConf
     if not 0 < len(name) <= 15 or "/" in name or " " in name:
         raise section.error("name", "an interface name has 1-15 characters, no '/' or spaces")
     # Largest inner packet that still fits the underlay once encapsulated.
-    largest = underlay.mtu - overhead(underlay.address.version == 6, underlay.gre_key)
+    # The key field is always budgeted: second-chance marking may add it to any packet.
+    largest = underlay.mtu - overhead(underlay.address.version == 6, 0)
     mtu = section.int("mtu", largest, minimum=576, maximum=largest)
     capture = tuple(section.each("capture", to_network))
     capture_from = tuple(section.each("capture_from", to_network))

@@ -26,8 +26,27 @@ from dataclasses import dataclass
 UDP_PORT = 4754  # RFC 8086 "GRE-in-UDP"
 PROTO_IPV4 = 0x0800
 PROTO_IPV6 = 0x86DD
-# IEEE 802 "local experimental" EtherType: marks in-band keepalives that a TM agent echoes unchanged.
+# IEEE 802 "local experimental" EtherTypes. Keepalives: a TM agent echoes them unchanged. Second chance:
+# a TM that has no state for a packet the distributor marked (key, below) returns it under this type,
+# and the distributor hands it to the fallback TM named in the key (how a draining TM finishes its
+# connections while a new TM takes its rows — GLB Director's "second chance" in overlay terms).
 KEEPALIVE_PROTOCOL = 0x88B5
+SECOND_CHANCE_PROTOCOL = 0x88B6
+
+# The 32-bit GRE key: high 16 bits an optional fleet id (`underlay.gre_key`), low 16 bits the
+# second-chance TM (index + 1 in the distributor's sorted TM names; 0 = none).
+FLEET_ID_MAX = 0xFFFF
+
+
+def make_key(fleet_id: int | None, fallback: int) -> int | None:
+    """The GRE key to send: None (no key field at all) when there is neither a fleet id nor a fallback."""
+    if fleet_id is None and not fallback:
+        return None
+    return ((fleet_id or 0) << 16) | fallback
+
+
+def key_fallback(key: int | None) -> int:
+    return 0 if key is None else key & 0xFFFF
 
 FLAG_CHECKSUM = 0x8000
 FLAG_ROUTING = 0x4000

@@ -138,6 +138,8 @@ class Distributor:
         self._edge_dest = edge_dests
         self._seed64 = int.from_bytes(config.seed[:8], "big")
         self._hash_ports = config.hash_key == "addr+port"
+        # Second-chance keys name TMs by their index in sorted order: stable across config order.
+        self._key_names = tuple(sorted(tm.name for tm in config.tms))
         self._admin = {tm.name: self._admin.get(tm.name, "enabled") for tm in config.tms}
         self._up = {tm.name: self._up.get(tm.name, True) for tm in config.tms}
         self.generation += 1
@@ -151,8 +153,9 @@ class Distributor:
             self._rebuild()
 
     def set_tm_state(self, name: str, state: str) -> None:
-        """Admin state: `enabled`; `draining` (keeps the rows it has — established connections finish
-        — but takes no new rows after a rebuild); `disabled` (leaves the table now)."""
+        """Admin state: `enabled`; `draining` (its rows go to their next TM, which takes the new
+        connections and hands packets it has no state for back to the draining TM — second chance —
+        so established connections finish); `disabled` (leaves the table now, nothing goes to it)."""
         if name not in self._admin:
             raise KeyError(name)
         if state not in TM_STATES:
@@ -162,21 +165,34 @@ class Distributor:
 
     def tm_states(self) -> dict[str, dict[str, object]]:
         return {
-            name: {"admin": self._admin[name], "up": self._up[name], "in_table": name in self._active}
+            name: {"admin": self._admin[name], "up": self._up[name], "serving": name in self._serving,
+                   "reachable": name in self._active}
             for name in self._admin
         }
 
     def _rebuild(self) -> None:
-        weights = {
-            tm.name: tm.weight
-            for tm in self.config.tms
-            if self._up[tm.name] and self._admin[tm.name] in ("enabled", "draining")
-        }
-        self._active = frozenset(name for name, weight in weights.items() if weight > 0)
-        if not self._active and self.config.health.all_down == "keep-last" and getattr(self, "_table", None):
+        up = {tm.name: tm.weight for tm in self.config.tms if self._up[tm.name]}
+        serving = {name: weight for name, weight in up.items() if self._admin[name] == "enabled"}
+        draining = {name: weight for name, weight in up.items() if self._admin[name] == "draining"}
+        self._active = frozenset(name for name, weight in {**serving, **draining}.items() if weight > 0)
+        self._serving = frozenset(name for name, weight in serving.items() if weight > 0)
+        if not serving and self.config.health.all_down == "keep-last" and getattr(self, "_table", None):
             return  # keep routing to the last known fleet rather than nowhere
-        self._table: SelectionTable = build_table(weights, self.config.seed, self.config.rows_log2)
+        self._table: SelectionTable = build_table(serving, self.config.seed, self.config.rows_log2)
         self._mask = self._table.rows - 1
+        # Rows a draining TM would still win get it as their second chance: the new first choice takes
+        # new connections and hands back packets it has no state for (see gre.SECOND_CHANCE_PROTOCOL).
+        self._fallback: list[int] | None = None
+        if draining:
+            with_draining = build_table({**serving, **draining}, self.config.seed, self.config.rows_log2)
+            index = {name: i + 1 for i, name in enumerate(self._key_names)}
+            fallback = [0] * self._table.rows
+            for row, winner in enumerate(with_draining.first):
+                if winner >= 0:
+                    name = with_draining.names[winner]
+                    if name in draining:
+                        fallback[row] = index[name]
+            self._fallback = fallback
 
     @property
     def table(self) -> SelectionTable:
@@ -258,6 +274,10 @@ class Distributor:
             if tm is None:
                 return self._drop("keepalive-from-unknown-peer")
             return Verdict(ACTION_LOCAL, tm, "keepalive", packet=frame.inner)
+        if frame.protocol == gre.SECOND_CHANCE_PROTOCOL:
+            if tm is None:
+                return self._drop("second-chance-from-unknown-peer")
+            return self._second_chance(frame.inner, gre.key_fallback(frame.key))
         if frame.protocol not in (gre.PROTO_IPV4, gre.PROTO_IPV6):
             return self._drop("unsupported-gre-protocol")
         if tm is not None:
@@ -278,13 +298,17 @@ class Distributor:
         if decision.action == ACTION_TM:
             tm = decision.tm
             assert tm is not None
-            if len(packet) + gre.overhead(self.config.underlay_ipv6, self.config.gre_key) > self.config.underlay_mtu:
+            if len(packet) + gre.overhead(self.config.underlay_ipv6, 0) > self.config.underlay_mtu:
                 too_big = self._too_big(flow, packet)
                 if too_big is not None:
                     return too_big
             self.counters_tm[tm] += 1
+            fallback = 0
+            if self._fallback is not None and decision.table_row is not None:
+                fallback = self._fallback[decision.table_row]
             return Verdict(
-                ACTION_TM, tm, decision.reason, cell, gre.encapsulate(packet, key=self.config.gre_key),
+                ACTION_TM, tm, decision.reason, cell,
+                gre.encapsulate(packet, key=gre.make_key(self.config.gre_key, fallback)),
                 self._tm_dest[tm], decision.hash_value or 0,
             )
         if decision.action == ACTION_FORWARD:
@@ -297,8 +321,21 @@ class Distributor:
             dst = packet[16:20] if version == 4 else packet[24:40]
             edges = self._edges.lookup(version, dst, 0, None)
             if edges:
-                return Verdict(ACTION_FORWARD, tm, f"{reason}:edge", cell, gre.encapsulate(packet, key=self.config.gre_key), self._edge_dest[edges[0]])
+                return Verdict(ACTION_FORWARD, tm, f"{reason}:edge", cell, gre.encapsulate(packet, key=gre.make_key(self.config.gre_key, 0)), self._edge_dest[edges[0]])
         return Verdict(ACTION_FORWARD, tm, reason, cell, packet)
+
+    def _second_chance(self, packet: bytes, fallback: int) -> Verdict:
+        """A TM returned a packet it has no state for; hand it to the fallback TM the key names. It goes
+        unmarked, so it can never bounce twice."""
+        if not 0 < fallback <= len(self._key_names):
+            return self._drop("second-chance-bad-key")
+        target = self._key_names[fallback - 1]
+        if target not in self._active:
+            return self._drop("second-chance-target-gone")
+        self.counters_reason["second-chance"] += 1
+        self.counters_tm[target] += 1
+        return Verdict(ACTION_TM, target, "second-chance", None,
+                       gre.encapsulate(packet, key=gre.make_key(self.config.gre_key, 0)), self._tm_dest[target])
 
     def _drop(self, reason: str) -> Verdict:
         self.counters_reason[reason] += 1
@@ -308,7 +345,7 @@ class Distributor:
         """A packet that no longer fits once encapsulated. IPv4 without DF: send anyway (the kernel
         fragments the outer UDP datagram). With DF, or IPv6: drop it and answer the source with ICMP
         "fragmentation needed" / "packet too big" carrying the inner MTU, so PMTU discovery adapts."""
-        inner_mtu = self.config.underlay_mtu - gre.overhead(self.config.underlay_ipv6, self.config.gre_key)
+        inner_mtu = self.config.underlay_mtu - gre.overhead(self.config.underlay_ipv6, 0)
         if flow.version == 4 and not packet[6] & 0x40:
             return None
         if flow.icmp_error:

@@ -97,6 +97,13 @@ def flow(packet: bytes) -> Flow:
     return Flow("icmp", src, ident, dst, l4[0])
 
 
+def payload(packet: bytes) -> bytes:
+    """The transport payload (TCP/UDP data, ICMP body after the 8-byte header)."""
+    ip = dpkt.ip.IP(packet) if packet[0] >> 4 == 4 else dpkt.ip6.IP6(packet)
+    transport = ip.data
+    return bytes(transport.data) if not isinstance(transport, (dpkt.icmp.ICMP, dpkt.icmp6.ICMP6)) else bytes(transport)[8:]
+
+
 def quoted(packet: bytes) -> bytes:
     """The packet an ICMP(v6) error quotes."""
     start = (packet[0] & 15) * 4 if packet[0] >> 4 == 4 else 40

@@ -1,0 +1,13 @@
+"""The reference lab's addresses (docs/reference-lab.md) as seen by tm1."""
+
+CLIENT, CLIENT6 = "198.51.100.10", "2001:db8:1::10"
+CLIENT_B = "198.51.100.100"
+REMOTE, REMOTE6 = "198.51.100.20", "2001:db8:1::20"
+VIP, VIP6 = "203.0.113.80", "2001:db8:80::80"
+SERVER1, SERVER1_6 = "203.0.113.10", "2001:db8:2::10"
+SERVER2, SERVER2_6 = "203.0.113.11", "2001:db8:2::11"
+XLATE, XLATE6 = "203.0.113.101", "2001:db8:ee::101"
+XLATE_TM2 = "203.0.113.102"
+MANAGEMENT = "203.0.113.201"
+ROUTER, ROUTER6 = "192.0.2.65", "2001:db8:ff::1"
+FIRST_PORT = 1024

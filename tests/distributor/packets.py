@@ -121,10 +121,12 @@ def echo(src: str, dst: str, ident: int, request: bool = True) -> bytes:
     return ipv6(src, dst, 58, body)
 
 
-def icmp_error(router: str, about: bytes, *, kind: str = "too-big", mtu: int = 1400, quote: int | None = None) -> bytes:
+def icmp_error(
+    router: str, about: bytes, *, kind: str = "too-big", mtu: int = 1400, quote: int | None = None, **ip_options: object
+) -> bytes:
     """The ICMP error a router at `router` sends to the source of `about`, quoting it: RFC 792 routers
     quote the IP header + 8 bytes (IPv4), RFC 4443 as much as fits in 1280 (IPv6). `kind` is `too-big`
-    (v4 frag-needed / v6 packet-too-big), `unreachable` or `time-exceeded`."""
+    (v4 frag-needed / v6 packet-too-big), `unreachable` or `time-exceeded`; `ip_options` go to the IP builder."""
     version = about[0] >> 4
     if version == 4:
         header_length = (about[0] & 0x0F) * 4
@@ -136,13 +138,13 @@ def icmp_error(router: str, about: bytes, *, kind: str = "too-big", mtu: int = 1
             icmp = dpkt.icmp.ICMP(type=3, code=1, data=dpkt.icmp.ICMP.Unreach(data=quoted))
         else:
             icmp = dpkt.icmp.ICMP(type=11, code=0, data=dpkt.icmp.ICMP.TimeExceed(data=quoted))
-        return ipv4(router, source, 1, icmp)
+        return ipv4(router, source, 1, icmp, **ip_options)  # type: ignore[arg-type]
     quoted = about[: 1280 - 48] if quote is None else about[:quote]
     source = str(ipaddress.IPv6Address(about[8:24]))
     kinds = {"too-big": (2, 0, mtu), "unreachable": (1, 3, 0), "time-exceeded": (3, 0, 0)}
     kind_type, code, value = kinds[kind]
     body = struct.pack("!BBHI", kind_type, code, 0, value) + quoted
-    return ipv6(router, source, 58, body)
+    return ipv6(router, source, 58, body, **ip_options)  # type: ignore[arg-type]
 
 
 def verify_ipv4_header(packet: bytes) -> bool:

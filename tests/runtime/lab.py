@@ -101,6 +101,10 @@ def net_state(ns: str) -> dict[str, list]:
         "routes6": ("ip", "-j", "-6", "route", "show", "table", "all"),
     }.items():
         state[key] = json.loads(in_ns(ns, *argv) or "[]")
+    # IPv6 link-local and multicast routes appear by themselves some time after a link comes up (the kernel's
+    # autoconfiguration): they say nothing about what a setup added, and would make comparisons racy.
+    state["routes6"] = [route for route in state["routes6"]
+                        if not route["dst"].startswith(("fe80:", "ff00::/8"))]
     for link in state["links"]:
         # Counters and timers change by themselves; only what a setup could add or remove matters.
         for volatile in ("stats64", "stats", "operstate", "flags", "linkmode"):

@@ -101,7 +101,7 @@ def format_summary(status: Mapping[str, Any], health: Mapping[str, Any], history
             rtt = check.get("rtt_seconds")
             rows.append([
                 name,
-                str(member.get("state", "-")),
+                str(member.get("admin", "-")),
                 "-" if up is None else "up" if up else "DOWN",
                 f"{rtt * 1000:.1f} ms" if isinstance(rtt, (int, float)) else "-",
                 f"{rates[name]:.0f}" if name in rates else "-",
@@ -117,11 +117,20 @@ def format_summary(status: Mapping[str, Any], health: Mapping[str, Any], history
     lines += ["", f"drops: {_pairs(drops) if drops else 'none'}"]
     if status.get("cells"):
         lines.append(f"decisions: {_pairs(status['cells'])}")
-    conntrack = status.get("conntrack")
-    if conntrack:
-        flat = {key: value for key, value in conntrack.items() if not isinstance(value, Mapping)}
-        flat.update({state: count for value in conntrack.values() if isinstance(value, Mapping) for state, count in value.items()})
-        lines.append(f"conntrack: {_pairs(flat)}")
+    if status.get("reasons"):
+        lines.append(f"verdicts: {_pairs(status['reasons'])}")
+    connections = status.get("connections")
+    if isinstance(connections, Mapping):
+        table = status.get("table") or {}
+        figures = {"entries": connections.get("total", "?"), **(connections.get("by_state") or {})}
+        if "limit" in table:
+            figures["limit"] = table["limit"]
+        lines.append(f"conntrack: {_pairs(figures)}")
+        for service in status.get("services") or []:
+            servers = {f"{server.get('address')}:{server.get('port')}": server.get("connections") for server in service.get("servers", [])}
+            lines.append(f"service {service.get('name')}: connections {_pairs(servers)}")
+    if config.get("last_reload_error"):
+        lines.append(f"!! last reload refused, generation {config.get('generation', '?')} stays: {config['last_reload_error']}")
     return "\n".join(lines)
 
 

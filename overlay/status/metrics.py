@@ -27,9 +27,10 @@ _INVALID_NAME_CHARS = re.compile(r"[^a-zA-Z0-9_]")
 # status["tms"][tm] number fields -> (metric, kind, help)
 _TM_FIELDS: dict[str, tuple[str, str, str]] = {
     "packets": ("packets", "counter", "Packets the distributor sent to this TM"),
-    "bytes": ("bytes", "counter", "Bytes the distributor sent to this TM"),
     "up": ("tm_up", "gauge", "1 when the TM passes its health checks"),
-    "rows": ("tm_table_rows", "gauge", "Rows of the selection table that pick this TM first"),
+    "in_table": ("tm_in_table", "gauge", "1 when the TM has rows in the selection table"),
+    "table_share": ("tm_table_share", "gauge", "Fraction of selection-table rows whose first choice is this TM"),
+    "weight": ("tm_weight", "gauge", "Configured weight of the TM"),
 }
 # status["health"]["tms"][tm] number fields (HealthChecker.snapshot()) -> (metric, kind, help)
 _HEALTH_FIELDS: dict[str, tuple[str, str, str]] = {
@@ -84,6 +85,11 @@ class _Families:
         family.add_metric([labels[label] for label in label_names], number)  # type: ignore[attr-defined]
 
 
+# Flat counters "<prefix>.<entity>" repeat a labelled section per entity; exposing them flat would put
+# label values into metric names, so they are left out whenever that section is present.
+_PER_ENTITY_PREFIXES = {"tm": "tms", "cell": "cells", "reason": "reasons", "drop": "drops", "peer": "peers"}
+
+
 class StatusCollector:
     """prometheus_client Collector over `status()`: call it per scrape, it keeps nothing between scrapes."""
 
@@ -97,55 +103,24 @@ class StatusCollector:
         info = InfoMetricFamily(PREFIX, "The node's role, name and version")
         info.add_metric([], {key: str(status.get(key, "")) for key in ("role", "name", "version")})
         yield info
-        families.add(metric_name("uptime_seconds"), "gauge", "Seconds since the agent started", {}, status.get("uptime_s"))
-
         config = _mapping(status.get("config"))
-        families.add(metric_name("config_generation"), "gauge", "Config generation in use (1 = as started, +1 per reload)", {}, config.get("generation"))
         if "hash" in config:
             config_info = InfoMetricFamily(metric_name("config"), "Hash of the config in use")
             config_info.add_metric([], {"hash": str(config["hash"])})
             yield config_info
+        families.add(metric_name("uptime_seconds"), "gauge", "Seconds since the agent started", {}, status.get("uptime_s"))
+        families.add(metric_name("config_generation"), "gauge", "Config generation in use (+1 per applied reload)", {}, config.get("generation"))
 
-        for tm, fields in sorted(_mapping(status.get("tms")).items()):
-            fields = _mapping(fields)
-            for key, (name, kind, documentation) in _TM_FIELDS.items():
-                if key in fields:
-                    families.add(metric_name(name), kind, documentation, {"tm": tm}, fields[key])
-            state = fields.get("state")
-            if state is not None:
-                for candidate in TM_STATES:
-                    families.add(metric_name("tm_state"), "gauge", "Administrative state of the TM (1 = current)", {"tm": tm, "state": candidate}, candidate == state)
-
-        health = _mapping(status.get("health"))
-        for tm, fields in sorted(_mapping(health.get("tms")).items()):
-            fields = _mapping(fields)
-            for key, (name, kind, documentation) in _HEALTH_FIELDS.items():
-                if key in fields:
-                    families.add(metric_name(name), kind, documentation, {"tm": tm}, fields[key])
-        for reason, count in sorted(_mapping(health.get("rejected")).items()):
-            families.add(metric_name("health_rejected"), "counter", "Echoed keepalives refused, by reason", {"reason": reason}, count)
-        if "all_down" in health:
-            families.add(metric_name("health_all_down"), "gauge", "1 when no TM is up", {}, health["all_down"])
-
-        for cell, count in sorted(_mapping(status.get("cells")).items()):
-            families.add(metric_name("decisions"), "counter", "Packets decided, by decision-table cell", {"cell": cell}, count)
+        self._collect_distributor(status, families)
+        self._collect_tm(status, families)
         for reason, count in sorted(_mapping(status.get("drops")).items()):
             families.add(metric_name("drops"), "counter", "Packets dropped, by reason", {"reason": reason}, count)
-        for peer, fields in sorted(_mapping(status.get("peers")).items()):
-            fields = _mapping(fields)
-            if "packets" in fields:
-                families.add(metric_name("peer_packets"), "counter", "Packets received from this peer", {"peer": peer}, fields["packets"])
-
-        conntrack = _mapping(status.get("conntrack"))
-        for key, value in sorted(conntrack.items()):
-            if key == "by_state":
-                for state, count in sorted(_mapping(value).items()):
-                    families.add(metric_name("conntrack_entries_by_state"), "gauge", "Connection-table entries, by state", {"state": state}, count)
-            else:
-                families.add(metric_name("conntrack", key), "gauge", f"Connection table: {key}", {}, value)
 
         # Flat counters/gauges last: a name that collides with a family above is skipped, never duplicated.
         for key, value in sorted(_mapping(status.get("counters")).items()):
+            prefix = key.split(".", 1)[0]
+            if "." in key and _PER_ENTITY_PREFIXES.get(prefix) in status:
+                continue
             name = metric_name(key.replace(".", "_"))
             name = name[: -len("_total")] if name.endswith("_total") else name
             families.add(name, "counter", f"Counter {key}", {}, value)
@@ -158,6 +133,68 @@ class StatusCollector:
             "Status values not exposed (not a number, or a name clash): non-zero means an agent bug",
             value=families.skipped,
         )
+
+    @staticmethod
+    def _collect_distributor(status: Mapping[str, Any], families: _Families) -> None:
+        """Per-TM traffic, table and admin state; health checks; decisions by cell and by reason."""
+        for tm, fields in sorted(_mapping(status.get("tms")).items()):
+            fields = _mapping(fields)
+            for key, (name, kind, documentation) in _TM_FIELDS.items():
+                if key in fields:
+                    families.add(metric_name(name), kind, documentation, {"tm": tm}, fields[key])
+            admin = fields.get("admin")
+            if admin is not None:
+                for state in TM_STATES:
+                    families.add(metric_name("tm_admin_state"), "gauge", "Administrative state of the TM (1 = current)", {"tm": tm, "state": state}, state == admin)
+        health = _mapping(status.get("health"))
+        for tm, fields in sorted(_mapping(health.get("tms")).items()):
+            fields = _mapping(fields)
+            for key, (name, kind, documentation) in _HEALTH_FIELDS.items():
+                if key in fields:
+                    families.add(metric_name(name), kind, documentation, {"tm": tm}, fields[key])
+        for reason, count in sorted(_mapping(health.get("rejected")).items()):
+            families.add(metric_name("health_rejected"), "counter", "Echoed keepalives refused, by reason", {"reason": reason}, count)
+        if "all_down" in health:
+            families.add(metric_name("health_all_down"), "gauge", "1 when no TM is up", {}, health["all_down"])
+        for cell, count in sorted(_mapping(status.get("cells")).items()):
+            families.add(metric_name("decisions"), "counter", "Packets decided, by decision-table cell", {"cell": cell}, count)
+        for reason, count in sorted(_mapping(status.get("reasons")).items()):
+            families.add(metric_name("verdicts"), "counter", "Distributor verdicts, by reason (drops included)", {"reason": reason}, count)
+
+    @staticmethod
+    def _collect_tm(status: Mapping[str, Any], families: _Families) -> None:
+        """Per-peer traffic, the connection table, NAT port blocks and balanced servers."""
+        for peer, fields in sorted(_mapping(status.get("peers")).items()):
+            fields = _mapping(fields)
+            if "packets" in fields:
+                families.add(metric_name("peer_packets"), "counter", "Packets received from this peer", {"peer": peer}, fields["packets"])
+        connections = _mapping(status.get("connections"))
+        if "total" in connections:
+            families.add(metric_name("conntrack_entries"), "gauge", "Connection-table entries", {}, connections["total"])
+        for state, count in sorted(_mapping(connections.get("by_state")).items()):
+            families.add(metric_name("conntrack_entries_by_state"), "gauge", "Connection-table entries, by state", {"state": state}, count)
+        table = _mapping(status.get("table"))
+        if "limit" in table:
+            families.add(metric_name("conntrack_limit"), "gauge", "Connection-table capacity", {}, table["limit"])
+        if "fullness" in table:
+            families.add(metric_name("conntrack_fullness"), "gauge", "Connection-table entries / capacity", {}, table["fullness"])
+        for address, protocols in sorted(_mapping(_mapping(status.get("ports")).get("by_address")).items()):
+            for protocol, block in sorted(_mapping(protocols).items()):
+                block, labels = _mapping(block), {"address": address, "protocol": protocol}
+                if "in_use" in block:
+                    families.add(metric_name("nat_ports_in_use"), "gauge", "NAT ports allocated", labels, block["in_use"])
+                if "capacity" in block:
+                    families.add(metric_name("nat_ports_capacity"), "gauge", "NAT ports in the block", labels, block["capacity"])
+                if "exhausted" in block:
+                    families.add(metric_name("nat_ports_exhausted"), "counter", "NAT port allocations refused: block full", labels, block["exhausted"])
+        services = status.get("services")
+        for service in services if isinstance(services, list) else []:
+            service = _mapping(service)
+            servers = service.get("servers")
+            for server in servers if isinstance(servers, list) else []:
+                server = _mapping(server)
+                labels = {"service": str(service.get("name", "")), "server": f"{server.get('address', '')}:{server.get('port', '')}"}
+                families.add(metric_name("service_server_connections"), "gauge", "Connections the TM balances to this server", labels, server.get("connections"))
 
 
 def render_metrics(status: Callable[[], Mapping[str, Any]]) -> bytes:

@@ -33,15 +33,16 @@ class FakeDistributor:
             "name": self.name,
             "version": "0.1.0",
             "uptime_s": 3723.5,
-            "config": {"generation": self.generation, "hash": "sha256:9f2c4e1d0b7a", "path": "/etc/overlay/dist1.toml"},
+            "config": {"generation": self.generation, "hash": "sha256:9f2c4e1d0b7a", "source": "config/dist1.toml", "last_reload_error": self.reload_error},
             "tms": {
                 tm: {
-                    "state": self.states[tm],
-                    "up": self.up[tm],
-                    "packets": step * self.calls,
-                    "bytes": step * self.calls * 100,
-                    "rows": {"tm1": 32768, "tm2": 32768, "tm3": 0}[tm],
                     "underlay": f"192.0.2.{70 + int(tm[-1])}:4754",
+                    "weight": 1,
+                    "table_share": {"tm1": 0.5, "tm2": 0.5, "tm3": 0.0}[tm],
+                    "packets": step * self.calls,
+                    "admin": self.states[tm],
+                    "up": self.up[tm],
+                    "in_table": self.up[tm],
                 }
                 for tm, step in TRAFFIC_STEP.items()
             },
@@ -56,8 +57,10 @@ class FakeDistributor:
                 "rejected": {"foreign_sender": 2},
             },
             "cells": {"unknown>virtual": 1200 * self.calls, "node>unknown": 900 * self.calls, "unknown>unknown": 4},
+            "reasons": {"hash-src": 1200 * self.calls, "hash-dst": 900 * self.calls, "route": 4, "malformed:gre": 3},
             "drops": {"truncated": 3, "no_tm_up": 0, "ttl_exceeded": self.calls},
-            "counters": {"rx.packets": 1000 * self.calls, "tx.packets": 990 * self.calls, "tun.rx_errors": 0},
+            # Per-entity duplicates ("tm.*", "cell.*") as the real core reports them: never exposed flat.
+            "counters": {"rx.packets": 1000 * self.calls, "tx.packets": 990 * self.calls, "tun.rx_errors": 0, "tm.tm1": 500 * self.calls, "cell.unknown>virtual": 1200 * self.calls},
             "gauges": {"udp.sockets": 2},
         }
 
@@ -93,9 +96,21 @@ class FakeTm:
             "version": "0.1.0",
             "uptime_s": 12.0,
             "config": {"generation": 1, "hash": "sha256:aa"},
-            "peers": {"dist1": {"packets": 10 * self.calls, "underlay": "192.0.2.2:4754"}},
+            "peers": {"dist1": {"packets": 10 * self.calls}},
+            "mode": "nat",
+            "connections": {"total": 42, "by_state": {"established": 40, "syn_sent": 2}},
+            "table": {"size": 42, "limit": 65536, "fullness": 0.0006},
+            "ports": {"range": [1024, 65535], "by_address": {"203.0.113.101": {"tcp": {"in_use": 3, "capacity": 64512, "exhausted": 1}}}},
+            "services": [
+                {
+                    "name": "web", "virtual": "203.0.113.80", "port": 80, "protocol": "tcp", "policy": "least-connections",
+                    "servers": [
+                        {"address": "203.0.113.10", "port": 80, "weight": 1, "connections": 21},
+                        {"address": "203.0.113.11", "port": 80, "weight": 1, "connections": 19},
+                    ],
+                }
+            ],
             "drops": {"no_state": 7},
-            "conntrack": {"entries": 42, "limit": 65536, "by_state": {"established": 40, "syn_sent": 2}},
             "counters": {"conntrack.created": 50, "conntrack.expired": 8},
         }
 

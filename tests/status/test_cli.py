@@ -64,13 +64,15 @@ def test_status_command_prints_a_summary(dist_url: str, capsys: pytest.CaptureFi
     assert rows["tm3"][2:4] == ["DOWN", "-"]
     assert [row[-2] for row in (rows["tm1"], rows["tm2"], rows["tm3"])] == ["50.0%", "30.0%", "20.0%"]
     assert "drops: truncated 3, ttl_exceeded" in out
+    assert "verdicts: hash-dst" in out
+    assert "last reload refused" not in out
 
 
 def test_status_command_json_is_the_raw_status(dist_url: str, capsys: pytest.CaptureFixture[str]) -> None:
     import json
 
     assert main(["status", dist_url, "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["tms"]["tm2"]["state"] == "draining"
+    assert json.loads(capsys.readouterr().out)["tms"]["tm2"]["admin"] == "draining"
 
 
 def test_status_command_exits_non_zero_when_not_ready(distributor: FakeDistributor, capsys: pytest.CaptureFixture[str]) -> None:
@@ -91,6 +93,7 @@ def test_status_of_a_tm_shows_peers_and_conntrack(tm: FakeTm, capsys: pytest.Cap
     out = capsys.readouterr().out
     assert "PEER" in out and "dist1" in out
     assert "conntrack: entries 42, established 40, limit 65536, syn_sent 2" in out
+    assert "service web: connections 203.0.113.10:80 21, 203.0.113.11:80 19" in out
     assert "drops: no_state 7" in out
 
 
@@ -135,6 +138,8 @@ def test_admin_reload_accepted_then_refused(dist_url: str, distributor: FakeDist
     distributor.reload_error = "tm[0].weight: must be > 0"
     assert admin_reload(dist_url, ADMIN_TOKEN) == 1
     assert "reload refused, generation 2 stays: tm[0].weight: must be > 0" in capsys.readouterr().err
+    assert main(["status", dist_url]) == 0
+    assert "!! last reload refused, generation 2 stays: tm[0].weight: must be > 0" in capsys.readouterr().out
 
 
 # -- token --------------------------------------------------------------------------------------------------

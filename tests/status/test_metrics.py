@@ -44,6 +44,19 @@ def test_bad_values_are_counted_not_raised(case: dict) -> None:
     assert value(case["status"], "overlay_status_skipped_values") == case["skipped"]
 
 
+@pytest.mark.parametrize(
+    "status, exposed",
+    [
+        ({"cells": {"a>b": 1}, "counters": {"cell.a>b": 1}}, False),
+        ({"tms": {}, "counters": {"tm.tm1": 1}}, False),
+        ({"counters": {"tm.tm1": 1}}, True),  # no labelled section to carry it: keep it rather than lose it
+    ],
+    ids=["cell duplicate", "tm duplicate", "no section"],
+)
+def test_per_entity_flat_counters_are_left_to_their_section(status: dict, exposed: bool) -> None:
+    assert any(name.startswith(("overlay_cell_a", "overlay_tm_tm1")) for name in families(status)) is exposed
+
+
 def test_counter_names_ending_in_total_are_not_doubled() -> None:
     assert value({"counters": {"reloads_total": 3}}, "overlay_reloads_total") == 3.0
 
@@ -55,6 +68,6 @@ def test_empty_status_still_exposes_info_and_self_check() -> None:
 
 
 def test_tm_state_is_one_hot_over_all_states() -> None:
-    status = {"tms": {"tm1": {"state": "disabled"}}}
-    states = {state: value(status, "overlay_tm_state", tm="tm1", state=state) for state in ("enabled", "draining", "disabled")}
+    status = {"tms": {"tm1": {"admin": "disabled"}}}
+    states = {state: value(status, "overlay_tm_admin_state", tm="tm1", state=state) for state in ("enabled", "draining", "disabled")}
     assert states == {"enabled": 0.0, "draining": 0.0, "disabled": 1.0}

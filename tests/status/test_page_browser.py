@@ -117,6 +117,8 @@ async def test_distributor_page_renders_fleet_share_health_and_drops(serve) -> N
     assert squash(dom.text["legend"]) == "tm1 tm2 tm3"
     assert "truncated 3" in squash(dom.text["drops"])
     assert "unknown>virtual" in dom.text["cells"]
+    assert "malformed:gre 3" in squash(dom.text["reasons"])
+    assert "hidden" in dom.attrs["reload-error"]
     assert squash(dom.text["updated"]).startswith("updated ")
 
 
@@ -127,8 +129,19 @@ async def test_tm_page_shows_peers_and_connection_table(serve) -> None:
     assert squash(dom.text["members-title"]) == "Peers"
     assert squash(dom.text["members"]).count("dist1") == 1
     assert "hidden" not in dom.attrs["conntrack-section"]
-    assert "entries 42" in squash(dom.text["conntrack"])
-    assert "by_state established 40" in squash(dom.text["conntrack"])
+    conntrack = squash(dom.text["conntrack"])
+    for row in ("entries 42", "limit 65.5 k", "fullness 0.06%", "established 40", "web → 203.0.113.11:80 19"):
+        assert row in conntrack, conntrack
+
+
+@needs_chromium
+async def test_page_shows_a_refused_reload(serve) -> None:
+    distributor = FakeDistributor()
+    distributor.reload_error = "config/dist1.toml:7: tm[1].weight: must be > 0"
+    server = await serve(distributor)
+    dom = parse_dom(await run_chromium(f"{server.url}/", "--dump-dom"))
+    assert "hidden" not in dom.attrs["reload-error"]
+    assert squash(dom.text["reload-error"]) == "last reload refused, generation 1 stays: config/dist1.toml:7: tm[1].weight: must be > 0"
 
 
 @needs_chromium

@@ -44,7 +44,7 @@ async def test_status_is_the_providers_json(dist_client: TestClient) -> None:
     assert response.headers["Cache-Control"] == "no-store"
     body = await response.json()
     assert body["role"] == "distributor"
-    assert body["tms"]["tm2"]["state"] == "draining"
+    assert body["tms"]["tm2"]["admin"] == "draining"
 
 
 async def test_healthz_ready_and_not_ready(dist_client: TestClient, distributor: FakeDistributor) -> None:
@@ -78,18 +78,20 @@ async def test_metrics_parse_back_with_the_documented_names(dist_client: TestCli
         ("overlay_config_generation", ()): 1.0,
         ("overlay_config_info", (("hash", "sha256:9f2c4e1d0b7a"),)): 1.0,
         ("overlay_packets_total", (("tm", "tm2"),)): 300 * calls,
-        ("overlay_bytes_total", (("tm", "tm3"),)): 200 * calls * 100,
         ("overlay_tm_up", (("tm", "tm1"),)): 1.0,
         ("overlay_tm_up", (("tm", "tm3"),)): 0.0,
-        ("overlay_tm_table_rows", (("tm", "tm3"),)): 0.0,
-        ("overlay_tm_state", (("state", "draining"), ("tm", "tm2"))): 1.0,
-        ("overlay_tm_state", (("state", "enabled"), ("tm", "tm2"))): 0.0,
+        ("overlay_tm_in_table", (("tm", "tm3"),)): 0.0,
+        ("overlay_tm_table_share", (("tm", "tm1"),)): 0.5,
+        ("overlay_tm_weight", (("tm", "tm1"),)): 1.0,
+        ("overlay_tm_admin_state", (("state", "draining"), ("tm", "tm2"))): 1.0,
+        ("overlay_tm_admin_state", (("state", "enabled"), ("tm", "tm2"))): 0.0,
         ("overlay_health_replies_total", (("tm", "tm1"),)): 97.0,
         ("overlay_health_timeouts_total", (("tm", "tm3"),)): 40.0,
         ("overlay_health_rtt_seconds", (("tm", "tm1"),)): 0.0012,
         ("overlay_health_rejected_total", (("reason", "foreign_sender"),)): 2.0,
         ("overlay_health_all_down", ()): 0.0,
         ("overlay_decisions_total", (("cell", "unknown>virtual"),)): 1200 * calls,
+        ("overlay_verdicts_total", (("reason", "malformed:gre"),)): 3.0,
         ("overlay_drops_total", (("reason", "truncated"),)): 3.0,
         ("overlay_rx_packets_total", ()): 1000 * calls,
         ("overlay_tun_rx_errors_total", ()): 0.0,
@@ -99,17 +101,29 @@ async def test_metrics_parse_back_with_the_documented_names(dist_client: TestCli
     assert {key: samples.get(key) for key in expected} == expected
     # A TM whose RTT is unknown (down) has no rtt sample rather than a fake zero.
     assert ("overlay_health_rtt_seconds", (("tm", "tm3"),)) not in samples
+    # Per-entity flat counters are not turned into one metric name per TM or cell.
+    assert not [name for name, _ in samples if name.startswith(("overlay_tm_tm", "overlay_cell_"))]
 
 
 async def test_metrics_of_a_tm_expose_its_connection_table(make_client: MakeClient, tm: FakeTm) -> None:
     client = await make_client(build_app(tm))
     samples = _samples(await (await client.get("/metrics")).text())
-    assert samples[("overlay_conntrack_entries", ())] == 42.0
-    assert samples[("overlay_conntrack_limit", ())] == 65536.0
-    assert samples[("overlay_conntrack_entries_by_state", (("state", "syn_sent"),))] == 2.0
-    assert samples[("overlay_conntrack_created_total", ())] == 50.0
-    assert samples[("overlay_drops_total", (("reason", "no_state"),))] == 7.0
-    assert ("overlay_peer_packets_total", (("peer", "dist1"),)) in samples
+    address = (("address", "203.0.113.101"), ("protocol", "tcp"))
+    expected = {
+        ("overlay_conntrack_entries", ()): 42.0,
+        ("overlay_conntrack_limit", ()): 65536.0,
+        ("overlay_conntrack_fullness", ()): 0.0006,
+        ("overlay_conntrack_entries_by_state", (("state", "syn_sent"),)): 2.0,
+        ("overlay_conntrack_created_total", ()): 50.0,
+        ("overlay_nat_ports_in_use", address): 3.0,
+        ("overlay_nat_ports_capacity", address): 64512.0,
+        ("overlay_nat_ports_exhausted_total", address): 1.0,
+        ("overlay_service_server_connections", (("server", "203.0.113.11:80"), ("service", "web"))): 19.0,
+        ("overlay_drops_total", (("reason", "no_state"),)): 7.0,
+        ("overlay_status_skipped_values", ()): 0.0,
+    }
+    assert {key: samples.get(key) for key in expected} == expected
+    assert samples[("overlay_peer_packets_total", (("peer", "dist1"),))] >= 10
 
 
 async def test_history_has_per_tm_rates_and_shares(dist_client: TestClient) -> None:

@@ -159,7 +159,7 @@ function renderStatus(status, history) {
     const health = healthOf[name] || {};
     const up = member.up ?? health.up;
     const swatch = el("span", { class: "swatch", style: `background:${colourOf(series, name)}` });
-    const state = el("span", { class: `state state-${member.state || "none"}` }, member.state || "–");
+    const state = el("span", { class: `state state-${member.admin || "none"}` }, member.admin || "–");
     const healthBadge = el("span", { class: `health ${up === false ? "down" : up ? "up" : ""}` }, up === undefined ? "–" : up ? "up" : "down");
     const rtt = typeof health.rtt_seconds === "number" ? (health.rtt_seconds * 1000).toFixed(1) + " ms" : "–";
     const share = shares[name];
@@ -169,15 +169,25 @@ function renderStatus(status, history) {
 
   const drops = sortedEntries(status.drops).filter(([, count]) => count);
   fillTable("drops", drops.length ? drops.map(([reason, count]) => [reason, formatNumber(count)]) : [["no drops", ""]]);
-  $("conntrack-section").hidden = !status.conntrack;
-  if (status.conntrack) {
-    fillTable("conntrack", sortedEntries(status.conntrack).flatMap(([key, value]) =>
-      typeof value === "object" && value !== null
-        ? sortedEntries(value).map(([sub, count]) => [`${key} ${sub}`, formatNumber(count)])
-        : [[key, formatNumber(value)]]));
+  const connections = status.connections;
+  $("conntrack-section").hidden = !connections;
+  if (connections) {
+    const table = status.table || {};
+    const rows = [["entries", formatNumber(connections.total)]];
+    if (table.limit !== undefined) rows.push(["limit", formatNumber(table.limit)], ["fullness", ((table.fullness || 0) * 100).toFixed(2) + "%"]);
+    for (const [state, count] of sortedEntries(connections.by_state)) rows.push([state, formatNumber(count)]);
+    for (const service of status.services || []) {
+      for (const server of service.servers || []) rows.push([`${service.name} → ${server.address}:${server.port}`, formatNumber(server.connections)]);
+    }
+    fillTable("conntrack", rows);
   }
   $("cells-section").hidden = !status.cells;
   if (status.cells) fillTable("cells", sortedEntries(status.cells).map(([cell, count]) => [cell, formatNumber(count)]));
+  $("reasons-section").hidden = !status.reasons;
+  if (status.reasons) fillTable("reasons", sortedEntries(status.reasons).map(([reason, count]) => [reason, formatNumber(count)]));
+  const reloadError = config.last_reload_error;
+  $("reload-error").hidden = !reloadError;
+  $("reload-error").textContent = reloadError ? `last reload refused, generation ${config.generation} stays: ${reloadError}` : "";
   fillTable("counters", sortedEntries(status.counters).map(([key, value]) => [key, formatNumber(value)]));
   drawShareChart(history);
   drawDropChart(history);

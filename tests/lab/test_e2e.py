@@ -148,10 +148,19 @@ def test_management_address_reaches_that_tm(logs: Lab, tm: str) -> None:
 )
 def test_traffic_between_unknown_addresses_is_routed(logs: Lab, description: str, target: str) -> None:
     lab = logs
-    status, body = nsnet.http_request(lab.ns("client"), f"http://{host(target)}/whoami")
+    cells_before = lab.status("dist")["cells"]
+    try:
+        status, body = nsnet.http_request(lab.ns("client"), f"http://{host(target)}/whoami", timeout=3.0)
+    except OSError as error:
+        cells = {cell: n - cells_before.get(cell, 0) for cell, n in lab.status("dist")["cells"].items()}
+        decided = {cell: n for cell, n in cells.items() if n}
+        pytest.fail(f"no answer from {target} ({error}); the distributor decided {decided} meanwhile")
     answer = json.loads(body)
     assert (status, answer["server"]) == (200, "plain")
     assert answer["peer"] in CLIENT_ADDRESSES
+    cells_after = lab.status("dist")["cells"]
+    # The reply crossed the distributor's TUN and was decided "unknown > unknown" = route.
+    assert cells_after.get("unknown>unknown", 0) > cells_before.get("unknown>unknown", 0)
 
 
 def route_mtu(lab: Lab, destination: str, source: str) -> int | None:

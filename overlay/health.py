@@ -2,7 +2,8 @@
 
 A keepalive travels the same way traffic does (distributor → GRE-in-UDP → TM agent → back), so a broken
 tunnel, a filtered underlay or a dead agent all look the same: the echo stops. TM agents recognise a
-keepalive by its GRE protocol type `KEEPALIVE_PROTOCOL` and send the payload back unchanged.
+keepalive by its GRE protocol type 0x88B5 (`overlay.gre.KEEPALIVE_PROTOCOL`, IEEE 802 local experimental)
+and send the payload back unchanged.
 
 The checker never reads a clock or touches a socket. The adapter asks `due_probes(now)` for payloads to
 encapsulate and send, feeds echoes to `on_reply(payload, now)`, optional `/healthz` results to `on_http`,
@@ -26,8 +27,6 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
-# GRE protocol type of keepalives: IEEE 802 "local experimental EtherType 1", free for private protocols.
-KEEPALIVE_PROTOCOL = 0x88B5
 KEEPALIVE_MAGIC = b"OVKA"
 KEEPALIVE_VERSION = 1
 # magic, version, 3 reserved bytes (keep the 64-bit fields aligned), sequence, send time (ns), sender hash.

@@ -8,8 +8,8 @@ from collections.abc import Callable
 import dpkt
 import pytest
 
+from overlay.gre import KEEPALIVE_PROTOCOL
 from overlay.health import (
-    KEEPALIVE_PROTOCOL,
     KEEPALIVE_SIZE,
     HealthChecker,
     HealthConfig,
@@ -54,9 +54,10 @@ class Fleet:
 
 def test_keepalive_wire_format_worked_example() -> None:
     # The byte example of docs/operations.md, field by field.
-    payload = encode_keepalive(sequence=1, sent_ns=1_500_000_000, sender_hash=0x0123456789ABCDEF)
+    assert name_hash("dist1") == 0xF69D042706E28A88
+    payload = encode_keepalive(sequence=1, sent_ns=1_500_000_000, sender_hash=name_hash("dist1"))
     assert payload.hex() == (
-        "4f564b41" "01" "000000" "0000000000000001" "0000000059682f00" "0123456789abcdef"
+        "4f564b41" "01" "000000" "0000000000000001" "0000000059682f00" "f69d042706e28a88"
     )
     assert len(payload) == KEEPALIVE_SIZE == 32
 

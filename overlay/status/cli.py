@@ -82,11 +82,11 @@ def _pairs(mapping: Mapping[str, Any]) -> str:
 
 def format_summary(status: Mapping[str, Any], health: Mapping[str, Any], history: Mapping[str, Any]) -> str:
     config = status.get("config") or {}
+    details = {key: value for key, value in health.items() if key != "ok" and value is not None}
     lines = [
         f"{status.get('name', '?')} ({status.get('role', '?')}) · version {status.get('version', '?')} · "
         f"up {_duration(status.get('uptime_s'))} · config generation {config.get('generation', '?')} {config.get('hash', '')}".rstrip(),
-        f"readiness: {'ready' if health.get('ok') else 'NOT READY'}"
-        + (f" ({_pairs({k: v for k, v in health.items() if k != 'ok'})})" if len(health) > 1 else ""),
+        f"readiness: {'ready' if health.get('ok') else 'NOT READY'}" + (f" ({_pairs(details)})" if details else ""),
     ]
     rates = recent_rates(history)
     total_rate = sum(rates.values())
@@ -108,7 +108,7 @@ def format_summary(status: Mapping[str, Any], health: Mapping[str, Any], history
                 f"{rates[name] / total_rate * 100:.1f}%" if name in rates and total_rate else "-",
                 str(member.get("packets", "-")),
             ])
-        lines += ["", *_table([("TM" if is_distributor else "PEER"), "STATE", "HEALTH", "RTT", "PPS", "SHARE", "PACKETS"], rows)]
+        lines += ["", *_table([("TM" if is_distributor else "PEER"), "ADMIN", "HEALTH", "RTT", "PPS", "SHARE", "PACKETS"], rows)]
     all_down = (status.get("health") or {}).get("all_down")
     if all_down:
         policy = ((status.get("health") or {}).get("config") or {}).get("all_down", "?")

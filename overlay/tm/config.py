@@ -101,7 +101,7 @@ def validate(config: TMConfig) -> list[tuple[str, str]]:
             if getattr(config, name):
                 problems.append((name, "is NAT configuration; firewall mode does not translate"))
     if config.mode == "nat" and config.firewall_rules:
-        problems.append(("firewall", "rules only apply in firewall mode"))
+        problems.append(("firewall.rule[0]", "rules only apply in firewall mode (mode is \"nat\")"))
     unknown = set(config.conntrack.timeouts) - set(DEFAULT_TIMEOUTS)
     if unknown:
         problems.append(("conntrack.timeouts", f"unknown timeouts {', '.join(sorted(unknown))}"))

@@ -24,14 +24,6 @@ TM_STATES = ("enabled", "draining", "disabled")
 
 _INVALID_NAME_CHARS = re.compile(r"[^a-zA-Z0-9_]")
 
-# status["tms"][tm] number fields -> (metric, kind, help)
-_TM_FIELDS: dict[str, tuple[str, str, str]] = {
-    "packets": ("packets", "counter", "Packets the distributor sent to this TM"),
-    "up": ("tm_up", "gauge", "1 when the TM passes its health checks"),
-    "in_table": ("tm_in_table", "gauge", "1 when the TM has rows in the selection table"),
-    "table_share": ("tm_table_share", "gauge", "Fraction of selection-table rows whose first choice is this TM"),
-    "weight": ("tm_weight", "gauge", "Configured weight of the TM"),
-}
 # status["health"]["tms"][tm] number fields (HealthChecker.snapshot()) -> (metric, kind, help)
 _HEALTH_FIELDS: dict[str, tuple[str, str, str]] = {
     "probes_sent": ("health_probes_sent", "counter", "Keepalives sent to the TM"),
@@ -139,9 +131,13 @@ class StatusCollector:
         """Per-TM traffic, table and admin state; health checks; decisions by cell and by reason."""
         for tm, fields in sorted(_mapping(status.get("tms")).items()):
             fields = _mapping(fields)
-            for key, (name, kind, documentation) in _TM_FIELDS.items():
-                if key in fields:
-                    families.add(metric_name(name), kind, documentation, {"tm": tm}, fields[key])
+            if "packets" in fields:
+                families.add(metric_name("packets"), "counter", "Packets the distributor sent to this TM", {"tm": tm}, fields["packets"])
+            # Every other number or flag of a TM (up, weight, table_share, serving, ...) is a gauge; text
+            # fields (underlay address) are descriptive and only shown in /status.
+            for key, value in sorted(fields.items()):
+                if key != "packets" and isinstance(value, (int, float)):
+                    families.add(metric_name("tm", key), "gauge", f"TM field {key} (1/0 for flags)", {"tm": tm}, value)
             admin = fields.get("admin")
             if admin is not None:
                 for state in TM_STATES:

@@ -42,7 +42,8 @@ class FakeDistributor:
                     "packets": step * self.calls,
                     "admin": self.states[tm],
                     "up": self.up[tm],
-                    "in_table": self.up[tm],
+                    "serving": self.up[tm] and self.states[tm] == "enabled",
+                    "reachable": self.up[tm],
                 }
                 for tm, step in TRAFFIC_STEP.items()
             },

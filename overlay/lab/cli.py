@@ -112,7 +112,8 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 
 def _demo(args: argparse.Namespace) -> int:
     lab = _lab(args)
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    previous_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+    previous_int = signal.getsignal(signal.SIGINT)
     try:
         print(f"building the lab: {len(lab.plan.namespaces)} namespaces {lab.prefix}*, 4 HTTP servers, 3 TM agents, 1 distributor ...")
         lab.up()
@@ -130,5 +131,5 @@ def _demo(args: argparse.Namespace) -> int:
             removed = lab.down()
             print(f"lab down: removed {len(removed)} namespaces")
         finally:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGINT, previous_int)
+            signal.signal(signal.SIGTERM, previous_term)

@@ -94,21 +94,22 @@ def format_summary(status: Mapping[str, Any], health: Mapping[str, Any], history
     members = (status.get("tms") if is_distributor else status.get("peers")) or {}
     checks = (status.get("health") or {}).get("tms") or {}
     if members:
-        rows = []
+        rows, header = [], ["TM", "ADMIN", "HEALTH", "RTT", "PPS", "SHARE", "PACKETS"] if is_distributor else ["PEER", "PPS", "SHARE", "PACKETS"]
         for name, member in sorted(members.items()):
-            check = checks.get(name, {})
-            up = member.get("up", check.get("up"))
-            rtt = check.get("rtt_seconds")
-            rows.append([
-                name,
-                str(member.get("admin", "-")),
-                "-" if up is None else "up" if up else "DOWN",
-                f"{rtt * 1000:.1f} ms" if isinstance(rtt, (int, float)) else "-",
+            traffic = [
                 f"{rates[name]:.0f}" if name in rates else "-",
                 f"{rates[name] / total_rate * 100:.1f}%" if name in rates and total_rate else "-",
                 str(member.get("packets", "-")),
-            ])
-        lines += ["", *_table([("TM" if is_distributor else "PEER"), "ADMIN", "HEALTH", "RTT", "PPS", "SHARE", "PACKETS"], rows)]
+            ]
+            if not is_distributor:  # a TM's peers are distributors: no admin state or health checks
+                rows.append([name, *traffic])
+                continue
+            check = checks.get(name, {})
+            up = member.get("up", check.get("up"))
+            rtt = check.get("rtt_seconds")
+            rtt_text = f"{rtt * 1000:.1f} ms" if isinstance(rtt, (int, float)) else "-"
+            rows.append([name, str(member.get("admin", "-")), "-" if up is None else "up" if up else "DOWN", rtt_text, *traffic])
+        lines += ["", *_table(header, rows)]
     all_down = (status.get("health") or {}).get("all_down")
     if all_down:
         policy = ((status.get("health") or {}).get("config") or {}).get("all_down", "?")

@@ -91,7 +91,9 @@ def test_status_of_a_tm_shows_peers_and_conntrack(tm: FakeTm, capsys: pytest.Cap
     with LiveServer(tm) as url:
         assert main(["status", url]) == 0
     out = capsys.readouterr().out
-    assert "PEER" in out and "dist1" in out
+    peers = [line.split() for line in out.splitlines() if line.startswith(("PEER", "dist1"))]
+    assert peers[0] == ["PEER", "PPS", "SHARE", "PACKETS"]
+    assert peers[1][0] == "dist1" and peers[1][2] == "100.0%"
     assert "conntrack: entries 42, established 40, limit 65536, syn_sent 2" in out
     assert "service web: connections 203.0.113.10:80 21, 203.0.113.11:80 19" in out
     assert "drops: no_state 7" in out

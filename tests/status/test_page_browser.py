@@ -128,6 +128,8 @@ async def test_tm_page_shows_peers_and_connection_table(serve) -> None:
     dom = parse_dom(await run_chromium(f"{server.url}/", "--dump-dom"))
     assert squash(dom.text["members-title"]) == "Peers"
     assert squash(dom.text["members"]).count("dist1") == 1
+    assert "peers" in (dom.attrs["members"].get("class") or "")  # admin/health/rtt columns hidden
+    assert re.search(r"dist1 100\.0%", squash(dom.text["members"])), dom.text["members"]
     assert "hidden" not in dom.attrs["conntrack-section"]
     conntrack = squash(dom.text["conntrack"])
     for row in ("entries 42", "limit 65.5 k", "fullness 0.06%", "established 40", "web → 203.0.113.11:80 19"):

@@ -132,7 +132,8 @@ function drawDropChart(history) {
     const y = height - 2 - (height - 4) * (s.drops_pps / peak);
     return `${i ? "L" : "M"}${x.toFixed(1)},${y.toFixed(1)}`;
   }).join(" ");
-  svg.replaceChildren(el("svg:path", { d: path || "M0,38 L300,38", class: "drops-line" }));
+  const quiet = points.every((s) => s.drops_pps === 0);
+  svg.replaceChildren(el("svg:path", { d: path || "M0,38 L300,38", class: quiet ? "drops-line quiet" : "drops-line" }));
   const last = points[points.length - 1];
   $("drop-rate").textContent = last ? `${formatNumber(last.drops_pps)}/s now` : "";
 }
@@ -155,15 +156,19 @@ function renderStatus(status, history) {
   const healthOf = ((status.health || {}).tms) || {};
   const shares = recentShare(history, 10);
   const series = history.series;
+  // A TM's peers are distributors: no admin state, health or RTT to show for them.
+  $("members").classList.toggle("peers", !isDistributor);
   fillTable("members", sortedEntries(members).map(([name, member]) => {
+    const swatch = el("span", { class: "swatch", style: `background:${colourOf(series, name)}` });
+    const share = shares[name];
+    const traffic = [share === null || share === undefined ? "–" : (share * 100).toFixed(1) + "%", formatNumber(latestRate(history, name)), formatNumber(member.packets)];
+    if (!isDistributor) return [swatch, el("span", {}, name), ...traffic];
     const health = healthOf[name] || {};
     const up = member.up ?? health.up;
-    const swatch = el("span", { class: "swatch", style: `background:${colourOf(series, name)}` });
     const state = el("span", { class: `state state-${member.admin || "none"}` }, member.admin || "–");
     const healthBadge = el("span", { class: `health ${up === false ? "down" : up ? "up" : ""}` }, up === undefined ? "–" : up ? "up" : "down");
     const rtt = typeof health.rtt_seconds === "number" ? (health.rtt_seconds * 1000).toFixed(1) + " ms" : "–";
-    const share = shares[name];
-    return [swatch, el("span", {}, name), state, healthBadge, share === null || share === undefined ? "–" : (share * 100).toFixed(1) + "%", formatNumber(latestRate(history, name)), formatNumber(member.packets), rtt];
+    return [swatch, el("span", {}, name), state, healthBadge, ...traffic, rtt];
   }));
   $("all-down").hidden = !((status.health || {}).all_down);
 

@@ -161,9 +161,10 @@ class DistributorAgent(Agent):
     def set_tm_state(self, name: str, state: str) -> dict:
         """Admin API: drain/enable/disable a TM (KeyError for an unknown TM, ValueError for a bad state)."""
         assert self.core is not None
+        previous = self.core.tm_states()[name]["admin"]
         self.core.set_tm_state(name, state)
-        log.warning("tm.admin_state", tm=name, state=state)
-        return {"tm": name, "state": state, "tms": self.core.tm_states()}
+        log.warning("tm.admin_state", tm=name, state=state, previous=previous)
+        return {"tm": name, "state": state, "previous": previous}
 
     def _reconfigure(self, new: NodeConfig) -> None:
         assert self.core is not None and self.health is not None and self.loop is not None

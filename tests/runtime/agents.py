@@ -1,9 +1,11 @@
 """A minimal overlay in namespaces for the runtime's own tests: client, distributor, one TM, one server.
 
     client 198.51.100.10 ── 198.51.100.1 [distributor] 203.0.113.1 ── 203.0.113.10 server (HTTP :80)
+           2001:db8:1::10      2001:db8:1::1         2001:db8:2::1      2001:db8:2::10
                                           192.0.2.2
                                               │  underlay (GRE-in-UDP 4754)
-                                          192.0.2.3 [tm1]  management 203.0.113.201, VIP 203.0.113.80
+                                          192.0.2.3 [tm1]  management 203.0.113.201,
+                                                           VIPs 203.0.113.80 and 2001:db8:80::80
 
 The full reference lab (three TMs behind a router, IPv6, many clients) is part B's (`overlay lab`).
 """
@@ -36,23 +38,23 @@ address = "192.0.2.2"
 
 [tun]
 name = "rtxovl0"
-capture = ["203.0.113.80/32", "203.0.113.96/27", "203.0.113.192/27"]
-capture_from = ["203.0.113.0/26"]
+capture = ["203.0.113.80/32", "203.0.113.96/27", "203.0.113.192/27", "2001:db8:80::80/128", "2001:db8:ee::/64"]
+capture_from = ["203.0.113.0/26", "2001:db8:2::/64"]
 
 [hash]
 seed = "runtime-test-seed"
 
 [sets]
-virtual = ["203.0.113.80/32"]
-node = ["203.0.113.10/32"]
-nat_able = ["203.0.113.0/26"]
-nat_xlate = ["203.0.113.96/27"]
+virtual = ["203.0.113.80/32", "2001:db8:80::80/128"]
+node = ["203.0.113.10/32", "2001:db8:2::10/128"]
+nat_able = ["203.0.113.0/26", "2001:db8:2::/64"]
+nat_xlate = ["203.0.113.96/27", "2001:db8:ee::/64"]
 
 [[tm]]
 name = "tm1"
 underlay = "192.0.2.3:4754"
 management = ["203.0.113.201"]
-xlate = ["203.0.113.101/32"]
+xlate = ["203.0.113.101/32", "2001:db8:ee::101/128"]
 
 [health]
 interval = {interval}
@@ -81,14 +83,20 @@ underlay = "192.0.2.2"
 [tm]
 mode = "nat"
 management = ["203.0.113.201"]
-xlate = ["203.0.113.101"]
-natable = ["203.0.113.0/26"]
+xlate = ["203.0.113.101", "2001:db8:ee::101"]
+natable = ["203.0.113.0/26", "2001:db8:2::/64"]
 
 [[tm.service]]
 name = "web"
 virtual = "203.0.113.80"
 port = 80
 servers = ["203.0.113.10:80"]
+
+[[tm.service]]
+name = "web6"
+virtual = "2001:db8:80::80"
+port = 80
+servers = ["[2001:db8:2::10]:80"]
 """
 
 ADMIN_TOKEN = "rtx-admin-token"
@@ -164,22 +172,40 @@ class MiniOverlay:
         return proc.returncode
 
     def http(self, url: str = "http://203.0.113.80/", timeout: float = 5) -> subprocess.CompletedProcess:
+        """curl from the client; stdout is the HTTP status code ("000": no answer)."""
         return subprocess.run(
             ["ip", "netns", "exec", self.ns["client"], "curl", "-s", "-m", str(timeout), "-o", "/dev/null",
              "-w", "%{http_code}", url],
             capture_output=True, text=True, timeout=timeout + 5,
         )
 
+    def fetch(self, url: str, timeout: float = 5) -> str:
+        """The body curl got from the client's side (raises when the request fails)."""
+        return in_ns(self.ns["client"], "curl", "-sf", "-m", str(timeout), url, timeout=timeout + 5)
+
 
 def build_topology(ns: dict[str, str]) -> None:
     veth(ns["client"], "c0", "198.51.100.10/24", ns["dist"], "dout", "198.51.100.1/24")
     veth(ns["dist"], "dund", "192.0.2.2/26", ns["tm"], "tund", "192.0.2.3/26")
     veth(ns["dist"], "din", "203.0.113.1/26", ns["server"], "s0", "203.0.113.10/26")
+    for ns_role, name, address in (("client", "c0", "2001:db8:1::10/64"), ("dist", "dout", "2001:db8:1::1/64"),
+                                   ("dist", "din", "2001:db8:2::1/64"), ("server", "s0", "2001:db8:2::10/64")):
+        in_ns(ns[ns_role], "ip", "-6", "addr", "add", address, "dev", name, "nodad")
     in_ns(ns["client"], "ip", "route", "add", "default", "via", "198.51.100.1")
+    in_ns(ns["client"], "ip", "-6", "route", "add", "default", "via", "2001:db8:1::1")
     in_ns(ns["server"], "ip", "route", "add", "default", "via", "203.0.113.1")
-    in_ns(ns["dist"], "sysctl", "-qw", "net.ipv4.ip_forward=1")
-    # Strict reverse-path filtering on the distributor's own links would drop nothing here, but the
-    # runtime must cope with what a host already has: leave the defaults.
+    in_ns(ns["server"], "ip", "-6", "route", "add", "default", "via", "2001:db8:2::1")
+    in_ns(ns["dist"], "sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
+
+
+def wait_listening(ns: str, endpoints: tuple[str, ...], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        listening = in_ns(ns, "ss", "-Hltn")
+        if all(endpoint in listening for endpoint in endpoints):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"servers in {ns} not listening on {endpoints}")
 
 
 @contextlib.contextmanager
@@ -194,12 +220,17 @@ def mini_overlay(workdir: Path, *, admin: bool = False, interval: float = 0.2,
             admin_lines = f'admin_token_file = "{token}"\n'
         (workdir / "distributor.toml").write_text(DISTRIBUTOR_TOML.format(admin=admin_lines, interval=interval))
         (workdir / "tm.toml").write_text(TM_TOML)
-        server = subprocess.Popen(
-            ["ip", "netns", "exec", ns["server"], sys.executable, "-m", "http.server", "80", "--bind", "203.0.113.10"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
+        # The lab's HTTP server (part B's) answers /whoami with the peer it saw: proof of where NAT happened.
+        servers = [
+            subprocess.Popen(
+                ["ip", "netns", "exec", ns["server"], sys.executable, "-m", "overlay.lab.httpserver",
+                 "--name", "server1", "--port", "80"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+        ]
         overlay = MiniOverlay(ns, workdir)
         try:
+            wait_listening(ns["server"], ("0.0.0.0:80", "[::]:80"))
             if agents:
                 overlay.start("tm")
                 overlay.start("distributor")
@@ -207,5 +238,6 @@ def mini_overlay(workdir: Path, *, admin: bool = False, interval: float = 0.2,
         finally:
             for role in list(overlay.procs):
                 overlay.stop(role)
-            server.terminate()
-            server.wait(5)
+            for server in servers:
+                server.terminate()
+                server.wait(5)

@@ -15,7 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from overlay.lab import netns, report
+from overlay.lab import netns, nsnet, report
+from overlay.lab.topology import STATUS_PORT, TMS
 from overlay.lab.lab import Lab, LabUnavailable, default_prefix, unavailable_reason
 
 
@@ -102,8 +103,19 @@ def _status(args: argparse.Namespace) -> int:
     names = netns.list_namespaces(lab.prefix)
     print(f"namespaces ({len(names)}): {', '.join(names) or '-'}")
     for name, pid in lab.processes.recorded().items():
-        print(f"  {name}: pid {pid}")
+        print(f"  {name}: pid {pid}{_health(lab, name) if name in AGENT_ROLES else ''}")
     return 0 if names else 3
+
+
+def _health(lab: Lab, role: str) -> str:
+    try:
+        status, body = nsnet.http_request(lab.ns(role), f"http://127.0.0.1:{STATUS_PORT}/healthz", timeout=1.0)
+    except OSError as error:
+        return f", /healthz: {error}"
+    return f", /healthz: HTTP {status} {body.decode(errors='replace').strip()}"
+
+
+AGENT_ROLES = frozenset({"dist", *TMS})
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:

@@ -183,6 +183,7 @@ def test_fragmentation_needed_reaches_the_flows_tm_and_the_client_adapts(logs: L
     pool = topology.CLIENT_SOURCES_V4 if family == 4 else topology.CLIENT_SOURCES_V6
     body = os.urandom(200_000)
     translated_before = icmp_translated(lab)
+    invalid_before = total_invalid(lab)
 
     async def uploads() -> list[tuple[int, str]]:
         return list(await asyncio.gather(*(get_from(s, f"http://{host(vip)}/upload", timeout=20, data=body)
@@ -193,3 +194,5 @@ def test_fragmentation_needed_reaches_the_flows_tm_and_the_client_adapts(logs: L
     assert "server2" in {answer["server"] for answer in answers}  # the one behind the 1280-byte hop
     assert route_mtu(lab, vip, pool[40]) == topology.PMTU_BOTTLENECK
     assert icmp_translated(lab) > translated_before
+    # Translated, never "icmp-error-no-state": each error reached the TM that holds the flow it quotes.
+    assert total_invalid(lab) == invalid_before

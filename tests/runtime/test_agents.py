@@ -228,3 +228,46 @@ def test_start_failures_are_clear_and_leave_nothing(workdir: Path, case: dict) -
         assert case["expected"] in result.stderr
         assert "Traceback" not in result.stderr
         assert net_state(overlay.ns["tm"]) == before
+
+
+SEND_DATAGRAM = """
+import socket, sys
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.bind((sys.argv[1], 0))
+sock.settimeout(1)
+sock.sendto(bytes.fromhex(sys.argv[2]), ("192.0.2.3", 4754))
+try:
+    print(sock.recv(2048).hex())
+except socket.timeout:
+    print("no-answer")
+"""
+
+KEEPALIVE_HEX = "000088b5" + "4f564b41" + "01000000" + "00" * 24  # GRE(0x88B5) + a 32-byte keepalive body
+
+# {description, underlay source, UDP payload (hex), expected answer, expected TM drop counter}
+TM_UNDERLAY_INPUTS = [
+    {"description": "keepalive from the distributor is echoed unchanged", "source": "192.0.2.2",
+     "payload": KEEPALIVE_HEX, "answer": KEEPALIVE_HEX, "drop": None},
+    {"description": "keepalive from a stranger is not echoed (no reflector)", "source": "192.0.2.4",
+     "payload": KEEPALIVE_HEX, "answer": "no-answer", "drop": "agent:unknown-peer"},
+    {"description": "truncated GRE header from the distributor", "source": "192.0.2.2",
+     "payload": "0000", "answer": "no-answer", "drop": "agent:malformed:gre"},
+    {"description": "GRE version 1 from the distributor", "source": "192.0.2.2",
+     "payload": "00010800" + "45" + "00" * 19, "answer": "no-answer", "drop": "agent:malformed:gre"},
+    {"description": "GRE carrying Ethernet (0x6558) from the distributor", "source": "192.0.2.2",
+     "payload": "00006558" + "00" * 14, "answer": "no-answer", "drop": "agent:unsupported-gre-protocol"},
+]
+
+
+def test_tm_underlay_inputs(workdir: Path) -> None:
+    """What reaches a TM's underlay port that is not traffic: echoed, or counted and dropped."""
+    with mini_overlay(workdir) as overlay:
+        in_ns(overlay.ns["dist"], "ip", "addr", "add", "192.0.2.4/26", "dev", "dund")
+        for case in TM_UNDERLAY_INPUTS:
+            answer = in_ns(overlay.ns["dist"], sys.executable, "-c", SEND_DATAGRAM, case["source"],
+                           case["payload"]).strip()
+            assert answer == case["answer"], case["description"]
+            if case["drop"]:
+                assert overlay.status("tm")["drops"].get(case["drop"], 0) >= 1, case["description"]
+        assert overlay.procs["tm"].poll() is None
+        assert overlay.http().stdout == "200"

@@ -74,6 +74,7 @@ class TMConfig:
     management: tuple[IPAddress, ...] = ()
     xlate: tuple[IPAddress, ...] = ()
     natable: tuple[IPNetwork, ...] = ()
+    fleet_xlate: tuple[IPNetwork, ...] = ()
     port_range: tuple[int, int] = (1024, 65535)
     conntrack: ConntrackConfig = field(default_factory=ConntrackConfig)
     services: tuple[ServiceConfig, ...] = ()
@@ -97,7 +98,7 @@ def validate(config: TMConfig) -> list[tuple[str, str]]:
     if len(set(families)) != len(families):
         problems.append(("xlate", "at most one IPv4 and one IPv6 address"))
     if config.mode == "firewall":
-        for name in ("xlate", "natable", "services"):
+        for name in ("xlate", "natable", "fleet_xlate", "services"):
             if getattr(config, name):
                 problems.append((name, "is NAT configuration; firewall mode does not translate"))
     if config.mode == "nat" and config.firewall_rules:
@@ -145,6 +146,7 @@ def parse_tm_section(section: Section) -> TMConfig:
     management = tuple(section.each("management", to_address))
     xlate = tuple(section.each("xlate", to_address))
     natable = tuple(section.each("natable", to_network))
+    fleet_xlate = tuple(section.each("fleet_xlate", to_network))
     port_range = section.convert("port_range", _port_range, (1024, 65535))
     conntrack = _parse_conntrack(section.section("conntrack"))
     services = tuple(_parse_service(item) for item in section.sections("service"))
@@ -152,7 +154,7 @@ def parse_tm_section(section: Section) -> TMConfig:
     rules = tuple(_parse_rule(item) for item in firewall.sections("rule"))
     firewall.done()
     section.done()
-    values = (mode, management, xlate, natable, port_range, conntrack, services, rules)
+    values = (mode, management, xlate, natable, fleet_xlate, port_range, conntrack, services, rules)
     problems = validate(_unchecked(*values))
     if problems:
         where, message = problems[0]

@@ -64,6 +64,7 @@ class TrafficManager:
         self._xlate: dict[int, bytes] = {address.version: address.packed for address in config.xlate}
         self._xlate_set = frozenset(self._xlate.values())
         self._natable = compile_prefixes(config.natable)
+        self._fleet_xlate = compile_prefixes(config.fleet_xlate)
         self._services: dict[tuple[int, bytes, bytes], Service] = {}
         for service_config in config.services:
             protocol = TCP if service_config.protocol == "tcp" else UDP
@@ -223,6 +224,8 @@ class TrafficManager:
         if dst in self._xlate_set:
             # Nothing opens toward a translation address: only replies go there, and they have state.
             return self._invalid(version, protocol, key)
+        if in_prefixes(self._fleet_xlate, version, dst):
+            return self._drop(R.INVALID_FOREIGN_XLATE)      # a reply for another TM's source NAT
         natable = in_prefixes(self._natable, version, src)
         service = None
         if dst in self._virtual:
@@ -250,6 +253,8 @@ class TrafficManager:
         if xlate is not None:
             allocator = self._allocator(xlate, protocol)
             port = allocator.allocate()
+            if port is None and self._table.expire(now):
+                port = allocator.allocate()     # connections past their timeout still held ports
             if port is None:
                 return self._drop(R.PORTS_EXHAUSTED)
             snat = (allocator, port)

@@ -24,6 +24,7 @@ MANAGEMENT = "management"              # to/from a management address (action "l
 # -- action "drop" ----------------------------------------------------------------------------------
 INVALID_NO_STATE = "invalid:no-state"                    # no connection and the packet does not open one
 INVALID_FOREIGN_PORT = "invalid:foreign-port-block"      # to our xlate address, port outside our block
+INVALID_FOREIGN_XLATE = "invalid:foreign-xlate"          # no state, to another TM's xlate address (fleet_xlate)
 INVALID_ICMP_NO_STATE = "invalid:icmp-error-no-state"    # ICMP error quoting a flow we do not track
 INVALID_ICMP_MISMATCH = "invalid:icmp-error-mismatch"    # ICMP error not addressed to the quoted sender
 INVALID_TCP_FLAGS = "invalid:tcp-flags"                  # SYN with RST or FIN: never a valid opener

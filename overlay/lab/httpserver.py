@@ -22,6 +22,7 @@ import signal
 import socket
 
 import aiohttp
+import uvloop
 from aiohttp import web
 
 MAX_SLOW_SECONDS = 120.0
@@ -120,8 +121,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", required=True)
     parser.add_argument("--port", type=int, default=80)
     args = parser.parse_args(argv)
-    import uvloop
-
     uvloop.run(serve(args.name, args.port))
     return 0
 

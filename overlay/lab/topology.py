@@ -13,7 +13,6 @@ pmtu router proxies ARP/NDP so server2 keeps the plan's address and its default 
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass, field
 
 DEFAULT_PREFIX = "ovl-"
@@ -206,7 +205,3 @@ def build_plan(prefix: str = DEFAULT_PREFIX) -> Plan:
     routes("server2", f"default via {DISTRIBUTOR_INSIDE_V4}", f"default via {DISTRIBUTOR_INSIDE_V6}")
     return plan
 
-
-def lab_addresses() -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-    """The ranges the lab may use; tests assert every configured address falls inside them."""
-    return [ipaddress.ip_network(n) for n in ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32")]

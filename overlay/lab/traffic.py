@@ -22,6 +22,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import aiohttp
+import uvloop
 
 from overlay.lab import topology
 
@@ -89,8 +90,11 @@ def _percentiles(samples: list[float]) -> dict[str, float]:
     if not samples:
         return {}
     ordered = sorted(samples)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
-    return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "max": ordered[-1]}
+
+    def quantile(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    return {"p50": quantile(0.5), "p90": quantile(0.9), "p99": quantile(0.99), "max": ordered[-1]}
 
 
 async def generate(plan: TrafficPlan) -> TrafficReport:
@@ -173,8 +177,6 @@ def main(argv: list[str] | None = None) -> int:
         sources=interleaved, url_v4=args.url_v4, url_v6=args.url_v6, count=args.count,
         duration=args.duration, concurrency=args.concurrency, timeout=args.timeout,
     )
-    import uvloop
-
     started = time.monotonic()
     report = uvloop.run(generate(plan))
     if args.json:

@@ -12,10 +12,11 @@ import ipaddress
 import json
 import os
 import re
+from pathlib import Path
 
 import pytest
 
-from overlay.lab import nsnet, topology
+from overlay.lab import netns, nsnet, topology
 from overlay.lab.lab import Lab
 
 from .conftest import needs_lab
@@ -156,3 +157,19 @@ def test_traffic_generator_uses_every_source_address(plain_lab: Lab) -> None:
     assert report.failed == 0, report.failures
     assert report.sources_used == 200
     assert report.servers == {"server1": 300, "server2": 300}
+
+
+@pytest.mark.lab
+@needs_lab
+def test_up_again_rebuilds_and_a_fresh_driver_can_tear_down(plain_lab: Lab) -> None:
+    """`up` twice gives the same lab; `down` from another driver (as after a crash) finds everything."""
+    plain_lab.up(agents=False)
+    assert len(netns.list_namespaces(plain_lab.prefix)) == len(topology.ROLES)
+    status, body = nsnet.http_request(plain_lab.ns("client"), "http://203.0.113.10/whoami")
+    assert status == 200 and json.loads(body)["server"] == "server1"
+    servers = plain_lab.processes.recorded()
+    stranger = Lab(plain_lab.prefix, state_dir=plain_lab.state_dir)  # knows nothing but names and records
+    assert stranger.processes.recorded() == servers
+    stranger.down()
+    assert netns.list_namespaces(plain_lab.prefix) == []
+    assert all(not Path(f"/proc/{pid}").exists() for pid in servers.values())

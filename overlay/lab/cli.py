@@ -16,8 +16,8 @@ from pathlib import Path
 from types import FrameType
 
 from overlay.lab import netns, nsnet, report
-from overlay.lab.topology import STATUS_PORT, TMS
 from overlay.lab.lab import Lab, LabUnavailable, default_prefix, unavailable_reason
+from overlay.lab.topology import STATUS_PORT, TMS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

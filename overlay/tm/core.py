@@ -207,14 +207,18 @@ class TrafficManager:
         return self._open_firewall(packet, version, protocol, end, key, state, now)
 
     def _invalid(self, version: int, protocol: int, key: bytes) -> TMResult:
-        """No state and not an opener. To our xlate address but outside our port block: the distributor
-        sent another TM's traffic here (reported separately, it points at the owner map)."""
+        """No state and not an opener. To our xlate address but outside our port block, or to another
+        TM's xlate address: the distributor sent another TM's traffic here (reported separately: it
+        points at the distributor's owner map rather than at hashing)."""
         length = ADDRESS_LENGTH[version]
-        if key[length:2 * length] in self._xlate_set:
+        destination = key[length:2 * length]
+        if destination in self._xlate_set:
             port = int.from_bytes(key[-2:], "big")
             low, high = self.config.port_range
             if not low <= port <= high:
                 return self._drop(R.INVALID_FOREIGN_PORT)
+        elif in_prefixes(self._fleet_xlate, version, destination):
+            return self._drop(R.INVALID_FOREIGN_XLATE)
         return self._drop(R.INVALID_NO_STATE)
 
     def _open_nat(self, packet: bytes, version: int, protocol: int, l4: int, end: int, key: bytes, state: int,
@@ -225,7 +229,7 @@ class TrafficManager:
             # Nothing opens toward a translation address: only replies go there, and they have state.
             return self._invalid(version, protocol, key)
         if in_prefixes(self._fleet_xlate, version, dst):
-            return self._drop(R.INVALID_FOREIGN_XLATE)      # a reply for another TM's source NAT
+            return self._invalid(version, protocol, key)    # a reply for another TM's source NAT
         natable = in_prefixes(self._natable, version, src)
         service = None
         if dst in self._virtual:

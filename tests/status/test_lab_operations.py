@@ -207,6 +207,35 @@ def test_a_frozen_tm_is_taken_down_within_the_detection_time_and_returns(operate
     assert returned <= RECOVERY + SLACK
 
 
+@pytest.mark.skipif(shutil.which("nft") is None, reason="nft is not installed (apt-get install -y nftables)")
+def test_a_cut_underlay_path_is_noticed_although_the_tm_process_is_fine(operated: OperatedLab) -> None:
+    # The router between underlay A and B drops everything to and from tm3: its agent keeps running and
+    # its own /healthz stays 200, only the in-band keepalives can tell.
+    router = operated.lab.ns("router")
+    nft = ["ip", "netns", "exec", router, "nft"]
+    rules = """
+table inet statuscut {
+    chain forward {
+        type filter hook forward priority 0;
+        ip saddr 192.0.2.73 drop
+        ip daddr 192.0.2.73 drop
+    }
+}
+"""
+    subprocess.run([*nft, "-f", "-"], input=rules, text=True, check=True, capture_output=True)
+    try:
+        detected = operated.wait_for(lambda status: status["tms"]["tm3"]["up"] is False, timeout=DETECTION + 3)
+        print(f"cut path to tm3 detected after {detected:.2f}s (bound {DETECTION}s)")
+        assert detected <= DETECTION + SLACK
+        code, _ = operated.request("/healthz", role="tm3")
+        assert code == 200, "the TM itself is healthy: only the path is broken"
+        report = operated.lab.traffic(v4=20, v6=20, count=200, duration=15)
+        assert report.failed == 0
+    finally:
+        subprocess.run([*nft, "delete table inet statuscut"], check=True, capture_output=True)
+    operated.wait_for(lambda status: status["tms"]["tm3"]["up"] is True, timeout=RECOVERY + 3)
+
+
 CHROMIUM = shutil.which("chromium")
 
 

@@ -41,6 +41,7 @@ FROM_RULE_PRIORITY = 4756
 MAIN_TABLE = 254
 FR_ACT_TO_TBL = 1
 FR_ACT_UNREACHABLE = 7
+ADDR_GEN_MODE_NONE = 1  # IN6_ADDR_GEN_MODE_NONE
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
@@ -198,6 +199,7 @@ class NetSetup:
                 if not found:
                     raise RuntimeError(f"TUN {self.plan.tun!r} does not exist; open it before applying the plan")
                 index = found[0]
+                self._no_link_local(ipr, index)
                 ipr.link("set", index=index, mtu=self.plan.mtu, state="up")
                 for interface in self.plan.addresses:
                     # nodad: a management address must be usable at once, not after IPv6 DAD (~1 s).
@@ -215,6 +217,22 @@ class NetSetup:
         except BaseException:
             self._undo()
             raise
+
+    def _no_link_local(self, ipr: Any, index: int) -> None:
+        """No IPv6 link-local address on the TUN (addrgenmode none), set before it comes up.
+
+        A point-to-point TUN needs none (no neighbour discovery), and without one the kernel sends no
+        router solicitations or MLD reports into the TUN — packets the core would otherwise have to decide
+        and count. IPv6 routes through the TUN work without it.
+        """
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        spec = {"attrs": [["AF_INET6", {"attrs": [["IFLA_INET6_ADDR_GEN_MODE", ADDR_GEN_MODE_NONE]]}]]}
+        try:
+            ipr.link("set", index=index, IFLA_AF_SPEC=spec)
+        except NetlinkError as error:
+            # IPv6 disabled on this host: nothing to suppress, and IPv6 routes would fail anyway.
+            self.warnings.append(f"cannot set addrgenmode none on {self.plan.tun}: {error}")
 
     def _set_sysctls(self) -> None:
         ipv4 = self.sysctl_root / "net/ipv4"

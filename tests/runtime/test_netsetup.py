@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
+import os
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -136,6 +138,11 @@ def test_apply_adds_exactly_the_plan_and_undo_removes_exactly_it() -> None:
                     ("default", "rtxd0", str(DEFAULT_TABLE))} <= routes
             tun_link = next(link for link in during["links"] if link["ifname"] == "rtxd0")
             assert tun_link["mtu"] == 1400
+            # No link-local address on the TUN, hence no router solicitations or MLD reports into it.
+            assert in_ns(ns["net"], "ip", "-6", "addr", "show", "dev", "rtxd0").strip() == ""
+            time.sleep(1.5)  # the kernel sends MLD reports and solicitations within about a second of "up"
+            with pytest.raises(BlockingIOError):
+                os.read(device.fd, 2048)
             # The kernel itself says where things go: from the inside into the TUN, the TUN's output via main.
             assert "dev rtxd0" in in_ns(ns["net"], "ip", "route", "get", "198.51.100.10", "from", "203.0.113.10",
                                         "iif", "rtxdummy")

@@ -49,8 +49,8 @@ class FakeDistributor:
             },
             "health": {
                 "config": {"interval": 1.0, "timeout": 1.0, "rise": 2, "fall": 3, "http": False, "all_down": "drop"},
-                "all_down": False,
-                "serving": ["tm1", "tm2"],
+                "all_down": not any(self.up.values()),
+                "serving": [tm for tm, up in self.up.items() if up],
                 "tms": {
                     tm: {"up": self.up[tm], "probes_sent": 100, "replies": 97 if self.up[tm] else 60, "timeouts": 3 if self.up[tm] else 40, "http_failures": 0, "transitions": 0 if self.up[tm] else 1, "rtt_seconds": 0.0012 if self.up[tm] else None}
                     for tm in TRAFFIC_STEP

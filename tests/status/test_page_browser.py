@@ -147,6 +147,19 @@ async def test_page_shows_a_refused_reload(serve) -> None:
 
 
 @needs_chromium
+async def test_page_shouts_when_every_tm_is_down(serve) -> None:
+    distributor = FakeDistributor()
+    distributor.up = {tm: False for tm in distributor.up}
+    distributor.ready = False
+    server = await serve(distributor)
+    dom = parse_dom(await run_chromium(f"{server.url}/", "--dump-dom"))
+    assert "hidden" not in dom.attrs["all-down"]
+    assert squash(dom.text["readiness"]) == "not ready"
+    assert "down" in (dom.attrs["readiness"].get("class") or "")
+    assert squash(dom.text["members"]).count(" down ") == 3
+
+
+@needs_chromium
 async def test_page_screenshot(serve, tmp_path: Path) -> None:
     server = await serve(FakeDistributor())
     target = Path(os.environ.get("OVERLAY_SCREENSHOT_DIR", tmp_path)) / "status-page.png"

@@ -74,6 +74,8 @@ class KeyLocator:
                     for other in [k for k in array_counts if k.startswith(name + ".")]:
                         del array_counts[other]
                     table = f"{self._resolve(name, array_counts)}"
+                    # The bare array name (`tm`) points at its first element, for errors about the whole array.
+                    self._lines.setdefault(table.rsplit("[", 1)[0], number)
                 else:
                     table = self._resolve(name, array_counts)
                 self._lines.setdefault(table, number)

@@ -150,6 +150,8 @@ def parse_distributor(root: Section, name: str, underlay_address: IPAddress, und
             http=health_section.bool("http", False),
             all_down=health_section.str("all_down", "drop", choices=ALL_DOWN_POLICIES),
         )
+    except ConfigError:
+        raise  # already names its field and line (ConfigError is a ValueError: keep it whole)
     except ValueError as exc:
         raise health_section.error("", str(exc)) from None
     health_section.done()

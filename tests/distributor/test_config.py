@@ -1,0 +1,165 @@
+"""Distributor config: the reference config loads into the plan docs/reference-lab.md describes, and every
+rejection names the field and the line a user must edit.
+
+Each rejection case edits a valid base config; the edited line carries the marker `# <-`, and the test
+asserts `ConfigError.line` is that line (so a locator off by one fails) and `ConfigError.field` the path.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from overlay.config import load_node_config, parse_node_config
+from overlay.configlib import ConfigError
+from tests.distributor.configs import REFERENCE
+
+BASE = """\
+[node]
+role = "distributor"
+name = "dist1"
+
+[underlay]
+address = "192.0.2.2"
+
+[tun]
+capture = ["203.0.113.64/27", "203.0.113.96/27"]
+capture_from = ["203.0.113.0/26"]
+
+[hash]
+seed = "0123456789abcdef0123"
+
+[sets]
+virtual = ["203.0.113.80/32"]
+node = ["203.0.113.10/31"]
+nat_able = ["203.0.113.0/26"]
+nat_xlate = ["203.0.113.96/27"]
+
+[[tm]]
+name = "tm1"
+underlay = "192.0.2.71"
+management = ["203.0.113.201"]
+xlate = ["203.0.113.101/32"]
+
+[[tm]]
+name = "tm2"
+underlay = "192.0.2.72"
+xlate = ["203.0.113.102/32"]
+
+[health]
+all_down = "drop"
+"""
+
+MARK = "# <-"
+
+
+def edited(old: str, new: str, occurrence: int = 1) -> str:
+    """BASE with the `occurrence`-th `old` replaced by `new`."""
+    parts = BASE.split(old)
+    assert len(parts) > occurrence, f"{old!r} not in BASE {occurrence} times"
+    return old.join(parts[:occurrence]) + new + old.join(parts[occurrence:])
+
+
+REJECTIONS = [
+    # description, config text, field
+    ("unknown key in [hash]", edited('seed = "0123456789abcdef0123"', 'seed = "0123456789abcdef0123"\nsed = "x" ' + MARK), "hash.sed"),
+    ("unknown key in the second [[tm]]", edited('xlate = ["203.0.113.102/32"]', 'xlate = ["203.0.113.102/32"]\nwieght = 2 ' + MARK), "tm[1].wieght"),
+    ("unknown table", BASE + "[helth] " + MARK + "\nrise = 2\n", "helth"),
+    ("unknown key in an address entry", edited('virtual = ["203.0.113.80/32"]', 'virtual = [{ prefix = "203.0.113.80/32", protocl = "tcp" }] ' + MARK), "sets.virtual[0]"),
+    ("unknown key in [decision]", BASE + "[decision] \nfoo = 1 " + MARK + "\n", "decision.foo"),
+    ("bad prefix", edited('node = ["203.0.113.10/31"]', 'node = ["203.0.113.10/31", "203.0.113.300/32"] ' + MARK), "sets.node[1]"),
+    ("prefix with host bits", edited('nat_able = ["203.0.113.0/26"]', 'nat_able = ["203.0.113.1/26"] ' + MARK), "sets.nat_able[0]"),
+    ("bad captured prefix", edited('capture_from = ["203.0.113.0/26"]', 'capture_from = ["203.0.113.0/33"] ' + MARK), "tun.capture_from[0]"),
+    ("ports without a protocol", edited('virtual = ["203.0.113.80/32"]', 'virtual = [{ prefix = "203.0.113.80/32", ports = 80 }] ' + MARK), "sets.virtual[0]"),
+    ("reversed port range", edited('virtual = ["203.0.113.80/32"]', 'virtual = [{ prefix = "203.0.113.80/32", protocol = "tcp", ports = "90-80" }] ' + MARK), "sets.virtual[0]"),
+    ("overlapping prefixes in one set", edited('node = ["203.0.113.10/31"]', 'node = ["203.0.113.10/31", "203.0.113.11/32"] ' + MARK), "sets.node[1]"),
+    ("a virtual address that is also a node", edited('virtual = ["203.0.113.80/32"]', 'virtual = ["203.0.113.80/32", "203.0.113.10/32"] ' + MARK), "sets.virtual[1]"),
+    ("a NAT-xlate address that is also NAT-able", edited('nat_xlate = ["203.0.113.96/27"]', 'nat_xlate = ["203.0.113.96/27", "203.0.113.60/30"] ' + MARK), "sets.nat_xlate[1]"),
+    ("a NAT-xlate address that is also a node", edited('nat_xlate = ["203.0.113.96/27"]', 'nat_xlate = ["203.0.113.0/24"] ' + MARK), "sets.nat_xlate[0]"),
+    ("an xlate address owned twice", edited('xlate = ["203.0.113.102/32"]', 'xlate = ["203.0.113.100/30"] ' + MARK), "tm[1].xlate[0]"),
+    ("a port block owned twice",
+     edited('xlate = ["203.0.113.101/32"]', 'xlate = [{ prefix = "203.0.113.101/32", protocol = "tcp", ports = "1024-40000" }]').replace(
+         'xlate = ["203.0.113.102/32"]', 'xlate = [{ prefix = "203.0.113.101/32", protocol = "tcp", ports = "40000-65535" }] ' + MARK), "tm[1].xlate[0]"),
+    ("an xlate address outside sets.nat_xlate", edited('xlate = ["203.0.113.102/32"]', 'xlate = ["203.0.113.150/32"] ' + MARK), "tm[1].xlate[0]"),
+    ("duplicate TM names", edited('name = "tm2"', 'name = "tm1" ' + MARK), "tm[1].name"),
+    ("a TM name with a space", edited('name = "tm2"', 'name = "tm 2" ' + MARK), "tm[1].name"),
+    ("all weights zero",
+     edited('underlay = "192.0.2.71"', 'underlay = "192.0.2.71"\nweight = 0').replace('underlay = "192.0.2.72"', 'underlay = "192.0.2.72"\nweight = 0').replace("[[tm]]", "[[tm]] " + MARK, 1),
+     "tm"),
+    ("weight above 1000", edited('underlay = "192.0.2.72"', 'underlay = "192.0.2.72"\nweight = 1001 ' + MARK), "tm[1].weight"),
+    ("TM underlay inside a captured prefix", edited('underlay = "192.0.2.72"', 'underlay = "203.0.113.99" ' + MARK), "tm[1].underlay"),
+    ("TM underlay is the distributor's", edited('underlay = "192.0.2.72"', 'underlay = "192.0.2.2" ' + MARK), "tm[1].underlay"),
+    ("two TMs on one underlay endpoint", edited('underlay = "192.0.2.72"', 'underlay = "192.0.2.71:4754" ' + MARK), "tm[1].underlay"),
+    ("TM underlay with a bad port", edited('underlay = "192.0.2.72"', 'underlay = "192.0.2.72:70000" ' + MARK), "tm[1].underlay"),
+    ("management address inside a set", edited('management = ["203.0.113.201"]', 'management = ["203.0.113.80"] ' + MARK), "tm[0].management[0]"),
+    ("management address of two TMs", edited('xlate = ["203.0.113.102/32"]', 'xlate = ["203.0.113.102/32"]\nmanagement = ["203.0.113.201"] ' + MARK), "tm[1].management[0]"),
+    ("seed too short", edited('seed = "0123456789abcdef0123"', 'seed = "short" ' + MARK), "hash.seed"),
+    ("seed not a string", edited('seed = "0123456789abcdef0123"', "seed = 12345678901234567890 " + MARK), "hash.seed"),
+    ("seed and seed_file both", edited('seed = "0123456789abcdef0123"', 'seed = "0123456789abcdef0123"\nseed_file = "seed.txt" ' + MARK), "hash.seed_file"),
+    ("seed file that does not exist", edited('seed = "0123456789abcdef0123"', 'seed_file = "/nonexistent/overlay-seed" ' + MARK), "hash.seed_file"),
+    ("bad hash key", edited('seed = "0123456789abcdef0123"', 'seed = "0123456789abcdef0123"\nkey = "5-tuple" ' + MARK), "hash.key"),
+    ("table smaller than 2^16 rows", edited('seed = "0123456789abcdef0123"', 'seed = "0123456789abcdef0123"\nrows_log2 = 15 ' + MARK), "hash.rows_log2"),
+    ("override of a cell that does not exist", BASE + '[decision.overrides]\n"unknown>vip" = "route" ' + MARK + "\n", "decision.overrides.unknown>vip"),
+    ("override without '>'", BASE + '[decision.overrides]\n"unknown" = "route" ' + MARK + "\n", "decision.overrides.unknown"),
+    ("override with an unknown action", BASE + '[decision.overrides]\n"node>unknown" = "hash-both" ' + MARK + "\n", "decision.overrides.node>unknown"),
+    ("bad all-down policy", edited('all_down = "drop"', 'all_down = "panic" ' + MARK), "health.all_down"),
+    ("edge without prefixes", BASE + '[[edge]] ' + MARK + '\nname = "e1"\nunderlay = "192.0.2.130"\n', "edge[0].prefixes"),
+    ("capture containing the underlay address", edited('capture = ["203.0.113.64/27", "203.0.113.96/27"]', 'capture = ["192.0.2.0/24"] ' + MARK), "tun.capture[0]"),
+    ("fleet id above 16 bits", edited('address = "192.0.2.2"', 'address = "192.0.2.2"\ngre_key = 65536 ' + MARK), "underlay.gre_key"),
+    ("unknown role", edited('role = "distributor"', 'role = "router" ' + MARK), "node.role"),
+    ("TOML syntax error", edited('name = "tm2"', 'name = "tm2 ' + MARK), ""),
+]
+
+
+def marked_line(text: str) -> int:
+    lines = [number for number, line in enumerate(text.splitlines(), start=1) if MARK in line]
+    assert len(lines) == 1, "a case marks exactly one line"
+    return lines[0]
+
+
+def test_base_config_is_valid() -> None:
+    config = parse_node_config(BASE, "base.toml")
+    assert config.distributor is not None and [tm.name for tm in config.distributor.tms] == ["tm1", "tm2"]
+
+
+@pytest.mark.parametrize(("text", "field"), [pytest.param(c[1], c[2], id=c[0]) for c in REJECTIONS])
+def test_rejection_names_field_and_line(text: str, field: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_node_config(text, "dist.toml")
+    error = caught.value
+    assert (error.field, error.line) == (field, marked_line(text)), str(error)
+    assert str(error).startswith(f"dist.toml:{error.line}: ")
+
+
+def test_missing_hash_table_is_named() -> None:
+    text = BASE.replace('[hash]\nseed = "0123456789abcdef0123"\n', "")
+    with pytest.raises(ConfigError) as caught:
+        parse_node_config(text, "dist.toml")
+    assert (caught.value.field, caught.value.message) == ("hash", "is required")
+
+
+def test_seed_file_is_read_relative_to_the_config(tmp_path) -> None:
+    (tmp_path / "seed.txt").write_text("0123456789abcdef0123\n")
+    text = BASE.replace('seed = "0123456789abcdef0123"', 'seed_file = "seed.txt"')
+    (tmp_path / "dist.toml").write_text(text)
+    from_file = load_node_config(tmp_path / "dist.toml").distributor
+    inline = parse_node_config(BASE).distributor
+    assert from_file is not None and inline is not None and from_file.seed == inline.seed
+
+
+def test_reference_config_matches_the_lab_plan() -> None:
+    """config/distributor.toml against docs/reference-lab.md: TMs, underlay, xlate and management."""
+    config = load_node_config(REFERENCE)
+    dist = config.distributor
+    assert dist is not None and config.underlay.port == 4754
+    assert [(tm.name, str(tm.underlay[0]), tm.underlay[1]) for tm in dist.tms] == [
+        ("tm1", "192.0.2.71", 4754), ("tm2", "192.0.2.72", 4754), ("tm3", "192.0.2.73", 4754)]
+    assert [[str(a) for a in tm.management] for tm in dist.tms] == [["203.0.113.201"], ["203.0.113.202"], ["203.0.113.203"]]
+    assert [[str(e.network) for e in tm.xlate] for tm in dist.tms] == [
+        [f"203.0.113.{n}/32", f"2001:db8:ee::{n}/128"] for n in (101, 102, 103)]
+    virtual = {str(e.network) for e in dist.sets["virtual"]}
+    assert virtual == {"203.0.113.80/32", "2001:db8:80::80/128"}
+    # Every address the lab routes into the TUN is captured.
+    captured = [ipaddress.ip_network(p) for p in ("203.0.113.80/32", "203.0.113.101/32", "203.0.113.201/32", "2001:db8:80::80/128")]
+    assert all(any(net.subnet_of(c) for c in config.tun.capture if c.version == net.version) for net in captured)

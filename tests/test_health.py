@@ -7,6 +7,8 @@ from collections.abc import Callable
 
 import dpkt
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from overlay.gre import KEEPALIVE_PROTOCOL
 from overlay.health import (
@@ -288,3 +290,26 @@ def test_empty_fleet_has_no_deadline_and_is_not_all_down() -> None:
     assert checker.next_deadline() == float("inf")
     assert checker.due_probes(0.0) == []
     assert not checker.all_down()
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    interval=st.floats(0.05, 5.0),
+    timeout_ratio=st.floats(0.05, 3.0),
+    fall=st.integers(1, 5),
+    rise=st.integers(1, 5),
+    death_phase=st.floats(0.0, 1.0),
+    rtt_ratio=st.floats(0.0, 0.9),
+)
+def test_property_dead_tm_found_within_detection_time_and_no_false_alarms(
+    interval: float, timeout_ratio: float, fall: int, rise: int, death_phase: float, rtt_ratio: float
+) -> None:
+    """For any timing config and any echo delay below the timeout: a healthy TM never falls, and a TM
+    that dies at any moment is down within interval × fall + timeout."""
+    config = HealthConfig(interval=interval, timeout=interval * timeout_ratio, fall=fall, rise=rise)
+    checker = HealthChecker(config, ["alive", "dying"], now=0.0)
+    death = 10 * interval + death_phase * interval
+    fleet = Fleet(checker, alive=lambda tm, now: tm == "alive" or now < death, rtt=config.timeout * rtt_ratio)
+    fleet.run(0.0, death + 2 * config.detection_time)
+    assert [(tm, up) for _, tm, up in fleet.changes] == [("dying", False)]
+    assert fleet.changes[0][0] <= death + config.detection_time + 1e-9

@@ -157,3 +157,19 @@ def test_without_net_admin_the_error_names_the_capability() -> None:
     )
     assert result.returncode != 0
     assert "TunError" in result.stderr and "CAP_NET_ADMIN" in result.stderr and "cap_add" in result.stderr
+
+
+@pytest.mark.lab
+def test_multi_queue_tun_takes_one_queue_per_open() -> None:
+    """Several processes (or descriptors) can each own a queue of one multi-queue TUN (Nebula's routines)."""
+    require_lab()
+    with namespaces("tun") as ns, inside(ns["tun"]):
+        queues = [TunDevice(TUN, multi_queue=True) for _ in range(2)]
+        try:
+            assert {queue.name for queue in queues} == {TUN}
+            # A single-queue open of the same device is refused with a sentence, not a traceback.
+            with pytest.raises(TunError, match="multi-queue=False"):
+                TunDevice(TUN)
+        finally:
+            for queue in queues:
+                queue.close()

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -184,6 +185,30 @@ def test_reload_applies_a_good_config_and_refuses_a_bad_one(operated: OperatedLa
     code, body = operated.request("/admin/reload", method="POST", token=TOKEN)
     assert code == 200, body
     assert operated.status()["config"]["last_reload_error"] is None
+
+
+def test_reloads_under_traffic_lose_no_connection(operated: OperatedLab) -> None:
+    generation = operated.status()["config"]["generation"]
+    outcome: dict[str, object] = {}
+    traffic = threading.Thread(
+        target=lambda: outcome.update(report=operated.lab.traffic(v4=50, v6=50, count=1500, duration=20, concurrency=16))
+    )
+    traffic.start()
+    reloads = 0
+    try:
+        time.sleep(0.5)
+        while traffic.is_alive() and reloads < 20:  # bounded: at most 20 reloads, one per 0.25 s
+            code, body = operated.request("/admin/reload", method="POST", token=TOKEN)
+            assert code == 200, body
+            reloads += 1
+            time.sleep(0.25)
+    finally:
+        traffic.join(timeout=60)
+    report = outcome["report"]
+    print(f"{reloads} reloads during {report.requests} requests: {report.failed} failed")  # type: ignore[attr-defined]
+    assert reloads >= 3, "the traffic ended before the reloads could overlap it"
+    assert report.failed == 0, report.failures  # type: ignore[attr-defined]
+    assert operated.status()["config"]["generation"] == generation + reloads
 
 
 def test_a_frozen_tm_is_taken_down_within_the_detection_time_and_returns(operated: OperatedLab) -> None:

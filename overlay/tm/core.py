@@ -15,7 +15,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from overlay.checksum import checksum_delta
+from overlay.checksum import add_deltas, checksum_delta
 from overlay.tm import reasons as R
 from overlay.tm.balancer import Server, Service
 from overlay.tm.config import TMConfig
@@ -27,7 +27,7 @@ from overlay.tm.packet import (
 from overlay.tm.ports import PortAllocator
 from overlay.tm.rewrite import rewrite, translate_icmp_error
 from overlay.tm.states import (
-    FIN, ICMP_ECHO, RST, STATE_NAMES, SYN, TCP_SYN_SENT, UDP_REPLIED, UDP_UNREPLIED, tcp_next, tcp_opens,
+    FIN, ICMP_ECHO, RST, STATE_NAMES, SYN, TCP_ESTABLISHED, TCP_SYN_SENT, UDP_REPLIED, UDP_UNREPLIED, tcp_next, tcp_opens,
 )
 
 OVERLAY = "overlay"
@@ -135,17 +135,29 @@ class TrafficManager:
         flow = parse_transport(packet, version, protocol, l4, end)
         if type(flow) is tuple:
             key, info = flow
-            half = self._table.lookup(protocol, key, now)
+            # The established path, with the table's lookup and touch inlined: each call costs ~100 ns
+            # here, a third of the work (tests/tm/bench_tm.py).
+            table = self._table
+            half = table.tables[protocol].get(key)
             if half is None:
                 return self._open(packet, version, protocol, l4, end, key, info, now)
             conn = half.conn
+            state = conn.state
+            if conn.last_seen + table.timeouts[state] <= now:
+                table.remove(conn)
+                table.expired += 1
+                return self._open(packet, version, protocol, l4, end, key, info, now)
             if protocol == TCP:
-                state, conn.closer = tcp_next(conn.state, half.direction, info, conn.closer)
+                if state != TCP_ESTABLISHED or info & (SYN | RST | FIN):
+                    state, conn.closer = tcp_next(state, half.direction, info, conn.closer)
             elif protocol == UDP:
-                state = UDP_REPLIED if half.direction else conn.state
+                if half.direction:
+                    state = UDP_REPLIED
+            if state == conn.state:
+                conn.last_seen = now
+                table.by_state[state].move_to_end(conn)
             else:
-                state = ICMP_ECHO
-            self._table.touch(conn, state, now)
+                table.touch(conn, state, now)
             reason = half.reason
             self._counts[reason] += 1
             if half.addresses is None:
@@ -278,9 +290,7 @@ class TrafficManager:
         else:
             old_ports, new_ports = tail[1:3], new_sport      # the echo identifier
             reply_key = new_dst + new_src + ECHO_REPLY_MARK + new_sport
-        conn.original = _half(conn, 0, key, reasons[0], src + dst, new_src + new_dst, old_ports, new_ports)
-        conn.reply = _half(conn, 1, reply_key, reasons[1], new_dst + new_src, dst + src,
-                           _swap(new_ports), _swap(old_ports))
+        _link(conn, key, reply_key, reasons, src, dst, new_src, new_dst, old_ports, new_ports)
         if self._table.clashes(protocol, reply_key):
             if snat is not None:
                 snat[0].release(snat[1])
@@ -369,15 +379,21 @@ def _swap(ports: bytes) -> bytes:
     return ports[2:4] + ports[0:2] if len(ports) == 4 else ports
 
 
-def _half(conn: Conn, direction: int, key: bytes, reason: str, old_addresses: bytes, new_addresses: bytes,
-          old_ports: bytes, new_ports: bytes) -> Half:
-    """A direction's rewrite with its checksum deltas precomputed from the values the key fixes."""
-    ip_delta = checksum_delta(old_addresses, new_addresses)
-    if conn.protocol == ICMP:
-        l4_delta = checksum_delta(old_ports, new_ports)               # ICMPv4 has no pseudo-header
-    else:
-        l4_delta = checksum_delta(old_addresses + old_ports, new_addresses + new_ports)
-    return Half(conn, direction, key, reason, new_addresses, new_ports, ip_delta, l4_delta)
+def _link(conn: Conn, key: bytes, reply_key: bytes, reasons: tuple[str, str], src: bytes, dst: bytes,
+          new_src: bytes, new_dst: bytes, old_ports: bytes, new_ports: bytes) -> None:
+    """Both directions' rewrites, with the checksum deltas precomputed from the values the keys fix.
+
+    The reply undoes exactly what the original direction changed, so its deltas are the one's-complement
+    negation of the original's (`0xFFFF - delta`): each is computed once per connection.
+    """
+    new_addresses = new_src + new_dst
+    ip_delta = checksum_delta(src + dst, new_addresses)
+    port_delta = checksum_delta(old_ports, new_ports)
+    # ICMPv4 has no pseudo-header; TCP, UDP and ICMPv6 checksums cover the addresses too.
+    l4_delta = port_delta if conn.protocol == ICMP else add_deltas(ip_delta, port_delta)
+    conn.original = Half(conn, 0, key, reasons[0], new_addresses, new_ports, ip_delta, l4_delta)
+    conn.reply = Half(conn, 1, reply_key, reasons[1], dst + src, _swap(old_ports), 0xFFFF - ip_delta,
+                      0xFFFF - l4_delta)
 
 
 def _address_text(packed: bytes) -> str:

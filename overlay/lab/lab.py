@@ -24,6 +24,7 @@ from overlay.lab.traffic import TrafficReport
 
 STATE_ROOT = Path("/run/overlay-lab")
 PREFIX_ENV = "OVERLAY_LAB_PREFIX"
+CONFIG_DIR_ENV = "OVERLAY_LAB_CONFIG_DIR"
 SERVER_ROLES: tuple[str, ...] = ("server1", "server2", "plain", "remote")
 AGENT_READY_TIMEOUT = 30.0
 
@@ -48,7 +49,9 @@ def default_prefix() -> str:
 
 
 def default_config_dir() -> Path:
-    """`config/` of the working directory, else of the source checkout this package runs from."""
+    """`$OVERLAY_LAB_CONFIG_DIR`, else `config/` of the working directory, else of the source checkout."""
+    if os.environ.get(CONFIG_DIR_ENV):
+        return Path(os.environ[CONFIG_DIR_ENV])
     here = Path.cwd() / "config"
     if (here / "distributor.toml").exists():
         return here

@@ -13,6 +13,7 @@ pmtu router proxies ARP/NDP so server2 keeps the plan's address and its default 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 DEFAULT_PREFIX = "ovl-"
@@ -94,6 +95,13 @@ class Plan:
 
     def name(self, role: str) -> str:
         return self.namespaces[role].name
+
+    def interface_names(self) -> set[str]:
+        """Every interface the plan creates (veth ends and bridges), whichever namespace holds it."""
+        names = {match for line in self.links for match in re.findall(r"(?:link add|peer name) (\S+)", line)}
+        for ns in self.namespaces.values():
+            names.update(re.findall(r"link add (\S+) type bridge", "\n".join(ns.setup)))
+        return names
 
 
 ROLES: tuple[str, ...] = (

@@ -1,10 +1,10 @@
 """Fixtures for the lab suite: one lab per module, unique namespace prefixes, and a leak check.
 
 Every module's lab gets its own prefix (`$OVERLAY_LAB_PREFIX` or `ovt-`, plus this run's PID and the
-module), so parallel runs and other engineers' namespace tests never collide. The leak check snapshots the
-host namespace's links, addresses, routes and rules before the lab comes up and asserts, after it is
-down, that they are unchanged, that no namespace with the prefix is left and that every process the lab
-started is gone.
+module), so parallel runs and other engineers' namespace tests never collide. The leak check snapshots
+what the lab could leave in the host namespace (links with its interface names, routes and rules using
+them or the agents' table) before the lab comes up and asserts, after it is down, that nothing was added,
+that no namespace with the prefix is left and that every process the lab started is gone.
 """
 
 from __future__ import annotations
@@ -17,33 +17,44 @@ from pathlib import Path
 
 import pytest
 
+from overlay.config import load_node_config
 from overlay.lab import netns
 from overlay.lab.lab import Lab, unavailable_reason
+from overlay.runtime.netsetup import DEFAULT_TABLE
 
 LAB_UNAVAILABLE = unavailable_reason()
 needs_lab = pytest.mark.skipif(LAB_UNAVAILABLE is not None, reason=f"lab cannot run: {LAB_UNAVAILABLE}")
 
 
-def host_network_state() -> dict[str, object]:
-    """The host namespace as ip(8) sees it, minus counters that change by themselves."""
-    state: dict[str, object] = {}
-    for key, argv in {
-        "links": ["ip", "-j", "link", "show"],
-        "addresses": ["ip", "-j", "address", "show"],
-        "routes4": ["ip", "-j", "-4", "route", "show", "table", "all"],
-        "routes6": ["ip", "-j", "-6", "route", "show", "table", "all"],
-        "rules4": ["ip", "-j", "-4", "rule", "show"],
-        "rules6": ["ip", "-j", "-6", "rule", "show"],
-    }.items():
-        data = json.loads(subprocess.run(argv, capture_output=True, text=True, check=True).stdout or "[]")
-        for entry in data:
-            for volatile in ("stats64", "stats", "operstate", "flags", "linkmode", "expires"):
-                entry.pop(volatile, None)
-            for info in entry.get("addr_info", []):
-                info.pop("valid_life_time", None)
-                info.pop("preferred_life_time", None)
-        state[key] = data
-    return state
+def lab_interface_names(lab: Lab) -> set[str]:
+    """Interfaces the lab creates: its veths and bridges, and the TUNs its agents' configs name."""
+    names = lab.plan.interface_names()
+    for config in (lab.configs.distributor, *lab.configs.tms.values()):
+        if config.exists():
+            names.add(load_node_config(config).tun.name)
+    return names
+
+
+def host_lab_traces(names: set[str]) -> dict[str, list]:
+    """What the lab could leak into the host namespace: links with the lab's interface names, and routes
+    and policy rules using them or the agents' routing table. Only these are compared, because other
+    engineers' labs (docker, compose) legitimately change the rest of the host namespace meanwhile."""
+
+    def show(*argv: str) -> list[dict]:
+        return json.loads(subprocess.run(["ip", "-j", *argv], capture_output=True, text=True, check=True).stdout or "[]")
+
+    table = str(DEFAULT_TABLE)
+    return {
+        "links": sorted(link["ifname"] for link in show("link", "show") if link["ifname"] in names),
+        "routes": [
+            route for family in ("-4", "-6") for route in show(family, "route", "show", "table", "all")
+            if route.get("dev") in names or str(route.get("table")) == table
+        ],
+        "rules": [
+            rule for family in ("-4", "-6") for rule in show(family, "rule", "show")
+            if rule.get("iif") in names or str(rule.get("table")) == table
+        ],
+    }
 
 
 def pid_alive(pid: int) -> bool:
@@ -54,14 +65,14 @@ def pid_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def assert_no_leftovers(lab: Lab, before: dict[str, object]) -> None:
+def assert_no_leftovers(lab: Lab, before: dict[str, list]) -> None:
     assert netns.list_namespaces(lab.prefix) == [], "namespaces left behind"
     alive = [p for p in lab.processes.started if pid_alive(p.pid)]
     assert alive == [], f"processes left behind: {alive}"
     assert lab.processes.recorded() == {}, "PID records left behind"
-    after = host_network_state()
+    after = host_lab_traces(lab_interface_names(lab))
     for key in before:
-        assert after[key] == before[key], f"host namespace {key} changed by the lab"
+        assert after[key] == before[key], f"host namespace: lab {key} left behind"
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +83,7 @@ def make_lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     base = os.environ.get("OVERLAY_LAB_PREFIX", "ovt-")
     module = request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_")[:6]
     prefix = f"{base}{os.getpid() % 100000}{module}-"
-    before = host_network_state()
+    before = host_lab_traces(lab_interface_names(Lab(prefix)))
     labs: list[Lab] = []
 
     def make(**kwargs: object) -> Lab:

@@ -1,0 +1,140 @@
+"""overlay.selection: the weighted rendezvous table — determinism, minimal disruption, weights, second
+choice. Share deviations measured here are the numbers in docs/design-selection.md."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from overlay.selection import MIN_ROWS_LOG2, SelectionTable, build_table
+
+SEED = b"selection-test-seed"
+
+
+def deviation(table: SelectionTable, weights: dict[str, int]) -> tuple[float, float]:
+    """(largest |share - ideal| as a fraction of all rows, largest |share - ideal| / ideal)."""
+    total = sum(weights.values())
+    share = table.share()
+    absolute = max(abs(share[name] - weight / total) for name, weight in weights.items())
+    relative = max(abs(share[name] - weight / total) / (weight / total) for name, weight in weights.items() if weight)
+    return absolute, relative
+
+
+def firsts(table: SelectionTable) -> list[str | None]:
+    return [table.names[i] if i >= 0 else None for i in table.first]
+
+
+def seconds(table: SelectionTable) -> list[str | None]:
+    return [table.names[i] if i >= 0 else None for i in table.second]
+
+
+fleets = st.dictionaries(st.text("abcdefghij0123456789-", min_size=1, max_size=8), st.integers(1, 3), min_size=1, max_size=5)
+
+
+# -- determinism ------------------------------------------------------------------------------------------------
+@settings(max_examples=10, deadline=None)
+@given(fleets, st.randoms(use_true_random=False))
+def test_same_set_in_any_order_gives_the_same_table(weights: dict[str, int], rnd: random.Random) -> None:
+    items = list(weights.items())
+    rnd.shuffle(items)
+    a, b = build_table(weights, SEED), build_table(dict(items), SEED)
+    assert (firsts(a), seconds(a)) == (firsts(b), seconds(b))
+
+
+def test_seed_changes_the_table() -> None:
+    weights = {"tm1": 1, "tm2": 1, "tm3": 1}
+    assert firsts(build_table(weights, SEED)) != firsts(build_table(weights, SEED + b"x"))
+
+
+def test_config_order_does_not_matter_to_a_distributor() -> None:
+    """Two configs listing the same TMs in another order decide every row alike."""
+    from tests.distributor.configs import CELLS, distributor
+
+    head, *blocks = CELLS.split("[[tm]]")
+    a, b = distributor(CELLS), distributor(head + "".join("[[tm]]" + block for block in reversed(blocks)))
+    assert [tm.name for tm in a.config.tms] != [tm.name for tm in b.config.tms]
+    assert (firsts(a.table), seconds(a.table)) == (firsts(b.table), seconds(b.table))
+
+
+# -- disruption -------------------------------------------------------------------------------------------------
+@settings(max_examples=8, deadline=None)
+@given(fleets.filter(lambda w: len(w) >= 2), st.data())
+def test_removing_a_tm_moves_only_its_rows_to_their_second_choice(weights: dict[str, int], data: st.DataObject) -> None:
+    gone = data.draw(st.sampled_from(sorted(weights)))
+    before = build_table(weights, SEED)
+    after = build_table({name: w for name, w in weights.items() if name != gone}, SEED)
+    for old_first, old_second, new_first in zip(firsts(before), seconds(before), firsts(after)):
+        assert new_first == (old_second if old_first == gone else old_first)
+
+
+@settings(max_examples=8, deadline=None)
+@given(fleets, st.integers(1, 4))
+def test_adding_a_tm_takes_only_rows_it_now_wins(weights: dict[str, int], weight: int) -> None:
+    before = build_table(weights, SEED)
+    after = build_table({**weights, "newcomer!": weight}, SEED)
+    moved = [(old, new) for old, new in zip(firsts(before), firsts(after)) if old != new]
+    assert moved and all(new == "newcomer!" for _, new in moved)
+
+
+def test_weight_zero_never_wins_and_all_zero_has_no_choice() -> None:
+    table = build_table({"tm1": 1, "tm2": 0, "tm3": 2}, SEED)
+    assert "tm2" not in set(firsts(table)) | set(seconds(table))
+    empty = build_table({"tm1": 0, "tm2": 0}, SEED)
+    assert empty.choice(0) == (None, None) and set(empty.first) == {-1}
+
+
+# -- second choice --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("weights", [{"a": 1, "b": 1}, {"a": 5, "b": 1}, {f"tm{i}": 1 + i % 3 for i in range(7)}])
+def test_second_choice_never_equals_first(weights: dict[str, int]) -> None:
+    table = build_table(weights, SEED)
+    assert all(first != second and second >= 0 for first, second in zip(table.first, table.second))
+
+
+def test_one_tm_has_no_second_choice() -> None:
+    table = build_table({"only": 3}, SEED)
+    assert set(table.first) == {0} and set(table.second) == {-1}
+
+
+# -- weights --------------------------------------------------------------------------------------------------------
+def fleet(size: int, rng: random.Random, max_weight: int) -> dict[str, int]:
+    return {f"tm{i:04d}": rng.randint(1, max_weight) for i in range(size)}
+
+
+@pytest.mark.parametrize(("size", "max_weight"), [(3, 5), (10, 5), (100, 1)])
+def test_weights_honoured_within_one_percent(size: int, max_weight: int) -> None:
+    weights = fleet(size, random.Random(size), max_weight)
+    table = build_table(weights, SEED)
+    assert table.rows >= 65536
+    absolute, relative = deviation(table, weights)
+    print(f"{size} TMs: max |share - ideal| = {absolute:.5f} of all rows, max relative {relative:.3%}")
+    assert absolute <= 0.01
+
+
+def test_weights_honoured_for_a_thousand_tms() -> None:
+    """The one 1,000-TM build (~20-30 s on the CI machine): equal weights, the largest fleet promised."""
+    weights = {f"tm{i:04d}": 1 for i in range(1000)}
+    table = build_table(weights, SEED)
+    absolute, relative = deviation(table, weights)
+    print(f"1000 TMs: max |share - ideal| = {absolute:.6f} of all rows, max relative {relative:.2%}")
+    assert absolute <= 0.01
+    assert len(set(table.first)) == 1000  # every TM holds rows
+
+
+def test_weights_are_ratios() -> None:
+    """A weight-3 TM holds three times the rows of a weight-1 TM (to sampling noise, ±2 %)."""
+    table = build_table({"big": 3, "small": 1}, SEED)
+    share = table.share()
+    assert share["big"] == pytest.approx(0.75, abs=0.02) and share["small"] == pytest.approx(0.25, abs=0.02)
+
+
+# -- refusals --------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("weights", "rows_log2", "message"),
+    [({"a": 1}, MIN_ROWS_LOG2 - 1, "at least 2\\^16 rows"), ({"a": 1001}, MIN_ROWS_LOG2, "exceeds 1000")],
+)
+def test_refusals(weights: dict[str, int], rows_log2: int, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        build_table(weights, SEED, rows_log2)

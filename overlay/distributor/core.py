@@ -44,6 +44,7 @@ ACTION_DROP = "drop"
 
 TM_STATES = ("enabled", "draining", "disabled")
 
+_ROLE_CACHE_SIZE = 1 << 16
 _ROLE_BITS = {"virtual": VIRTUAL, "node": NODE, "nat_able": NAT_ABLE, "nat_xlate": XLATE}
 
 
@@ -62,7 +63,7 @@ class Verdict:
     flow_hash: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Decision:
     """The full trace of one decision (what `overlay explain` prints)."""
 
@@ -129,6 +130,15 @@ class Distributor:
             for prefix in edge.prefixes:
                 edges.add(AddressEntry(prefix), edge.name)
         self._roles = roles
+        # Roles depend on the address alone unless some entry is narrowed to a protocol or ports; then
+        # they can be cached per address (v4 and v6 keys differ in length, so they never collide).
+        narrowed = any(entry.protocol is not None or entry.ports for entries in config.sets.values() for entry in entries)
+        self._roles_cache: dict[bytes, int] | None = None if narrowed else {}
+        self._cells = {
+            (src, dst): (row_of(src), column_of(dst), config.decision.action(row_of(src), column_of(dst)))
+            for src in range(16)
+            for dst in range(16)
+        }
         self._owners = owners
         self._management = management
         self._tm_by_underlay = by_underlay
@@ -200,9 +210,17 @@ class Distributor:
 
     # -- classification ---------------------------------------------------------------------------------
     def roles(self, version: int, address: bytes, protocol: int, port: int | None) -> int:
+        if self._roles_cache is not None:
+            bits = self._roles_cache.get(address)
+            if bits is not None:
+                return bits
         bits = 0
         for value in self._roles.lookup(version, address, protocol, port):
             bits |= value
+        if self._roles_cache is not None:
+            if len(self._roles_cache) >= _ROLE_CACHE_SIZE:
+                self._roles_cache.clear()  # bounded: a scan of random sources cannot grow it without limit
+            self._roles_cache[address] = bits
         return bits
 
     def owner(self, version: int, address: bytes, protocol: int, port: int | None) -> str | None:
@@ -224,37 +242,45 @@ class Distributor:
             return Decision(ACTION_TM, tm, "management", "management", first=tm)
         src_roles = self.roles(flow.version, flow.src, flow.proto, flow.sport)
         dst_roles = self.roles(flow.version, flow.dst, flow.proto, flow.dport)
-        row = row_of(src_roles)
-        column = column_of(dst_roles)
-        cell = self.config.decision.action(row, column)
-        common = dict(step="table", src_roles=src_roles, dst_roles=dst_roles, row=row, column=column, cell=cell)
+        row, column, cell = self._cells[(src_roles, dst_roles)]
+        decision = Decision(ACTION_DROP, None, "", "table", src_roles, dst_roles, row, column, cell)
         if cell == TO_DEST or (cell == HASH_SRC and row == "unknown" and dst_roles & XLATE):
             owner = self.owner(flow.version, flow.dst, flow.proto, flow.dport)
             if owner is not None:
+                decision.first = owner
                 if owner in self._active:
-                    return Decision(ACTION_TM, owner, "owner", first=owner, **common)  # type: ignore[arg-type]
-                return Decision(ACTION_DROP, None, "owner-down", first=owner, **common)  # type: ignore[arg-type]
+                    decision.action, decision.tm, decision.reason = ACTION_TM, owner, "owner"
+                else:
+                    decision.reason = "owner-down"
+                return decision
             if cell == TO_DEST:
-                return Decision(ACTION_FORWARD, None, "no-owner", **common)  # type: ignore[arg-type]
+                decision.action, decision.reason = ACTION_FORWARD, "no-owner"
+                return decision
         if cell == HASH_SRC or cell == HASH_DST:
-            hashed = "src" if cell == HASH_SRC else "dst"
-            address, port = (flow.src, flow.sport) if hashed == "src" else (flow.dst, flow.dport)
+            if cell == HASH_SRC:
+                decision.hashed, address, port = "src", flow.src, flow.sport
+            else:
+                decision.hashed, address, port = "dst", flow.dst, flow.dport
             key, value = self.hash_endpoint(address, port, flow.fragment)
             table_row = value & self._mask
+            decision.key, decision.hash_value, decision.table_row = key, value, table_row
             first, second = self._table.choice(table_row)
             if first is None:
                 if self.config.health.all_down == "route":
-                    return Decision(ACTION_FORWARD, None, "no-tm:route", hashed=hashed, key=key, hash_value=value, table_row=table_row, **common)  # type: ignore[arg-type]
-                return Decision(ACTION_DROP, None, "no-tm", hashed=hashed, key=key, hash_value=value, table_row=table_row, **common)  # type: ignore[arg-type]
-            return Decision(
-                ACTION_TM, first, cell, hashed=hashed, key=key, hash_value=value, table_row=table_row,
-                first=first, second=second, **common,  # type: ignore[arg-type]
-            )
+                    decision.action, decision.reason = ACTION_FORWARD, "no-tm:route"
+                else:
+                    decision.reason = "no-tm"
+                return decision
+            decision.action, decision.tm, decision.reason = ACTION_TM, first, cell
+            decision.first, decision.second = first, second
+            return decision
         if cell == ROUTE:
-            return Decision(ACTION_FORWARD, None, "route", **common)  # type: ignore[arg-type]
-        if cell == DROP:
-            return Decision(ACTION_DROP, None, "cell-drop", **common)  # type: ignore[arg-type]
-        raise AssertionError(f"unhandled cell action {cell}")
+            decision.action, decision.reason = ACTION_FORWARD, "route"
+        elif cell == DROP:
+            decision.reason = "cell-drop"
+        else:
+            raise AssertionError(f"unhandled cell action {cell}")
+        return decision
 
     # -- packet entry points ------------------------------------------------------------------------------
     def from_tun(self, packet: bytes) -> Verdict:

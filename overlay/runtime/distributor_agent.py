@@ -54,39 +54,46 @@ class DistributorAgent(Agent):
     def _open_role(self, loop: asyncio.AbstractEventLoop) -> None:
         assert self.config.distributor is not None and self.tun is not None and self.udp is not None
         dconfig = self.config.distributor
-        self.core = Distributor(dconfig)
+        self.core = core = Distributor(dconfig)
         now = loop.time()
         self.health = HealthChecker(dconfig.health, [tm.name for tm in dconfig.tms], now, sender=self.config.name)
         self._serving = self.health.serving()
         for tm in dconfig.tms:
-            self.core.set_tm_up(tm.name, tm.name in self._serving)
-        self.tun.start(loop, self._from_tun)
-        self.udp.start(loop, self._from_overlay)
+            core.set_tm_up(tm.name, tm.name in self._serving)
+        tun_write, udp_send = self.tun.write, self.udp.send
+
+        # The per-packet path: closures over locals (no attribute lookups, no Optional checks per packet).
+        # `reconfigure` changes the core in place, so these stay valid across reloads.
+        def execute(verdict: Verdict) -> None:
+            action = verdict.action
+            if action == ACTION_TM:
+                udp_send(verdict.packet, verdict.dest, verdict.flow_hash)  # type: ignore[arg-type]
+            elif action == ACTION_FORWARD:
+                if verdict.dest is None:
+                    tun_write(verdict.packet)  # type: ignore[arg-type]
+                else:
+                    udp_send(verdict.packet, verdict.dest, verdict.flow_hash)  # type: ignore[arg-type]
+
+        def from_tun(packet: bytes) -> None:
+            execute(core.from_tun(packet))
+
+        def from_overlay(payload: bytes, peer: tuple[str, int]) -> None:
+            verdict = core.from_overlay(payload, peer)
+            if verdict.action == ACTION_LOCAL:
+                # The only "local" verdict is an echoed keepalive: the health checker matches it.
+                self._on_keepalive(verdict.packet or b"")
+            else:
+                execute(verdict)
+
+        self.tun.start(loop, from_tun)
+        self.udp.start(loop, from_overlay)
         self._arm_health(now)
 
-    def _from_tun(self, packet: bytes) -> None:
-        self._execute(self.core.from_tun(packet))  # type: ignore[union-attr]
-
-    def _from_overlay(self, payload: bytes, peer: tuple[str, int]) -> None:
-        verdict = self.core.from_overlay(payload, peer)  # type: ignore[union-attr]
-        if verdict.action == ACTION_LOCAL:
-            # The only "local" verdict is an echoed keepalive: the health checker matches it.
-            assert self.health is not None and self.loop is not None and verdict.packet is not None
-            now = self.loop.time()
-            self.health.on_reply(verdict.packet, now)
-            self._apply_health(now)
-            return
-        self._execute(verdict)
-
-    def _execute(self, verdict: Verdict) -> None:
-        action = verdict.action
-        if action == ACTION_TM:
-            self.udp.send(verdict.packet, verdict.dest, verdict.flow_hash)  # type: ignore[union-attr,arg-type]
-        elif action == ACTION_FORWARD:
-            if verdict.dest is None:
-                self.tun.write(verdict.packet)  # type: ignore[union-attr,arg-type]
-            else:
-                self.udp.send(verdict.packet, verdict.dest, verdict.flow_hash)  # type: ignore[union-attr,arg-type]
+    def _on_keepalive(self, payload: bytes) -> None:
+        assert self.health is not None and self.loop is not None
+        now = self.loop.time()
+        self.health.on_reply(payload, now)
+        self._apply_health(now)
 
     # -- health ---------------------------------------------------------------------------------------
 
@@ -99,13 +106,15 @@ class DistributorAgent(Agent):
             self._timer = self.loop.call_at(max(deadline, now), self._on_health_timer)
 
     def _on_health_timer(self) -> None:
-        assert self.health is not None and self.loop is not None and self.config.distributor is not None
+        assert self.health is not None and self.loop is not None and self.udp is not None
+        assert self.config.distributor is not None
         now = self.loop.time()
         key = self.config.distributor.gre_key
         destinations = {tm.name: (str(tm.underlay[0]), tm.underlay[1]) for tm in self.config.distributor.tms}
         for index, (tm, payload) in enumerate(self.health.due_probes(now)):
             datagram = gre.encapsulate(payload, key=key, protocol=gre.KEEPALIVE_PROTOCOL)
-            self.udp.send(datagram, destinations[tm], index)  # type: ignore[union-attr]
+            # Successive probes leave from different source ports: a TM is probed over several ECMP paths.
+            self.udp.send(datagram, destinations[tm], index)
         for tm in self.health.due_http(now):
             task = self.loop.create_task(self._check_http(tm))
             self._http_checks.add(task)

@@ -26,7 +26,7 @@ from overlay import gre
 from overlay.config import NodeConfig
 from overlay.runtime.agent import Agent
 from overlay.runtime.netsetup import NetPlan, tm_plan
-from overlay.tm.core import TrafficManager
+from overlay.tm.core import LOCAL, OVERLAY, TMResult, TrafficManager
 
 log = structlog.get_logger("overlay.tm")
 
@@ -47,7 +47,7 @@ class TMAgent(Agent):
         self._distributors = self._configured_distributors(config)
         self._last_distributor: tuple[str, int] = next(iter(self._distributors.values()))
         # Per peer: packets received; per reason: what this agent itself dropped before the core saw it.
-        self.peers: Counter[str] = Counter()
+        self.peers: Counter[tuple[str, int]] = Counter()
         self.drops: Counter[str] = Counter()
         self.keepalives_echoed = 0
 
@@ -67,56 +67,63 @@ class TMAgent(Agent):
 
     def _open_role(self, loop: asyncio.AbstractEventLoop) -> None:
         assert self.config.tm is not None and self.tun is not None and self.udp is not None
-        self.core = TrafficManager(self.config.tm)
-        self.tun.start(loop, self._from_tun)
-        self.udp.start(loop, self._from_overlay)
+        self.core = core = TrafficManager(self.config.tm)
+        tun_write, udp_send, udp_reply = self.tun.write, self.udp.send, self.udp.reply
+        clock, call_soon = loop.time, loop.call_soon
+        distributors, peers, drops = self._distributors, self.peers, self.drops
+        key = self.config.underlay.gre_key  # [underlay] only changes with a restart
+        decapsulate, encapsulate, ip_protocols = gre.decapsulate, gre.encapsulate, (gre.PROTO_IPV4, gre.PROTO_IPV6)
+
+        # The per-packet path: closures over locals (no attribute lookups, no Optional checks per packet).
+        # `reconfigure` changes the core and `distributors` in place, so these stay valid across reloads.
+        def execute(result: TMResult, distributor: tuple[str, int]) -> None:
+            action = result.action
+            if action == OVERLAY:
+                udp_send(encapsulate(result.packet, key=key), distributor)  # type: ignore[arg-type]
+            elif action == LOCAL:
+                tun_write(result.packet)  # type: ignore[arg-type]
+            if not self._rearm_pending:
+                # A new connection may need an earlier expiry than the armed one: check once per loop
+                # iteration, not per packet.
+                self._rearm_pending = True
+                call_soon(self._rearm)
+
+        def from_overlay(payload: bytes, peer: tuple[str, int]) -> None:
+            # Only configured distributors may use this TM: anyone else could inject packets into its
+            # connection table and management stack, or use the keepalive echo as a reflector.
+            distributor = distributors.get(peer[0])
+            if distributor is None:
+                drops["unknown-peer"] += 1
+                return
+            if payload[2:4] == _KEEPALIVE:
+                udp_reply(payload, peer)
+                self.keepalives_echoed += 1
+                return
+            frame = decapsulate(payload)
+            if frame is None:
+                drops["malformed:gre"] += 1
+                return
+            if frame.protocol not in ip_protocols:
+                drops["unsupported-gre-protocol"] += 1
+                return
+            # Answers go to the distributor's configured port, whichever of its source ports this came from.
+            self._last_distributor = distributor
+            peers[distributor] += 1
+            execute(core.receive(frame.inner, clock()), distributor)
+
+        def from_tun(packet: bytes) -> None:
+            execute(core.from_local(packet, clock()), self._last_distributor)
+
+        self.tun.start(loop, from_tun)
+        self.udp.start(loop, from_overlay)
         self._rearm()
-
-    def _from_overlay(self, payload: bytes, peer: tuple[str, int]) -> None:
-        # Only configured distributors may use this TM: anyone else could inject packets into its
-        # connection table and management stack, or use the keepalive echo as a reflector.
-        distributor = self._distributors.get(peer[0])
-        if distributor is None:
-            self.drops["unknown-peer"] += 1
-            return
-        if payload[2:4] == _KEEPALIVE:
-            self.udp.reply(payload, peer)  # type: ignore[union-attr]
-            self.keepalives_echoed += 1
-            return
-        frame = gre.decapsulate(payload)
-        if frame is None:
-            self.drops["malformed:gre"] += 1
-            return
-        if frame.protocol not in (gre.PROTO_IPV4, gre.PROTO_IPV6):
-            self.drops["unsupported-gre-protocol"] += 1
-            return
-        # Answers go to the distributor's configured port, whichever of its source ports this came from.
-        self._last_distributor = distributor
-        self.peers[f"{distributor[0]}:{distributor[1]}"] += 1
-        result = self.core.receive(frame.inner, self.loop.time())  # type: ignore[union-attr]
-        self._execute(result, distributor)
-
-    def _from_tun(self, packet: bytes) -> None:
-        result = self.core.from_local(packet, self.loop.time())  # type: ignore[union-attr]
-        self._execute(result, self._last_distributor)
-
-    def _execute(self, result: object, distributor: tuple[str, int]) -> None:
-        action = result.action  # type: ignore[attr-defined]
-        if action == "overlay":
-            payload = gre.encapsulate(result.packet, key=self.config.underlay.gre_key)  # type: ignore[attr-defined]
-            self.udp.send(payload, distributor)  # type: ignore[union-attr]
-        elif action == "local":
-            self.tun.write(result.packet)  # type: ignore[attr-defined,union-attr]
-        if not self._rearm_pending:
-            # New connections may need an earlier expiry than the armed one: check once per loop iteration.
-            self._rearm_pending = True
-            self.loop.call_soon(self._rearm)  # type: ignore[union-attr]
 
     # -- timers ---------------------------------------------------------------------------------------
 
     def _rearm(self) -> None:
+        assert self.core is not None and self.loop is not None
         self._rearm_pending = False
-        deadline = self.core.next_deadline()  # type: ignore[union-attr]
+        deadline = self.core.next_deadline()
         if deadline is None:
             deadline = float("inf")
         if deadline == self._timer_at:
@@ -126,26 +133,29 @@ class TMAgent(Agent):
             self._timer = None
         self._timer_at = deadline
         if deadline != float("inf"):
-            self._timer = self.loop.call_at(deadline, self._on_timer)  # type: ignore[union-attr]
+            self._timer = self.loop.call_at(deadline, self._on_timer)
 
     def _on_timer(self) -> None:
+        assert self.core is not None and self.loop is not None
         self._timer = None
         self._timer_at = float("inf")
-        self.core.expire(self.loop.time())  # type: ignore[union-attr]
+        self.core.expire(self.loop.time())
         self._rearm()
 
     # -- control --------------------------------------------------------------------------------------
 
     def _reconfigure(self, new: NodeConfig) -> None:
-        assert self.core is not None
+        assert self.core is not None and self.config.tm is not None
         if new.tm is None:
             raise ValueError("the reloaded config is not a TM's")
-        if new.tm.management != self.config.tm.management:  # type: ignore[union-attr]
+        if new.tm.management != self.config.tm.management:
             raise ValueError("tm.management changed: the TUN's addresses apply only at restart")
         # Dry run first: a config the core refuses raises here, before the running core changes at all.
         TrafficManager(new.tm)
         self.core.reconfigure(new.tm)
-        self._distributors = self._configured_distributors(new)
+        # In place: the packet path holds this very dict.
+        self._distributors.clear()
+        self._distributors.update(self._configured_distributors(new))
         if self._last_distributor[0] not in self._distributors:
             self._last_distributor = next(iter(self._distributors.values()))
         self._rearm()
@@ -169,7 +179,7 @@ class TMAgent(Agent):
             drops[f"agent:{reason}"] = count
         return {
             **snapshot,
-            "peers": {peer: {"packets": count} for peer, count in self.peers.items()},
+            "peers": {f"{host}:{port}": {"packets": count} for (host, port), count in self.peers.items()},
             "drops": drops,
             "counters": counters,
         }

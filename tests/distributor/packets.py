@@ -34,7 +34,7 @@ def transport(proto: int, sport: int, dport: int, flags: int = TCP_SYN, payload:
     if proto == 6:
         return dpkt.tcp.TCP(sport=sport, dport=dport, flags=flags, seq=1000, data=payload)
     if proto == 17:
-        return dpkt.udp.UDP(sport=sport, dport=dport, data=payload)
+        return dpkt.udp.UDP(sport=sport, dport=dport, ulen=8 + len(payload), data=payload)  # dpkt leaves ulen at 8
     raise ValueError(proto)
 
 

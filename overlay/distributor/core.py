@@ -95,6 +95,7 @@ class Distributor:
         self.counters_tm: Counter[str] = Counter()
         self.counters_cell: Counter[str] = Counter()
         self.counters_reason: Counter[str] = Counter()
+        self.counters_drop: Counter[str] = Counter()  # the subset of reasons that dropped the packet
         self.generation = 0
         self.reconfigure(config)
 
@@ -339,6 +340,7 @@ class Distributor:
             )
         if decision.action == ACTION_FORWARD:
             return self._forward(packet, decision.reason, None, cell)
+        self.counters_drop[decision.reason] += 1
         return Verdict(ACTION_DROP, None, decision.reason, cell)
 
     def _forward(self, packet: bytes, reason: str, tm: str | None, cell: str | None = None) -> Verdict:
@@ -365,6 +367,7 @@ class Distributor:
 
     def _drop(self, reason: str) -> Verdict:
         self.counters_reason[reason] += 1
+        self.counters_drop[reason] += 1
         return Verdict(ACTION_DROP, None, reason)
 
     def _too_big(self, flow: Flow, packet: bytes) -> Verdict | None:
@@ -405,6 +408,7 @@ class Distributor:
             },
             "cells": dict(self.counters_cell),
             "reasons": dict(self.counters_reason),
+            "drops": dict(self.counters_drop),
         }
 
 

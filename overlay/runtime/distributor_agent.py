@@ -42,6 +42,7 @@ class DistributorAgent(Agent):
         self._timer: asyncio.TimerHandle | None = None
         self._http_checks: set[asyncio.Task[None]] = set()
         self._all_down_logged = False
+        self._probes_sent = 0
 
     def net_plan(self) -> NetPlan:
         return distributor_plan(self.config.tun)
@@ -111,10 +112,12 @@ class DistributorAgent(Agent):
         now = self.loop.time()
         key = self.config.distributor.gre_key
         destinations = {tm.name: (str(tm.underlay[0]), tm.underlay[1]) for tm in self.config.distributor.tms}
-        for index, (tm, payload) in enumerate(self.health.due_probes(now)):
+        for tm, payload in self.health.due_probes(now):
             datagram = gre.encapsulate(payload, key=key, protocol=gre.KEEPALIVE_PROTOCOL)
-            # Successive probes leave from different source ports: a TM is probed over several ECMP paths.
-            self.udp.send(datagram, destinations[tm], index)
+            # Probes rotate over the source ports, so over time each TM is probed on every ECMP path
+            # its traffic may take, not just one.
+            self._probes_sent += 1
+            self.udp.send(datagram, destinations[tm], self._probes_sent)
         for tm in self.health.due_http(now):
             task = self.loop.create_task(self._check_http(tm))
             self._http_checks.add(task)

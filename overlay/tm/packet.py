@@ -89,14 +89,6 @@ def parse_ip(packet: bytes) -> tuple[int, int, int, int] | str:
     return R.MALFORMED_VERSION
 
 
-def destination(packet: bytes, version: int) -> bytes:
-    return packet[16:20] if version == 4 else packet[24:40]
-
-
-def source(packet: bytes, version: int) -> bytes:
-    return packet[12:16] if version == 4 else packet[8:24]
-
-
 class IcmpError:
     """Offsets of an ICMP error and the key of the flow it reports, seen in the error's direction.
 

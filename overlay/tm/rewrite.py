@@ -17,7 +17,7 @@ from __future__ import annotations
 from overlay.checksum import add_deltas, apply_delta, checksum_delta
 from overlay.tm import reasons as R
 from overlay.tm.conntrack import Half
-from overlay.tm.packet import ICMPV6, TCP, UDP, IcmpError
+from overlay.tm.packet import ADDRESS_LENGTH, ADDRESS_OFFSET, ICMPV6, TCP, UDP, IcmpError
 
 
 def rewrite(packet: bytes, version: int, protocol: int, l4: int, end: int, half: Half) -> bytes:
@@ -78,8 +78,8 @@ def translate_icmp_error(packet: bytes, version: int, l4: int, end: int, error: 
     keeps its source, so traceroute still shows the hops.
     """
     assert half.addresses is not None and half.ports is not None
-    length = 4 if version == 4 else 16
-    src_at = 12 if version == 4 else 8
+    length = ADDRESS_LENGTH[version]
+    src_at = ADDRESS_OFFSET[version]
     dst_at = src_at + length
     key = half.key
     s, d = key[:length], key[length:2 * length]
@@ -97,7 +97,7 @@ def translate_icmp_error(packet: bytes, version: int, l4: int, end: int, error: 
 
     # The quoted packet: addresses, its IPv4 header checksum, ports or echo identifier, its checksum.
     inner_ip, inner_l4 = error.inner_ip, error.inner_l4
-    inner_src_at = inner_ip + (12 if version == 4 else 8)
+    inner_src_at = inner_ip + src_at
     address_delta = _replace(buf, inner_src_at, d2 + s2)
     icmp_delta += address_delta
     if version == 4:

@@ -1,6 +1,6 @@
 """Connection states, which are also the timeout classes, and the TCP state machine.
 
-Each state has one idle timeout (`[tm.conntrack.timeouts]`, keys = `TIMEOUT_KEYS`). The TCP machine is
+Each state has one idle timeout (`[tm.conntrack.timeouts]`, keys = `STATE_NAMES`). The TCP machine is
 the one of Linux conntrack without sequence-window tracking: it follows flags per direction
 (0 = original, the direction of the opener; 1 = reply).
 
@@ -30,8 +30,6 @@ STATE_NAMES = (
     "tcp_syn_sent", "tcp_syn_recv", "tcp_established", "tcp_fin_wait", "tcp_close_wait", "tcp_last_ack",
     "tcp_time_wait", "tcp_close", "udp_unreplied", "udp_replied", "icmp",
 )
-# The config's timeout keys are the state names: one timeout per state.
-TIMEOUT_KEYS = STATE_NAMES
 
 # When the table is full, a new connection may evict the oldest entry of these states, tried in this
 # order; connections that carry data (established, half-closed, replied UDP) are never evicted.

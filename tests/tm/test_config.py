@@ -77,3 +77,8 @@ def test_bad_config_names_field_and_line(description: str, text: str, field: str
     with pytest.raises(ConfigError) as raised:
         parse_tm_section(parse_toml(text, "tm.toml").section("tm"))
     assert (raised.value.field, raised.value.line) == (field, line), str(raised.value)
+
+
+def test_every_state_has_a_default_timeout() -> None:
+    from overlay.tm.states import STATE_NAMES
+    assert tuple(DEFAULT_TIMEOUTS) == STATE_NAMES

@@ -369,6 +369,9 @@ class TrafficManager:
             },
             "ports": {"range": list(self.config.port_range), "by_address": ports},
             "services": [service.status() for service in self._services.values()],
+            # Dropped packets by reason, the non-zero ones: the status page's "why" at a glance.
+            "drops": {reason: self._counts[reason] + self._local_counts[reason] for reason in R.ALL_REASONS
+                      if reason not in R.PASSING and self._counts[reason] + self._local_counts[reason]},
             "management": [str(address) for address in self.config.management],
             "xlate": [str(address) for address in self.config.xlate],
         }

@@ -63,6 +63,8 @@ ALL_REASONS: tuple[str, ...] = tuple(
 
 _FORWARDED = frozenset({FIREWALL_ALLOW, FIREWALL_REPLY, FIREWALL_RELATED})
 _TRANSLATED = frozenset({DNAT, REVERSE_DNAT, SNAT, REVERSE_SNAT, HAIRPIN, REVERSE_HAIRPIN, ICMP_RELATED})
+# Reasons of packets that are passed on (actions "overlay" and "local"); every other reason is a drop.
+PASSING = _FORWARDED | _TRANSLATED | {MANAGEMENT}
 
 
 def counter_name(reason: str) -> str:

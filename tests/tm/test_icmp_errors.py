@@ -8,7 +8,7 @@ import pytest
 from overlay.tm.core import TrafficManager
 
 from .addresses import (
-    CLIENT, FIRST_PORT, REMOTE, REMOTE6, ROUTER, ROUTER6, SERVER1, SERVER1_6, SERVER2, VIP, XLATE, XLATE6,
+    CLIENT, CLIENT6, VIP6, FIRST_PORT, REMOTE, REMOTE6, ROUTER, ROUTER6, SERVER1, SERVER1_6, SERVER2, VIP, XLATE, XLATE6,
 )
 from .conftest import lab_config_with_dns
 from .packets import ACK, SYN, Flow, checksum_problems, echo, flow, icmp_error, quoted, tcp, udp
@@ -51,6 +51,13 @@ CASES = [
         "error": icmp_error(ROUTER6, XLATE6, udp(XLATE6, FIRST_PORT, REMOTE6, 443, b"q" * 64), "frag-needed"),
         "outer": (ROUTER6, SERVER1_6),
         "quoted": Flow(U, SERVER1_6, 6000, REMOTE6, 443),
+    },
+    {
+        "description": "IPv6: server1 refuses a DNATed connection, the client sees the VIP refuse it",
+        "opener": tcp(CLIENT6, 40000, VIP6, 80, SYN),
+        "error": icmp_error(SERVER1_6, CLIENT6, tcp(CLIENT6, 40000, SERVER1_6, 80, SYN)),
+        "outer": (VIP6, CLIENT6),
+        "quoted": Flow(T, CLIENT6, 40000, VIP6, 80),
     },
     {
         "description": "the remote host itself says port unreachable to the xlate address",

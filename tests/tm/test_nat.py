@@ -121,6 +121,14 @@ CONVERSATIONS = [
         ],
     },
     {
+        "description": "hairpin, IPv6: server2 → VIP6 via the IPv6 xlate address",
+        "steps": [
+            (tcp(SERVER2_6, 3333, VIP6, 80, SYN), "overlay", "hairpin", Flow(T, XLATE6, FIRST_PORT, SERVER1_6, 80)),
+            (tcp(SERVER1_6, 80, XLATE6, FIRST_PORT, SYN | ACK), "overlay", "reverse-hairpin",
+             Flow(T, VIP6, 80, SERVER2_6, 3333)),
+        ],
+    },
+    {
         "description": "management address: delivered locally, unmodified (TCP and ping)",
         "steps": [
             (tcp(CLIENT, 50000, MANAGEMENT, 8080, SYN), "local", "management", Flow(T, CLIENT, 50000, MANAGEMENT, 8080)),
@@ -293,3 +301,19 @@ def test_snat_ports_come_from_the_configured_block() -> None:
     assert (third.action, third.reason) == ("drop", "ports-exhausted")
     assert tm.counters()["dropped.ports_exhausted"] == 1
     assert tm.snapshot()["ports"]["by_address"][XLATE]["udp"] == {"in_use": 2, "capacity": 2, "exhausted": 1}
+
+
+def test_snapshot_reports_states_table_ports_services_and_drops(tm: TrafficManager) -> None:
+    import json
+    tm.receive(tcp(CLIENT, 40000, VIP, 80, SYN), 1.0)
+    tm.receive(tcp(SERVER1, 5555, REMOTE, 443, SYN), 1.0)
+    tm.receive(tcp(SERVER1, 80, CLIENT, 1, ACK), 1.0)
+    tm.from_local(tcp(SERVER1, 80, CLIENT, 1, ACK), 1.0)
+    snapshot = json.loads(json.dumps(tm.snapshot()))
+    assert snapshot["connections"]["total"] == 2
+    assert snapshot["connections"]["by_state"]["tcp_syn_sent"] == 2
+    assert snapshot["table"] == {"size": 2, "limit": 65536, "fullness": 0.0}
+    assert snapshot["ports"]["by_address"] == {XLATE: {"tcp": {"in_use": 1, "capacity": 64512, "exhausted": 0}}}
+    web = snapshot["services"][0]
+    assert (web["name"], web["virtual"], [s["connections"] for s in web["servers"]]) == ("web", VIP, [1, 0])
+    assert snapshot["drops"] == {"invalid:no-state": 1, "invalid:local-source": 1}

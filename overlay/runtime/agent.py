@@ -59,6 +59,7 @@ class Agent(abc.ABC):
         self.udp: UnderlayEndpoint | None = None
         self.netsetup: NetSetup | None = None
         self.reloads = {"ok": 0, "failed": 0}
+        self.exit_code = 0
         self.last_reload_error: str | None = None
         self._stop = asyncio.Event()
         self._status_server: Any = None
@@ -150,6 +151,12 @@ class Agent(abc.ABC):
             log.info("agent.stopping", signal=signal.Signals(signum).name if signum else None)
             self._stop.set()
 
+    def tun_lost(self, error: OSError) -> None:
+        """The TUN went away (deleted by someone): nothing can flow any more; exit 1 so a supervisor restarts."""
+        log.critical("tun.lost", tun=self.config.tun.name, error=error.strerror)
+        self.exit_code = 1
+        self.stop()
+
     def close(self) -> None:
         """Stop reading, handle what already arrived, then remove everything this run added."""
         if self.tun is not None:
@@ -182,13 +189,15 @@ class Agent(abc.ABC):
             new = load_node_config(path)
             blocked = restart_only_changes(self.config, new)
             if blocked:
-                raise ConfigError("", f"changed {', '.join(blocked)}: these apply only at restart")
+                raise ConfigError("", f"changed {', '.join(blocked)}: these apply only at restart", None, path)
             self._reconfigure(new)
         except (ConfigError, ValueError) as error:
-            self.reloads["failed"] += 1
-            self.last_reload_error = str(error)
-            log.error("config.reload_failed", error=str(error), keeping_generation=self.generation)
-            return {"ok": False, "error": str(error), "generation": self.generation}
+            return self._reload_failed(str(error))
+        except Exception as error:
+            # A bug in a core's reconfigure must not take the running agent down with it: the dry run
+            # (see `_reconfigure`) makes it very likely the running core is still the old, whole one.
+            log.exception("config.reload_crashed")
+            return self._reload_failed(f"internal error applying {path}: {error!r}")
         if new.log != self.config.log:
             log.warning("config.log_settings_need_restart", format=new.log.format, level=new.log.level)
         self.config = new
@@ -197,6 +206,12 @@ class Agent(abc.ABC):
         self.last_reload_error = None
         log.info("config.reloaded", generation=self.generation, digest=new.digest[:12])
         return {"ok": True, "error": None, "generation": self.generation}
+
+    def _reload_failed(self, error: str) -> dict:
+        self.reloads["failed"] += 1
+        self.last_reload_error = error
+        log.error("config.reload_failed", error=error, keeping_generation=self.generation)
+        return {"ok": False, "error": error, "generation": self.generation}
 
     # -- status (the StatusProvider protocol) -----------------------------------------------------------
 
@@ -281,4 +296,4 @@ async def run_agent(agent: Agent) -> int:
         return 2
     finally:
         agent.close()
-    return 0
+    return agent.exit_code

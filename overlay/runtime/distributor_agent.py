@@ -86,7 +86,7 @@ class DistributorAgent(Agent):
             else:
                 execute(verdict)
 
-        self.tun.start(loop, from_tun)
+        self.tun.start(loop, from_tun, self.tun_lost)
         self.udp.start(loop, from_overlay)
         self._arm_health(now)
 

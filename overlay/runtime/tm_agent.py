@@ -114,7 +114,7 @@ class TMAgent(Agent):
         def from_tun(packet: bytes) -> None:
             execute(core.from_local(packet, clock()), self._last_distributor)
 
-        self.tun.start(loop, from_tun)
+        self.tun.start(loop, from_tun, self.tun_lost)
         self.udp.start(loop, from_overlay)
         self._rearm()
 

@@ -89,6 +89,8 @@ class TunDevice:
         self._view = memoryview(self._buffer)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_packet: Callable[[bytes], None] | None = None
+        self._on_lost: Callable[[OSError], None] | None = None
+        self.lost = False
         self.counters: dict[str, int] = {
             "tun_rx_packets": 0,
             "tun_rx_bytes": 0,
@@ -98,9 +100,16 @@ class TunDevice:
             "tun_rx_errors": 0,
         }
 
-    def start(self, loop: asyncio.AbstractEventLoop, on_packet: Callable[[bytes], None]) -> None:
+    def start(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        on_packet: Callable[[bytes], None],
+        on_lost: Callable[[OSError], None] | None = None,
+    ) -> None:
+        """Read into `on_packet`; `on_lost(error)` once if the device goes away (e.g. `ip link del`)."""
         self._loop = loop
         self._on_packet = on_packet
+        self._on_lost = on_lost
         loop.add_reader(self.fd, self._drain)
 
     def stop_reading(self) -> None:
@@ -112,6 +121,8 @@ class TunDevice:
         return self._drain()
 
     def _drain(self) -> int:
+        if self.lost:
+            return 0
         fd, buffers, view, on_packet = self.fd, [self._buffer], self._view, self._on_packet
         counters = self.counters
         handled = 0
@@ -120,9 +131,16 @@ class TunDevice:
                 size = os.readv(fd, buffers)
             except BlockingIOError:
                 break
-            except OSError:
-                # EBADFD/EIO when the device goes away under us: count and let the reader stay quiet.
+            except InterruptedError:
+                continue
+            except OSError as error:
+                # EBADFD when the device was deleted under us: the descriptor stays "readable" with an
+                # error for ever, so keep reading it and the loop spins. Stop and tell the owner.
                 counters["tun_rx_errors"] += 1
+                self.lost = True
+                self.stop_reading()
+                if self._on_lost is not None:
+                    self._on_lost(error)
                 break
             handled += 1
             counters["tun_rx_packets"] += 1

@@ -271,3 +271,14 @@ def test_tm_underlay_inputs(workdir: Path) -> None:
                 assert overlay.status("tm")["drops"].get(case["drop"], 0) >= 1, case["description"]
         assert overlay.procs["tm"].poll() is None
         assert overlay.http().stdout == "200"
+
+
+def test_a_deleted_tun_stops_the_agent_with_exit_1_and_cleans_up(workdir: Path) -> None:
+    """`ip link del` under a running agent: no busy loop on the dead descriptor, a loud log, exit 1."""
+    with mini_overlay(workdir, agents=False) as overlay:
+        before = net_state(overlay.ns["tm"])
+        proc = overlay.start("tm")
+        in_ns(overlay.ns["tm"], "ip", "link", "del", "rtxtm0")
+        assert proc.wait(10) == 1
+        assert events(overlay, "tm", "tun.lost")
+        assert net_state(overlay.ns["tm"]) == before

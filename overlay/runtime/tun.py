@@ -131,8 +131,6 @@ class TunDevice:
                 size = os.readv(fd, buffers)
             except BlockingIOError:
                 break
-            except InterruptedError:
-                continue
             except OSError as error:
                 # EBADFD when the device was deleted under us: the descriptor stays "readable" with an
                 # error for ever, so keep reading it and the loop spins. Stop and tell the owner.

@@ -120,8 +120,10 @@ class UnderlayEndpoint:
             except BlockingIOError:
                 break
             except OSError:
-                # ICMP errors from earlier sends surface here as ECONNREFUSED etc.: not fatal, keep reading.
+                # ICMP errors from earlier sends surface here as ECONNREFUSED etc.: not fatal, keep reading
+                # (within the budget: an error that repeats must not hold the loop).
                 counters["udp_rx_errors"] += 1
+                handled += 1
                 continue
             handled += 1
             counters["udp_rx_datagrams"] += 1

@@ -317,3 +317,17 @@ def test_snapshot_reports_states_table_ports_services_and_drops(tm: TrafficManag
     web = snapshot["services"][0]
     assert (web["name"], web["virtual"], [s["connections"] for s in web["servers"]]) == ("web", VIP, [1, 0])
     assert snapshot["drops"] == {"invalid:no-state": 1, "invalid:local-source": 1}
+
+
+def test_ipv4_options_are_kept_and_the_transport_found_after_them(tm: TrafficManager) -> None:
+    import dpkt
+
+    from .packets import A
+    segment = dpkt.tcp.TCP(sport=40000, dport=80, flags=SYN, data=b"opts")
+    options = b"\x94\x04\x00\x00"          # router alert, 4 bytes
+    packet = bytes(dpkt.ip.IP(src=A(CLIENT).packed, dst=A(VIP).packed, p=6, hl=6, opts=options, data=segment))
+    result = tm.receive(packet, 1.0)
+    assert (result.action, result.reason) == ("overlay", "dnat")
+    assert flow(result.packet) == Flow(T, CLIENT, 40000, SERVER1, 80)
+    assert result.packet[20:24] == options
+    assert checksum_problems(result.packet) == []

@@ -163,3 +163,14 @@ def test_reference_config_matches_the_lab_plan() -> None:
     # Every address the lab routes into the TUN is captured.
     captured = [ipaddress.ip_network(p) for p in ("203.0.113.80/32", "203.0.113.101/32", "203.0.113.201/32", "2001:db8:80::80/128")]
     assert all(any(net.subnet_of(c) for c in config.tun.capture if c.version == net.version) for net in captured)
+
+
+def test_complete_example_of_the_config_doc_is_valid() -> None:
+    """docs/config.md ends with a complete distributor; it must stay loadable (seed inlined: the doc
+    reads it from a file)."""
+    import re
+
+    doc = (REFERENCE.parents[1] / "docs" / "config.md").read_text()
+    example = re.findall(r"## A complete distributor\n\n```toml\n(.*?)```", doc, re.S)[0]
+    config = parse_node_config(example.replace('seed_file = "fleet.seed"', 'seed = "0123456789abcdef0123"'))
+    assert config.distributor is not None and [tm.weight for tm in config.distributor.tms] == [1, 2]

@@ -260,3 +260,14 @@ def test_counters_name_every_outcome() -> None:
         "reason.malformed:gre": 1,
     }
     assert counters["tm.tm1"] == 1 + (hashed_tm == "tm1")
+
+
+@pytest.mark.xfail(strict=True, reason="owner check uses TMs with weight > 0: a weight-0 owner's replies drop as owner-down")
+def test_weight_zero_tm_still_receives_replies_to_its_xlate_addresses() -> None:
+    """Weight 0 means "no share of the hashed traffic". Connections a TM source-NATed before it was
+    reweighted to 0 (a config reload, to drain it) still get replies addressed to its xlate address; only
+    it has their state, so they must still reach it."""
+    core = distributor(CELLS.replace('underlay = "192.0.2.71:4754"', 'underlay = "192.0.2.71:4754"\nweight = 0'))
+    assert core.from_tun(P.tcp(CLIENT, 40000, VIP, 80)).tm != "tm1"  # no hashed share
+    verdict = core.from_tun(P.tcp("198.51.100.20", 443, "203.0.113.101", 40000, flags=P.TCP_SYN | P.TCP_ACK))
+    assert (verdict.action, verdict.tm, verdict.reason) == ("tm", "tm1", "owner")

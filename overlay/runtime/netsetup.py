@@ -282,6 +282,9 @@ class NetSetup:
                     ipr.route("del", **args)
                 except NetlinkError:
                     pass  # the TUN closed first and took its routes with it
+        self._restore_sysctls()
+
+    def _restore_sysctls(self) -> None:
         while self._sysctls:
             path, previous = self._sysctls.pop()
             try:

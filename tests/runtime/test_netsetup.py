@@ -215,3 +215,55 @@ def test_tm_setup_answers_from_the_management_address_into_the_tun() -> None:
             assert str(FROM_RULE_PRIORITY) not in in_ns(ns["tm"], "ip", "rule")
         finally:
             device.close()
+
+
+def fake_proc_sys(root, *, all_rp_filter: str, tun: str = "rtxd0", forwarding: tuple[str, str] = ("1", "1")):
+    """A /proc/sys look-alike: what `NetSetup` reads and writes, in a temporary directory."""
+    files = {
+        "net/ipv4/conf/all/rp_filter": all_rp_filter,
+        f"net/ipv4/conf/{tun}/rp_filter": "1",
+        "net/ipv4/ip_forward": forwarding[0],
+        "net/ipv6/conf/all/forwarding": forwarding[1],
+    }
+    for name, value in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(value + "\n")
+    return root
+
+
+# {description, conf/all/rp_filter, forwarding v4/v6, expected TUN rp_filter, expected warnings (substrings)}
+SYSCTL_CASES = [
+    {"description": "all=0: the TUN gets 0", "all": "0", "forwarding": ("1", "1"), "tun": "0", "warnings": []},
+    {"description": "all=1 (strict): 0 would not help, the TUN gets loose 2", "all": "1", "forwarding": ("1", "1"),
+     "tun": "2", "warnings": []},
+    {"description": "forwarding off for a captured version is warned about", "all": "0", "forwarding": ("0", "1"),
+     "tun": "0", "warnings": ["ipv4/ip_forward is 0"]},
+    {"description": "IPv6 forwarding off while IPv6 is captured", "all": "0", "forwarding": ("1", "0"),
+     "tun": "0", "warnings": ["ipv6/conf/all/forwarding is 0"]},
+]
+
+
+@pytest.mark.parametrize("case", SYSCTL_CASES, ids=[case["description"] for case in SYSCTL_CASES])
+def test_sysctls_are_set_and_restored(case: dict, tmp_path) -> None:
+    root = fake_proc_sys(tmp_path, all_rp_filter=case["all"], forwarding=case["forwarding"])
+    setup = NetSetup(distributor_plan(REFERENCE_TUN), sysctl_root=root)
+    setup._set_sysctls()
+    assert (root / "net/ipv4/conf/rtxd0/rp_filter").read_text().strip() == case["tun"]
+    assert len(setup.warnings) == len(case["warnings"])
+    for expected, warning in zip(case["warnings"], setup.warnings):
+        assert expected in warning
+    # Forwarding is host policy: warned about, never changed.
+    assert (root / "net/ipv4/ip_forward").read_text().strip() == case["forwarding"][0]
+    setup._restore_sysctls()
+    assert (root / "net/ipv4/conf/rtxd0/rp_filter").read_text().strip() == "1"
+
+
+def test_read_only_sysctl_is_a_warning_not_a_failure(tmp_path) -> None:
+    root = fake_proc_sys(tmp_path, all_rp_filter="0")
+    target = root / "net/ipv4/conf/rtxd0/rp_filter"
+    target.unlink()
+    target.mkdir()  # writing it fails like a read-only /proc/sys does (an OSError)
+    setup = NetSetup(distributor_plan(REFERENCE_TUN), sysctl_root=root)
+    setup._set_sysctls()
+    assert any("cannot set" in warning and "sysctls" in warning for warning in setup.warnings)

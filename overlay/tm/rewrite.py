@@ -1,8 +1,8 @@
 """Rewriting packets of tracked connections, with incremental (RFC 1624) checksum updates.
 
 `rewrite` is the per-packet hot path: the connection's `Half` already holds the new addresses and ports
-and the folded checksum deltas, so it copies the packet once, assigns two slices and fixes one or two
-checksums with an addition and a fold.
+and the folded checksum deltas, so it joins the unchanged slices with the new fields and fixes one or
+two checksums with an addition and a fold.
 
 `translate_icmp_error` is the slow path for ICMP errors about a tracked flow (PMTU discovery and
 traceroute): the outer destination and the quoted packet are turned into what the other side of the
@@ -21,33 +21,33 @@ from overlay.tm.packet import ADDRESS_LENGTH, ADDRESS_OFFSET, ICMPV6, TCP, UDP, 
 
 
 def rewrite(packet: bytes, version: int, protocol: int, l4: int, end: int, half: Half) -> bytes:
-    buf = bytearray(packet) if end == len(packet) else bytearray(packet[:end])
+    # Joining slices of the immutable packet with the new fields measured ~15 % faster than copying
+    # into a bytearray and assigning into it (tests/tm/bench_tm.py), and it allocates the result once.
+    if end != len(packet):
+        packet = packet[:end]
     if version == 4:
-        buf[12:20] = half.addresses  # type: ignore[assignment]
-        total = (~(buf[10] << 8 | buf[11]) & 0xFFFF) + half.ip_delta
-        total = ~((total & 0xFFFF) + (total >> 16)) & 0xFFFF
-        buf[10] = total >> 8
-        buf[11] = total & 0xFF
+        total = ((packet[10] << 8 | packet[11]) ^ 0xFFFF) + half.ip_delta
+        checksum = ~((total & 0xFFFF) + (total >> 16)) & 0xFFFF
+        head = packet[:10] + checksum.to_bytes(2, "big") + half.addresses + packet[20:l4]  # type: ignore[operator]
     else:
-        buf[8:40] = half.addresses  # type: ignore[assignment]
+        head = packet[:8] + half.addresses + packet[40:l4]  # type: ignore[operator]
     if protocol == TCP:
-        buf[l4:l4 + 4] = half.ports  # type: ignore[assignment]
         at = l4 + 16
     elif protocol == UDP:
-        buf[l4:l4 + 4] = half.ports  # type: ignore[assignment]
         at = l4 + 6
-        if not (buf[at] or buf[at + 1]):
-            return bytes(buf)    # IPv4 UDP without checksum: nothing to update
+        if not (packet[at] or packet[at + 1]):
+            # IPv4 UDP without checksum: nothing to update.
+            return head + half.ports + packet[l4 + 4:]  # type: ignore[operator]
     else:
-        buf[l4 + 4:l4 + 6] = half.ports  # type: ignore[assignment]
-        at = l4 + 2
-    total = (~(buf[at] << 8 | buf[at + 1]) & 0xFFFF) + half.l4_delta
-    total = ~((total & 0xFFFF) + (total >> 16)) & 0xFFFF
-    if not total and protocol == UDP:
-        total = 0xFFFF       # a computed 0 is sent as all ones: 0 means "no checksum" in UDP
-    buf[at] = total >> 8
-    buf[at + 1] = total & 0xFF
-    return bytes(buf)
+        # ICMP: the checksum (offset 2) comes before the identifier (offset 4).
+        total = ((packet[l4 + 2] << 8 | packet[l4 + 3]) ^ 0xFFFF) + half.l4_delta
+        checksum = ~((total & 0xFFFF) + (total >> 16)) & 0xFFFF
+        return head + packet[l4:l4 + 2] + checksum.to_bytes(2, "big") + half.ports + packet[l4 + 6:]  # type: ignore[operator]
+    total = ((packet[at] << 8 | packet[at + 1]) ^ 0xFFFF) + half.l4_delta
+    checksum = ~((total & 0xFFFF) + (total >> 16)) & 0xFFFF
+    if not checksum and protocol == UDP:
+        checksum = 0xFFFF       # a computed 0 is sent as all ones: 0 means "no checksum" in UDP
+    return head + half.ports + packet[l4 + 4:at] + checksum.to_bytes(2, "big") + packet[at + 2:]  # type: ignore[operator]
 
 
 def _replace(buf: bytearray, at: int, new: bytes) -> int:

@@ -27,7 +27,8 @@ from overlay.tm.packet import (
 from overlay.tm.ports import PortAllocator
 from overlay.tm.rewrite import rewrite, translate_icmp_error
 from overlay.tm.states import (
-    FIN, ICMP_ECHO, RST, STATE_NAMES, SYN, TCP_ESTABLISHED, TCP_SYN_SENT, UDP_REPLIED, UDP_UNREPLIED, tcp_next, tcp_opens,
+    FIN, ICMP_ECHO, RST, STATE_NAMES, SYN, TCP_ESTABLISHED, TCP_SYN_SENT, UDP_REPLIED, UDP_UNREPLIED, tcp_next,
+    tcp_opens,
 )
 
 OVERLAY = "overlay"
@@ -113,7 +114,8 @@ class TrafficManager:
             return None
         return service.find(half.addresses[length:], int.from_bytes(half.ports[2:4], "big"))
 
-    def _allocator(self, address: bytes, protocol: int, low: int | None = None, high: int | None = None) -> PortAllocator:
+    def _allocator(self, address: bytes, protocol: int, low: int | None = None,
+                   high: int | None = None) -> PortAllocator:
         allocator = self._allocators.get((address, protocol))
         if allocator is None:
             if low is None or high is None:

@@ -106,7 +106,8 @@ class IcmpError:
         self.key = key
 
 
-def parse_transport(packet: bytes, version: int, protocol: int, l4: int, end: int) -> tuple[bytes, int] | IcmpError | str:
+def parse_transport(packet: bytes, version: int, protocol: int, l4: int,
+                    end: int) -> tuple[bytes, int] | IcmpError | str:
     """(flow key, info) — info is the TCP flags, 0 for UDP, 0/1 for ICMP echo request/reply — or an
     `IcmpError`, or a reason."""
     if version == 4:

@@ -68,7 +68,8 @@ PASSING = _FORWARDED | _TRANSLATED | {MANAGEMENT}
 
 
 def counter_name(reason: str) -> str:
-    """`invalid:no-state` → `invalid.no_state`, `dnat` → `translated.dnat`, `no-service` → `dropped.no_service`."""
+    """`invalid:no-state` → `invalid.no_state`, `dnat` → `translated.dnat`,
+    `no-service` → `dropped.no_service`."""
     if ":" in reason:
         category, detail = reason.split(":", 1)
         return f"{category}.{detail.replace('-', '_')}"

@@ -25,6 +25,7 @@ def rewrite(packet: bytes, version: int, protocol: int, l4: int, end: int, half:
     # into a bytearray and assigning into it (tests/tm/bench_tm.py), and it allocates the result once.
     if end != len(packet):
         packet = packet[:end]
+    ports: bytes = half.ports  # type: ignore[assignment]   # a NAT half: never None here
     if version == 4:
         total = ((packet[10] << 8 | packet[11]) ^ 0xFFFF) + half.ip_delta
         checksum = ~((total & 0xFFFF) + (total >> 16)) & 0xFFFF
@@ -37,17 +38,17 @@ def rewrite(packet: bytes, version: int, protocol: int, l4: int, end: int, half:
         at = l4 + 6
         if not (packet[at] or packet[at + 1]):
             # IPv4 UDP without checksum: nothing to update.
-            return head + half.ports + packet[l4 + 4:]  # type: ignore[operator]
+            return head + ports + packet[l4 + 4:]
     else:
         # ICMP: the checksum (offset 2) comes before the identifier (offset 4).
         total = ((packet[l4 + 2] << 8 | packet[l4 + 3]) ^ 0xFFFF) + half.l4_delta
         checksum = ~((total & 0xFFFF) + (total >> 16)) & 0xFFFF
-        return head + packet[l4:l4 + 2] + checksum.to_bytes(2, "big") + half.ports + packet[l4 + 6:]  # type: ignore[operator]
+        return head + packet[l4:l4 + 2] + checksum.to_bytes(2, "big") + ports + packet[l4 + 6:]
     total = ((packet[at] << 8 | packet[at + 1]) ^ 0xFFFF) + half.l4_delta
     checksum = ~((total & 0xFFFF) + (total >> 16)) & 0xFFFF
     if not checksum and protocol == UDP:
         checksum = 0xFFFF       # a computed 0 is sent as all ones: 0 means "no checksum" in UDP
-    return head + half.ports + packet[l4 + 4:at] + checksum.to_bytes(2, "big") + packet[at + 2:]  # type: ignore[operator]
+    return head + ports + packet[l4 + 4:at] + checksum.to_bytes(2, "big") + packet[at + 2:]
 
 
 def _replace(buf: bytearray, at: int, new: bytes) -> int:

@@ -101,7 +101,9 @@ def payload(packet: bytes) -> bytes:
     """The transport payload (TCP/UDP data, ICMP body after the 8-byte header)."""
     ip = dpkt.ip.IP(packet) if packet[0] >> 4 == 4 else dpkt.ip6.IP6(packet)
     transport = ip.data
-    return bytes(transport.data) if not isinstance(transport, (dpkt.icmp.ICMP, dpkt.icmp6.ICMP6)) else bytes(transport)[8:]
+    if isinstance(transport, (dpkt.icmp.ICMP, dpkt.icmp6.ICMP6)):
+        return bytes(transport)[8:]
+    return bytes(transport.data)
 
 
 def quoted(packet: bytes) -> bytes:

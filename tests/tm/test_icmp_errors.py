@@ -8,7 +8,8 @@ import pytest
 from overlay.tm.core import TrafficManager
 
 from .addresses import (
-    CLIENT, CLIENT6, VIP6, FIRST_PORT, REMOTE, REMOTE6, ROUTER, ROUTER6, SERVER1, SERVER1_6, SERVER2, VIP, XLATE, XLATE6,
+    CLIENT, CLIENT6, FIRST_PORT, REMOTE, REMOTE6, ROUTER, ROUTER6, SERVER1, SERVER1_6, SERVER2, VIP, VIP6, XLATE,
+    XLATE6,
 )
 from .conftest import lab_config_with_dns
 from .packets import ACK, SYN, Flow, checksum_problems, echo, flow, icmp_error, quoted, tcp, udp

@@ -131,7 +131,8 @@ CONVERSATIONS = [
     {
         "description": "management address: delivered locally, unmodified (TCP and ping)",
         "steps": [
-            (tcp(CLIENT, 50000, MANAGEMENT, 8080, SYN), "local", "management", Flow(T, CLIENT, 50000, MANAGEMENT, 8080)),
+            (tcp(CLIENT, 50000, MANAGEMENT, 8080, SYN), "local", "management",
+             Flow(T, CLIENT, 50000, MANAGEMENT, 8080)),
             (echo(CLIENT, MANAGEMENT, 9), "local", "management", Flow(I, CLIENT, 9, MANAGEMENT, 8)),
         ],
     },

@@ -143,10 +143,10 @@ def validate(config: TMConfig) -> list[tuple[str, str]]:
 def parse_tm_section(section: Section) -> TMConfig:
     """Read the `[tm]` table; unknown keys and contradictions raise `ConfigError` naming field and line."""
     mode = section.str("mode", "nat", choices=MODES)
-    management = tuple(section.each("management", to_address))
-    xlate = tuple(section.each("xlate", to_address))
-    natable = tuple(section.each("natable", to_network))
-    fleet_xlate = tuple(section.each("fleet_xlate", to_network))
+    management: tuple[IPAddress, ...] = tuple(section.each("management", to_address))
+    xlate: tuple[IPAddress, ...] = tuple(section.each("xlate", to_address))
+    natable: tuple[IPNetwork, ...] = tuple(section.each("natable", to_network))
+    fleet_xlate: tuple[IPNetwork, ...] = tuple(section.each("fleet_xlate", to_network))
     port_range = section.convert("port_range", _port_range, (1024, 65535))
     conntrack = _parse_conntrack(section.section("conntrack"))
     services = tuple(_parse_service(item) for item in section.sections("service"))
@@ -197,7 +197,8 @@ def _parse_service(section: Section) -> ServiceConfig:
     port = section.int("port", minimum=1, maximum=65535)
     protocol = section.str("protocol", "tcp", choices=SERVICE_PROTOCOLS)
     policy = section.str("policy", "round-robin", choices=POLICIES)
-    servers = tuple(section.each("servers", lambda value, where: _server(value, port), default=()))
+    servers: tuple[ServerConfig, ...] = tuple(
+        section.each("servers", lambda value, where: _server(value, port), default=()))
     section.done()
     if not servers:
         raise section.error("servers", "needs at least one server")
@@ -224,9 +225,9 @@ def _server(value: Any, default_port: int) -> ServerConfig:
 def _parse_rule(section: Section) -> FirewallRule:
     name = section.str("name", "")
     protocol = section.str("protocol", "any", choices=RULE_PROTOCOLS)
-    sources = tuple(section.each("sources", to_network))
-    destinations = tuple(section.each("destinations", to_network))
-    ports = tuple(section.each("ports", _rule_ports))
+    sources: tuple[IPNetwork, ...] = tuple(section.each("sources", to_network))
+    destinations: tuple[IPNetwork, ...] = tuple(section.each("destinations", to_network))
+    ports: tuple[tuple[int, int], ...] = tuple(section.each("ports", _rule_ports))
     section.done()
     if ports and protocol not in ("tcp", "udp"):
         raise section.error("ports", "only for protocol 'tcp' or 'udp'")

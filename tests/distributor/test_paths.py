@@ -6,6 +6,8 @@ from __future__ import annotations
 import struct
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from overlay import gre
 from overlay.distributor.core import Distributor
@@ -271,3 +273,21 @@ def test_weight_zero_tm_still_receives_replies_to_its_xlate_addresses() -> None:
     assert core.from_tun(P.tcp(CLIENT, 40000, VIP, 80)).tm != "tm1"  # no hashed share
     verdict = core.from_tun(P.tcp("198.51.100.20", 443, "203.0.113.101", 40000, flags=P.TCP_SYN | P.TCP_ACK))
     assert (verdict.action, verdict.tm, verdict.reason) == ("tm", "tm1", "owner")
+
+
+# -- never raises ------------------------------------------------------------------------------------------------
+SEEDS = [P.tcp(CLIENT, 40000, VIP, 80, payload=b"x" * 1500, df=True), P.icmp_error("198.51.100.1", INNER),
+         P.udp("2001:db8:1::10", 1, "2001:db8:80::80", 2, payload=b"y" * 1500), INNER]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.sampled_from(SEEDS), st.lists(st.tuples(st.integers(0, 1600), st.integers(0, 255)), max_size=4), st.integers(0, 1600))
+def test_core_never_raises_on_corrupt_packets(core: Distributor, seed: bytes, flips: list[tuple[int, int]], cut: int) -> None:
+    """Corrupted and truncated packets, from the TUN and from every kind of peer, get a verdict."""
+    packet = bytearray(seed[: max(cut, 1)])
+    for where, value in flips:
+        packet[where % len(packet)] = value
+    for verdict in (core.from_tun(bytes(packet)), core.from_overlay(gre.encapsulate(bytes(packet)), EDGE),
+                    core.from_overlay(bytes(packet), TM1), core.from_overlay(gre.encapsulate(bytes(packet)), TM1)):
+        assert verdict.action in ("tm", "forward", "local", "drop")
+        assert verdict.action != "drop" or verdict.reason

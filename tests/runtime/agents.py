@@ -93,6 +93,13 @@ port = 80
 servers = ["203.0.113.10:80"]
 
 [[tm.service]]
+name = "udp-sink"
+virtual = "203.0.113.80"
+port = 9
+protocol = "udp"
+servers = ["203.0.113.10:9"]
+
+[[tm.service]]
 name = "web6"
 virtual = "2001:db8:80::80"
 port = 80

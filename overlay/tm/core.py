@@ -88,7 +88,6 @@ class TrafficManager:
         reserved in the new allocators even when the port block moved.
         """
         self._apply(config)
-        lo, hi = config.port_range
         self._allocators = {}
         for conn in self._table.connections():
             if conn.server is not None:
@@ -99,7 +98,7 @@ class TrafficManager:
             if conn.snat is not None:
                 port = conn.snat[1]
                 address = conn.original.addresses[:ADDRESS_LENGTH[conn.version]]  # type: ignore[index]
-                allocator = self._allocator(address, conn.protocol, lo, hi)
+                allocator = self._allocator(address, conn.protocol)
                 allocator.reserve(port)
                 conn.snat = (allocator, port)
 
@@ -114,13 +113,10 @@ class TrafficManager:
             return None
         return service.find(half.addresses[length:], int.from_bytes(half.ports[2:4], "big"))
 
-    def _allocator(self, address: bytes, protocol: int, low: int | None = None,
-                   high: int | None = None) -> PortAllocator:
+    def _allocator(self, address: bytes, protocol: int) -> PortAllocator:
         allocator = self._allocators.get((address, protocol))
         if allocator is None:
-            if low is None or high is None:
-                low, high = self.config.port_range
-            allocator = self._allocators[(address, protocol)] = PortAllocator(low, high)
+            allocator = self._allocators[(address, protocol)] = PortAllocator(*self.config.port_range)
         return allocator
 
     # -- packets --------------------------------------------------------------------------------------
@@ -239,11 +235,9 @@ class TrafficManager:
                   now: float) -> TMResult:
         length = ADDRESS_LENGTH[version]
         src, dst, tail = key[:length], key[length:2 * length], key[2 * length:]
-        if dst in self._xlate_set:
-            # Nothing opens toward a translation address: only replies go there, and they have state.
+        if dst in self._xlate_set or in_prefixes(self._fleet_xlate, version, dst):
+            # Nothing opens toward a translation address (ours or another TM's): only replies go there.
             return self._invalid(version, protocol, key)
-        if in_prefixes(self._fleet_xlate, version, dst):
-            return self._invalid(version, protocol, key)    # a reply for another TM's source NAT
         natable = in_prefixes(self._natable, version, src)
         service = None
         if dst in self._virtual:

@@ -64,6 +64,8 @@ class FirewallRule:
 
 @dataclass(frozen=True)
 class ConntrackConfig:
+    """`timeouts` maps state names (`DEFAULT_TIMEOUTS` keys) to seconds; a missing state keeps its default."""
+
     max_entries: int = 65536
     timeouts: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_TIMEOUTS))
 

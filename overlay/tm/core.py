@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from overlay.checksum import add_deltas, checksum_delta
 from overlay.tm import reasons as R
 from overlay.tm.balancer import Server, Service
-from overlay.tm.config import TMConfig
+from overlay.tm.config import DEFAULT_TIMEOUTS, TMConfig
 from overlay.tm.conntrack import Conn, ConnTable, Half
 from overlay.tm.firewall import RuleList, compile_prefixes, in_prefixes
 from overlay.tm.packet import (
@@ -79,7 +79,8 @@ class TrafficManager:
         )
         self._rules = RuleList(config.firewall_rules)
         self._table.max_entries = config.conntrack.max_entries
-        self._table.timeouts = [float(config.conntrack.timeouts[name]) for name in STATE_NAMES]
+        timeouts = config.conntrack.timeouts
+        self._table.timeouts = [float(timeouts.get(name, DEFAULT_TIMEOUTS[name])) for name in STATE_NAMES]
 
     def reconfigure(self, config: TMConfig) -> None:
         """Swap the config; live connections keep their translations, server and port.

@@ -179,3 +179,13 @@ def test_a_port_is_freed_by_the_connection_that_used_it_only() -> None:
     out = tm.receive(udp(SERVER1, 6002, REMOTE, 53), 32.0)
     assert out.reason == "snat"
     assert flow(out.packet).sport == FIRST_PORT + 2      # never the live FIRST_PORT + 1
+
+
+def test_timeouts_not_given_keep_their_defaults() -> None:
+    config = dataclasses.replace(lab_config_with_dns(), conntrack=ConntrackConfig(100, {"udp_unreplied": 5.0}))
+    tm = TrafficManager(config)
+    tm.receive(udp(SERVER1, 6000, REMOTE, 53), 0.0)
+    tm.receive(tcp(SERVER1, 6000, REMOTE, 443, SYN), 0.0)
+    assert tm.next_deadline() == 5.0
+    tm.expire(5.0)
+    assert tm.next_deadline() == DEFAULT_TIMEOUTS["tcp_syn_sent"]

@@ -20,13 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from pyroute2.netlink.exceptions import NetlinkError
 
 from overlay import __version__
 from overlay.config import NodeConfig, load_node_config
 from overlay.configlib import ConfigError
 from overlay.runtime.netsetup import NetPlan, NetSetup
-from overlay.runtime.tun import TunDevice
+from overlay.runtime.tun import TunDevice, TunError
 from overlay.runtime.udp import UnderlayEndpoint
+from overlay.status.admin import AdminTokenError, load_admin_token
+from overlay.status.server import start_status_server
 
 log = structlog.get_logger("overlay.runtime")
 
@@ -72,10 +75,6 @@ class Agent(abc.ABC):
 
     def open(self, loop: asyncio.AbstractEventLoop) -> None:
         """Open the TUN, set up the host, bind the underlay, build the core; undo everything on failure."""
-        from pyroute2.netlink.exceptions import NetlinkError
-
-        from overlay.runtime.tun import TunError
-
         self.loop = loop
         config = self.config
         try:
@@ -118,14 +117,7 @@ class Agent(abc.ABC):
         )
 
     async def serve(self) -> None:
-        """Run until SIGTERM/SIGINT (or `stop()`), with the status service and SIGHUP reloads."""
-        from overlay.status.admin import AdminTokenError, load_admin_token
-        from overlay.status.server import start_status_server
-
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self.stop, signum)
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        """Run the status service until SIGTERM/SIGINT (or `stop()`)."""
         try:
             status = self.config.status
             try:
@@ -137,11 +129,11 @@ class Agent(abc.ABC):
                     self, status.host, status.port, admin=self.admin(), admin_token=token
                 )
             except OSError as error:
-                raise StartupError(f"status service cannot listen on {status.host}:{status.port}: {error.strerror}")
+                raise StartupError(
+                    f"status service cannot listen on {status.host}:{status.port}: {error.strerror}"
+                ) from None
             await self._stop.wait()
         finally:
-            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                loop.remove_signal_handler(signum)
             if self._status_server is not None:
                 await self._status_server.close()
                 self._status_server = None
@@ -284,16 +276,24 @@ class Agent(abc.ABC):
 async def run_agent(agent: Agent) -> int:
     """Open, serve until told to stop, close: the whole life of an agent process. Returns the exit code."""
     loop = asyncio.get_running_loop()
+    # Handlers first: a SIGTERM during start-up is then handled (after `open`) like any other.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, agent.stop, signum)
+    loop.add_signal_handler(signal.SIGHUP, agent.reload)
     try:
-        agent.open(loop)
-    except StartupError as error:
-        log.error("agent.cannot_start", role=agent.role, name=agent.config.name, error=str(error))
-        return 2
-    try:
-        await agent.serve()
-    except StartupError as error:
-        log.error("agent.cannot_start", role=agent.role, name=agent.config.name, error=str(error))
-        return 2
+        try:
+            agent.open(loop)
+        except StartupError as error:
+            log.error("agent.cannot_start", role=agent.role, name=agent.config.name, error=str(error))
+            return 2
+        try:
+            await agent.serve()
+        except StartupError as error:
+            log.error("agent.cannot_start", role=agent.role, name=agent.config.name, error=str(error))
+            return 2
+        finally:
+            agent.close()
+        return agent.exit_code
     finally:
-        agent.close()
-    return agent.exit_code
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(signum)

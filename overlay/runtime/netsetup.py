@@ -29,6 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
 T = TypeVar("T")
 
 DEFAULT_TABLE = 4754
@@ -169,8 +172,6 @@ class NetSetup:
         _outside_event_loop(self._undo)
 
     def _clean_stale(self) -> int:
-        from pyroute2 import IPRoute
-
         removed = 0
         with IPRoute() as ipr:
             for family in (socket.AF_INET, socket.AF_INET6):
@@ -191,8 +192,6 @@ class NetSetup:
         return removed
 
     def _apply(self) -> None:
-        from pyroute2 import IPRoute
-
         try:
             with IPRoute() as ipr:
                 found = ipr.link_lookup(ifname=self.plan.tun)
@@ -225,8 +224,6 @@ class NetSetup:
         router solicitations or MLD reports into the TUN — packets the core would otherwise have to decide
         and count. IPv6 routes through the TUN work without it.
         """
-        from pyroute2.netlink.exceptions import NetlinkError
-
         spec = {"attrs": [["AF_INET6", {"attrs": [["IFLA_INET6_ADDR_GEN_MODE", ADDR_GEN_MODE_NONE]]}]]}
         try:
             ipr.link("set", index=index, IFLA_AF_SPEC=spec)
@@ -266,9 +263,6 @@ class NetSetup:
             self._sysctls.append((path, previous))
 
     def _undo(self) -> None:
-        from pyroute2 import IPRoute
-        from pyroute2.netlink.exceptions import NetlinkError
-
         with IPRoute() as ipr:
             while self._rules:
                 args = self._rules.pop()

@@ -152,3 +152,24 @@ def test_drain_all_takes_what_arrived_after_reading_stopped() -> None:
     finally:
         endpoint.close()
         sender.close()
+
+
+def test_ipv6_underlay_reports_peers_as_host_and_port() -> None:
+    """An IPv6 underlay: peers come back as (host, port) in ipaddress's text form, as the cores key them."""
+    endpoint = UnderlayEndpoint(ipaddress.ip_address("::1"), 0, source_ports=1)
+    sender = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    sender.bind(("::1", 0))
+    got: list[tuple[bytes, tuple[str, int]]] = []
+    try:
+        loop = uvloop.new_event_loop()
+        endpoint.start(loop, lambda payload, peer: got.append((payload, peer)))
+        sender.sendto(b"v6", ("::1", endpoint.port))
+        endpoint.drain_all()
+        loop.close()
+        assert got == [(b"v6", (str(ipaddress.ip_address("::1")), sender.getsockname()[1]))]
+        assert endpoint.send(b"back", ("::1", sender.getsockname()[1]), 0)
+        sender.settimeout(5)
+        assert sender.recv(100) == b"back"
+    finally:
+        endpoint.close()
+        sender.close()

@@ -61,6 +61,7 @@ interval = {interval}
 timeout = 0.3
 rise = 1
 fall = 2
+http = {http}
 """
 
 TM_TOML = """\
@@ -216,7 +217,7 @@ def wait_listening(ns: str, endpoints: tuple[str, ...], timeout: float = 10) -> 
 
 
 @contextlib.contextmanager
-def mini_overlay(workdir: Path, *, admin: bool = False, interval: float = 0.2,
+def mini_overlay(workdir: Path, *, admin: bool = False, interval: float = 0.2, http_health: bool = False,
                  agents: bool = True) -> Iterator[MiniOverlay]:
     with namespaces("client", "dist", "tm", "server") as ns:
         build_topology(ns)
@@ -225,7 +226,8 @@ def mini_overlay(workdir: Path, *, admin: bool = False, interval: float = 0.2,
             token = workdir / "admin.token"
             token.write_text(ADMIN_TOKEN + "\n")
             admin_lines = f'admin_token_file = "{token}"\n'
-        (workdir / "distributor.toml").write_text(DISTRIBUTOR_TOML.format(admin=admin_lines, interval=interval))
+        (workdir / "distributor.toml").write_text(DISTRIBUTOR_TOML.format(
+            admin=admin_lines, interval=interval, http=str(http_health).lower()))
         (workdir / "tm.toml").write_text(TM_TOML)
         # The lab's HTTP server (part B's) answers /whoami with the peer it saw: proof of where NAT happened.
         servers = [

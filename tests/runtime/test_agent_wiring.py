@@ -128,7 +128,7 @@ def wire(agent, loop: FakeLoop) -> tuple[FakeTun, FakeUdp]:
 
 @pytest.fixture
 def distributor() -> tuple[DistributorAgent, FakeLoop, FakeTun, FakeUdp]:
-    config = parse_node_config(DISTRIBUTOR_TOML.format(admin="", interval=0.2), "d.toml", base=Path("."))
+    config = parse_node_config(DISTRIBUTOR_TOML.format(admin="", interval=0.2, http="false"), "d.toml", base=Path("."))
     agent, loop = DistributorAgent(config), FakeLoop()
     tun, udp = wire(agent, loop)
     return agent, loop, tun, udp

@@ -282,3 +282,14 @@ def test_a_deleted_tun_stops_the_agent_with_exit_1_and_cleans_up(workdir: Path) 
         assert proc.wait(10) == 1
         assert events(overlay, "tm", "tun.lost")
         assert net_state(overlay.ns["tm"]) == before
+
+
+def test_http_health_checks_reach_the_tm_status_service_through_the_overlay(workdir: Path) -> None:
+    """With `health.http`, the distributor also asks each TM's /healthz, on its management address."""
+    with mini_overlay(workdir, http_health=True) as overlay:
+        def http_up() -> bool:
+            tm1 = overlay.status("distributor")["health"]["tms"]["tm1"]
+            return tm1["http_up"] is True and tm1["consecutive_successes"] >= 2
+        wait_for(http_up, what="an answered /healthz")
+        assert overlay.status("distributor")["health"]["tms"]["tm1"]["http_failures"] == 0
+        assert overlay.status("tm")["counters"]["forwarded.management"] >= 1

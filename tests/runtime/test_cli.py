@@ -40,7 +40,7 @@ def test_log_format_is_checked() -> None:
 CONFIG_FAILURES = [
     {"description": "missing file", "content": None, "expected": "cannot read config"},
     {"description": "TOML syntax error", "content": "[node\n", "expected": "node.toml"},
-    {"description": "a distributor config given to `overlay tm`", "content": DISTRIBUTOR_TOML.format(admin="", interval=1),
+    {"description": "a distributor config given to `overlay tm`", "content": DISTRIBUTOR_TOML.format(admin="", interval=1, http="false"),
      "expected": "is a distributor config"},
 ]
 

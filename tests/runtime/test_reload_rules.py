@@ -10,7 +10,7 @@ from overlay.config import parse_node_config
 from overlay.runtime.agent import restart_only_changes
 from tests.runtime.agents import DISTRIBUTOR_TOML
 
-BASE = DISTRIBUTOR_TOML.format(admin="", interval=0.2)
+BASE = DISTRIBUTOR_TOML.format(admin="", interval=0.2, http="false")
 
 # {description, edit of the config text, fields that make the reload refuse}
 EDITS = [

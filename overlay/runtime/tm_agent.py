@@ -20,15 +20,11 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
-import structlog
-
 from overlay import gre
 from overlay.config import NodeConfig
 from overlay.runtime.agent import Agent
 from overlay.runtime.netsetup import NetPlan, tm_plan
 from overlay.tm.core import LOCAL, OVERLAY, TMResult, TrafficManager
-
-log = structlog.get_logger("overlay.tm")
 
 _KEEPALIVE = gre.KEEPALIVE_PROTOCOL.to_bytes(2, "big")
 

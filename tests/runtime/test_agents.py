@@ -293,3 +293,24 @@ def test_http_health_checks_reach_the_tm_status_service_through_the_overlay(work
         wait_for(http_up, what="an answered /healthz")
         assert overlay.status("distributor")["health"]["tms"]["tm1"]["http_failures"] == 0
         assert overlay.status("tm")["counters"]["forwarded.management"] >= 1
+
+
+def test_sigterm_under_a_flood_handles_what_is_in_flight_and_cleans_up(workdir: Path) -> None:
+    from tests.runtime.test_agent_benchmark import FLOOD
+
+    with mini_overlay(workdir, agents=False) as overlay:
+        before = net_state(overlay.ns["dist"])
+        overlay.start("tm")
+        overlay.start("distributor")
+        flood = subprocess.Popen(["ip", "netns", "exec", overlay.ns["client"], sys.executable, "-c", FLOOD,
+                                  "203.0.113.80", "3"], stdout=subprocess.DEVNULL)
+        try:
+            wait_for(lambda: overlay.status("distributor")["counters"]["tun_rx_packets"] > 1000, what="the flood")
+            started = time.monotonic()
+            assert overlay.stop("distributor") == 0
+            assert time.monotonic() - started < 5
+        finally:
+            flood.wait(15)
+        [stopped] = events(overlay, "distributor", "agent.stopped")
+        assert stopped["in_flight_handled"] > 0  # queued packets were decided and sent, not dropped
+        assert net_state(overlay.ns["dist"]) == before

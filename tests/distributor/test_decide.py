@@ -188,3 +188,23 @@ def test_reference_lab_plain_host_reply_is_routed() -> None:
     core = distributor(reference_text())
     verdict = core.from_tun(P.tcp("203.0.113.50", 80, "198.51.100.10", 40000, flags=P.TCP_SYN | P.TCP_ACK))
     assert (verdict.action, verdict.reason) == ("forward", "route")
+
+
+def test_addr_port_key_hashes_port_except_for_fragments() -> None:
+    """`hash.key = "addr+port"`: whole packets hash address + port; fragments (first or not) hash the
+    address alone, because a non-first fragment has no port — the documented caveat of addr+port."""
+    core = distributor(CELLS.replace('seed = "test-seed-0123456789abcdef"', 'seed = "test-seed-0123456789abcdef"\nkey = "addr+port"'))
+
+    def decision_key(packet: bytes) -> bytes | None:
+        from overlay.packet import parse_flow
+
+        flow = parse_flow(packet)
+        assert not isinstance(flow, str)
+        return core.decide(flow).key
+
+    client = P.packed(CLIENT)
+    assert decision_key(P.tcp(CLIENT, 40000, VIP, 80)) == client + (40000).to_bytes(2, "big")
+    assert decision_key(P.udp(CLIENT, 40000, VIP, 80, payload=b"x" * 32, mf=True)) == client
+    assert decision_key(P.ipv4(CLIENT, VIP, 17, b"x" * 32, offset_units=4)) == client
+    # The reply hashes the client's port too, so the two directions still meet.
+    assert decision_key(P.tcp(NODE, 80, CLIENT, 40000)) == client + (40000).to_bytes(2, "big")

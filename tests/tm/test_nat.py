@@ -332,3 +332,12 @@ def test_ipv4_options_are_kept_and_the_transport_found_after_them(tm: TrafficMan
     assert flow(result.packet) == Flow(T, CLIENT, 40000, SERVER1, 80)
     assert result.packet[20:24] == options
     assert checksum_problems(result.packet) == []
+
+
+def test_a_udp_checksum_that_computes_to_zero_is_sent_as_all_ones(tm: TrafficManager) -> None:
+    # This payload word (found by search) makes the translated datagram's checksum compute to 0,
+    # which UDP must send as 0xFFFF: a 0 would mean "no checksum".
+    packet = udp(SERVER1, 6000, REMOTE, 53, (38135).to_bytes(2, "big"))
+    result = tm.receive(packet, 1.0)
+    assert (result.reason, result.packet[26:28]) == ("snat", b"\xff\xff")
+    assert checksum_problems(result.packet) == []

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from overlay.selection import MIN_ROWS_LOG2, SelectionTable, build_table
+from tests.distributor.configs import CELLS, distributor
 
 SEED = b"selection-test-seed"
 
@@ -51,8 +52,6 @@ def test_seed_changes_the_table() -> None:
 
 def test_config_order_does_not_matter_to_a_distributor() -> None:
     """Two configs listing the same TMs in another order decide every row alike."""
-    from tests.distributor.configs import CELLS, distributor
-
     head, *blocks = CELLS.split("[[tm]]")
     a, b = distributor(CELLS), distributor(head + "".join("[[tm]]" + block for block in reversed(blocks)))
     assert [tm.name for tm in a.config.tms] != [tm.name for tm in b.config.tms]

@@ -8,6 +8,7 @@ asserts `ConfigError.line` is that line (so a locator off by one fails) and `Con
 from __future__ import annotations
 
 import ipaddress
+import re
 
 import pytest
 
@@ -168,8 +169,6 @@ def test_reference_config_matches_the_lab_plan() -> None:
 def test_complete_example_of_the_config_doc_is_valid() -> None:
     """docs/config.md ends with a complete distributor; it must stay loadable (seed inlined: the doc
     reads it from a file)."""
-    import re
-
     doc = (REFERENCE.parents[1] / "docs" / "config.md").read_text()
     example = re.findall(r"## A complete distributor\n\n```toml\n(.*?)```", doc, re.S)[0]
     config = parse_node_config(example.replace('seed_file = "fleet.seed"', 'seed = "0123456789abcdef0123"'))

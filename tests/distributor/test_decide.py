@@ -12,7 +12,9 @@ from dataclasses import dataclass
 import pytest
 
 from overlay import gre
+from overlay.decision import COLUMNS, ROWS
 from overlay.distributor.core import Distributor
+from overlay.packet import parse_flow
 from tests.distributor import packets as P
 from tests.distributor.configs import CELLS, distributor, reference_text
 
@@ -160,8 +162,6 @@ def test_from_tun(core: Distributor, packet: bytes, expected: Expect) -> None:
 
 
 def test_every_figure_9_cell_has_a_fixture() -> None:
-    from overlay.decision import COLUMNS, ROWS
-
     cells = {expected.cell for _, expected in (p.values for p in TABLE_CASES)}
     assert {f"{row}>{column}" for row in ROWS for column in COLUMNS} <= cells
 
@@ -196,8 +196,6 @@ def test_addr_port_key_hashes_port_except_for_fragments() -> None:
     core = distributor(CELLS.replace('seed = "test-seed-0123456789abcdef"', 'seed = "test-seed-0123456789abcdef"\nkey = "addr+port"'))
 
     def decision_key(packet: bytes) -> bytes | None:
-        from overlay.packet import parse_flow
-
         flow = parse_flow(packet)
         assert not isinstance(flow, str)
         return core.decide(flow).key

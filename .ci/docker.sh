@@ -159,9 +159,9 @@ base_image() {
     key=$(base_key)
     tarball="$CACHE/base-${tag//[:\/]/_}-$key.tar"
     if [[ ! -f $tarball ]]; then
-        local rootfs
+        # Global, not local: the EXIT trap that removes it runs after this function has returned.
         rootfs=$(mktemp -d /var/tmp/overlay-rootfs.XXXXXX)
-        trap 'rm -rf "$rootfs"' EXIT
+        trap 'rm -rf "${rootfs:-}"' EXIT
         say "debootstrap bookworm from $(mirror) for $tag"
         if ! debootstrap --variant=minbase --include=ca-certificates bookworm "$rootfs" "$(mirror)" \
                 >"$STATE/debootstrap.log" 2>&1; then

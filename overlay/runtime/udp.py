@@ -46,13 +46,40 @@ def _bind_udp(address: Address, port: int) -> socket.socket:
     return sock
 
 
+CONSECUTIVE_ATTEMPTS = 32
+
+
+def _bind_consecutive(address: Address, count: int) -> list[socket.socket]:
+    """`count` sockets on consecutive ports the kernel considers free: the first port is ephemeral, the
+    others follow it. Consecutive ports make one firewall range; if other sockets keep taking ports in
+    the middle, fall back to any free ports rather than fail."""
+    if count == 0:
+        return []
+    for _ in range(CONSECUTIVE_ATTEMPTS if count > 1 else 1):
+        sockets: list[socket.socket] = []
+        try:
+            sockets.append(_bind_udp(address, 0))
+            first = sockets[0].getsockname()[1]
+            if first + count - 1 > 65535:
+                raise OSError(errno.EADDRINUSE, "no room after the first port")
+            for offset in range(1, count):
+                sockets.append(_bind_udp(address, first + offset))
+            return sockets
+        except OSError as error:
+            for sock in sockets:
+                sock.close()
+            if error.errno != errno.EADDRINUSE:
+                raise
+    return [_bind_udp(address, 0) for _ in range(count)]
+
+
 class UnderlayEndpoint:
     """The receive socket plus the flow-entropy send sockets of one node.
 
     `on_datagram(payload, peer)` gets each UDP payload as `bytes` and the sender as (host, port).
     `send(payload, peer, flow_hash)` never raises: EAGAIN/ENOBUFS/unreachable are counted by errno name.
-    `source_port_base` binds the send sockets to consecutive ports from there (for firewalls that must
-    list them); None lets the kernel pick ephemeral ones. With `source_ports=0` everything is sent from
+    `source_port_base` binds the send sockets to consecutive ports from there; None lets the kernel pick
+    the first (ephemeral) port and takes the ones after it, so a firewall can allow them as one range. With `source_ports=0` everything is sent from
     the well-known port (a TM: the distributor knows it by that port).
     """
 
@@ -72,9 +99,11 @@ class UnderlayEndpoint:
         self.receive_socket = _bind_udp(address, port)
         self.port = self.receive_socket.getsockname()[1]
         try:
-            for index in range(source_ports):
-                bind_port = 0 if source_port_base is None else source_port_base + index
-                self.send_sockets.append(_bind_udp(address, bind_port))
+            if source_port_base is None:
+                self.send_sockets = _bind_consecutive(address, source_ports)
+            else:
+                for index in range(source_ports):
+                    self.send_sockets.append(_bind_udp(address, source_port_base + index))
         except BaseException:
             self.close()
             raise

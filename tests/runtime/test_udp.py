@@ -41,6 +41,27 @@ def test_each_flow_hash_leaves_from_its_own_source_port() -> None:
         peer.close()
 
 
+def test_ephemeral_source_ports_are_consecutive() -> None:
+    endpoint = UnderlayEndpoint(LOOPBACK, 0, source_ports=8)
+    try:
+        first = endpoint.source_ports[0]
+        assert endpoint.source_ports == list(range(first, first + 8))
+    finally:
+        endpoint.close()
+
+
+def test_no_source_ports_sends_from_the_well_known_port() -> None:
+    endpoint = UnderlayEndpoint(LOOPBACK, 0, source_ports=0)
+    peer = receiver()
+    try:
+        assert endpoint.send_sockets == [] and endpoint.source_ports == []
+        endpoint.send(b"x", peer.getsockname(), 12345)
+        assert peer.recvfrom(100)[1][1] == endpoint.port
+    finally:
+        endpoint.close()
+        peer.close()
+
+
 def test_reply_leaves_from_the_well_known_port() -> None:
     endpoint = UnderlayEndpoint(LOOPBACK, 0, source_ports=2)
     peer = receiver()

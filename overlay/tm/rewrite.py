@@ -21,7 +21,7 @@ from overlay.tm.packet import ADDRESS_LENGTH, ADDRESS_OFFSET, ICMPV6, TCP, UDP, 
 
 
 def rewrite(packet: bytes, version: int, protocol: int, l4: int, end: int, half: Half) -> bytes:
-    # Joining slices of the immutable packet with the new fields measured ~15 % faster than copying
+    # Joining slices of the immutable packet with the new fields measured ~13 % faster than copying
     # into a bytearray and assigning into it (tests/tm/bench_tm.py), and it allocates the result once.
     if end != len(packet):
         packet = packet[:end]

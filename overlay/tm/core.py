@@ -237,8 +237,12 @@ class TrafficManager:
         length = ADDRESS_LENGTH[version]
         src, dst, tail = key[:length], key[length:2 * length], key[2 * length:]
         if dst in self._xlate_set or in_prefixes(self._fleet_xlate, version, dst):
-            # Nothing opens toward a translation address (ours or another TM's): only replies go there.
-            return self._invalid(version, protocol, key)
+            # Nothing opens toward a translation address (ours or another TM's). A UDP datagram there
+            # may be a reply whose state is on another TM: invalid. A bare SYN or an echo request is
+            # never a reply (a scan, a ping): no rule, so the invalid counters keep meaning "symmetry".
+            if protocol == UDP:
+                return self._invalid(version, protocol, key)
+            return self._drop(R.NO_RULE)
         natable = in_prefixes(self._natable, version, src)
         service = None
         if dst in self._virtual:

@@ -162,8 +162,15 @@ CONVERSATIONS = [
         ],
     },
     {
-        "description": "invalid: a SYN to the xlate address opens nothing (no port forwarding)",
-        "steps": [(tcp(REMOTE, 443, XLATE, 2000, SYN), "drop", "invalid:no-state", None)],
+        "description": "a SYN or a ping to the xlate address opens nothing, and is no symmetry failure",
+        "steps": [
+            (tcp(REMOTE, 443, XLATE, 2000, SYN), "drop", "no-rule", None),
+            (echo(REMOTE, XLATE, 2000), "drop", "no-rule", None),
+        ],
+    },
+    {
+        "description": "invalid: a TCP ACK to the xlate address without state",
+        "steps": [(tcp(REMOTE, 443, XLATE, 2000, ACK), "drop", "invalid:no-state", None)],
     },
     {
         "description": "invalid: UDP to the xlate address without state",

@@ -175,8 +175,8 @@ class TrafficManager:
             return self._drops[parsed]
         version, _, _, end = parsed
         if (packet[12:16] if version == 4 else packet[8:24]) not in self._management:
-            self._local_counts[R.INVALID_LOCAL_SOURCE] += 1
-            return self._drops[R.INVALID_LOCAL_SOURCE]
+            self._local_counts[R.NOT_MANAGEMENT_SOURCE] += 1
+            return self._drops[R.NOT_MANAGEMENT_SOURCE]
         self._local_counts[R.MANAGEMENT] += 1
         return TMResult(OVERLAY, packet if end == len(packet) else packet[:end], R.MANAGEMENT)
 

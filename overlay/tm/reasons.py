@@ -28,7 +28,6 @@ INVALID_FOREIGN_XLATE = "invalid:foreign-xlate"          # no state, to another 
 INVALID_ICMP_NO_STATE = "invalid:icmp-error-no-state"    # ICMP error quoting a flow we do not track
 INVALID_ICMP_MISMATCH = "invalid:icmp-error-mismatch"    # ICMP error not addressed to the quoted sender
 INVALID_TCP_FLAGS = "invalid:tcp-flags"                  # SYN with RST or FIN: never a valid opener
-INVALID_LOCAL_SOURCE = "invalid:local-source"            # from_local packet not from a management address
 CONNTRACK_FULL = "conntrack-full"                        # table at max_entries and nothing may be evicted
 CONNTRACK_CLASH = "conntrack-clash"                      # the reply tuple is already used by another connection
 PORTS_EXHAUSTED = "ports-exhausted"                      # no free port in the xlate address's port block
@@ -37,6 +36,9 @@ NO_SERVICE = "no-service"                                # to a virtual address,
 NO_SERVER = "no-server"                                  # the service has no server with weight > 0
 NO_RULE = "no-rule"                                      # NAT mode: opener that is neither to a service nor NAT-able
 FIREWALL_DENY = "firewall-deny"                          # firewall mode: opener no rule allows
+# from_local: the host's stack sent something not from a management address (IPv6 router solicitations,
+# MLD reports of the TUN...). Host noise, not a symmetry failure: deliberately not an `invalid:` reason.
+NOT_MANAGEMENT_SOURCE = "not-management-source"
 
 MALFORMED_EMPTY = "malformed:empty"
 MALFORMED_VERSION = "malformed:bad-ip-version"

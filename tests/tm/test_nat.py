@@ -259,7 +259,7 @@ def test_from_local_passes_management_traffic_unmodified(tm: TrafficManager) -> 
 
 
 @pytest.mark.parametrize("packet, reason", [
-    (tcp(SERVER1, 80, CLIENT, 50000, SYN | ACK), "invalid:local-source"),
+    (tcp(SERVER1, 80, CLIENT, 50000, SYN | ACK), "not-management-source"),
     (b"\x45\x00", "malformed:truncated-ipv4"),
 ], ids=["not from a management address", "truncated"])
 def test_from_local_drops_what_is_not_management_traffic(tm: TrafficManager, packet: bytes, reason: str) -> None:
@@ -324,7 +324,7 @@ def test_snapshot_reports_states_table_ports_services_and_drops(tm: TrafficManag
     assert snapshot["ports"]["by_address"] == {XLATE: {"tcp": {"in_use": 1, "capacity": 64512, "exhausted": 0}}}
     web = snapshot["services"][0]
     assert (web["name"], web["virtual"], [s["connections"] for s in web["servers"]]) == ("web", VIP, [1, 0])
-    assert snapshot["drops"] == {"invalid:no-state": 1, "invalid:local-source": 1}
+    assert snapshot["drops"] == {"invalid:no-state": 1, "not-management-source": 1}
 
 
 def test_ipv4_options_are_kept_and_the_transport_found_after_them(tm: TrafficManager) -> None:

@@ -59,8 +59,11 @@ start() {
         return
     fi
     mkdir -p "$STATE"
-    # dockerd creates docker0 and leaves it behind on exit; note whether it is ours to remove.
+    # dockerd changes the host namespace and leaves the changes behind on exit: docker0, the iptables
+    # FORWARD policy (DROP), IPv4 forwarding (on). Note what was there so `stop` can put it back.
     if ip link show docker0 >/dev/null 2>&1; then rm -f "$STATE/docker0.ours"; else touch "$STATE/docker0.ours"; fi
+    iptables -S FORWARD 2>/dev/null | awk '$1 == "-P" { print $3 }' >"$STATE/forward-policy"
+    cat /proc/sys/net/ipv4/ip_forward >"$STATE/ip_forward"
     nohup dockerd --storage-driver overlay2 >>"$LOG" 2>&1 &
     echo $! >"$PIDFILE"
     for _ in $(seq 1 60); do
@@ -103,6 +106,13 @@ stop() {
         ip link delete docker0 2>/dev/null || true
         rm -f "$STATE/docker0.ours"
     fi
+    if [[ -s $STATE/forward-policy ]]; then
+        iptables -P FORWARD "$(cat "$STATE/forward-policy")" || true
+    fi
+    if [[ -s $STATE/ip_forward ]]; then
+        cat "$STATE/ip_forward" >/proc/sys/net/ipv4/ip_forward || true
+    fi
+    rm -f "$STATE/forward-policy" "$STATE/ip_forward"
 }
 
 base_tag() { awk 'toupper($1) == "FROM" { print $2; exit }' "$DOCKERFILE"; }

@@ -204,7 +204,7 @@ class TrafficManager:
         if protocol == TCP:
             if not tcp_opens(info):
                 if info & SYN and info & (RST | FIN):
-                    return self._drop(R.INVALID_TCP_FLAGS)
+                    return self._drop(R.MALFORMED_TCP_FLAGS)
                 return self._invalid(version, protocol, key)
             state = TCP_SYN_SENT
         elif protocol == UDP:

@@ -26,8 +26,6 @@ INVALID_NO_STATE = "invalid:no-state"                    # no connection and the
 INVALID_FOREIGN_PORT = "invalid:foreign-port-block"      # to our xlate address, port outside our block
 INVALID_FOREIGN_XLATE = "invalid:foreign-xlate"          # no state, to another TM's xlate address (fleet_xlate)
 INVALID_ICMP_NO_STATE = "invalid:icmp-error-no-state"    # ICMP error quoting a flow we do not track
-INVALID_ICMP_MISMATCH = "invalid:icmp-error-mismatch"    # ICMP error not addressed to the quoted sender
-INVALID_TCP_FLAGS = "invalid:tcp-flags"                  # SYN with RST or FIN: never a valid opener
 CONNTRACK_FULL = "conntrack-full"                        # table at max_entries and nothing may be evicted
 CONNTRACK_CLASH = "conntrack-clash"                      # the reply tuple is already used by another connection
 PORTS_EXHAUSTED = "ports-exhausted"                      # no free port in the xlate address's port block
@@ -53,6 +51,8 @@ MALFORMED_TRUNCATED_UDP = "malformed:truncated-udp"
 MALFORMED_UDP_LENGTH = "malformed:bad-udp-length"
 MALFORMED_TRUNCATED_ICMP = "malformed:truncated-icmp"
 MALFORMED_ICMP_INNER = "malformed:bad-icmp-error-inner"
+MALFORMED_ICMP_MISMATCH = "malformed:icmp-error-mismatch"   # ICMP error not addressed to the quoted sender
+MALFORMED_TCP_FLAGS = "malformed:tcp-flags"                 # SYN with RST or FIN: never a valid opener
 
 UNSUPPORTED_FRAGMENT = "unsupported:fragment"
 UNSUPPORTED_PROTOCOL = "unsupported:protocol"

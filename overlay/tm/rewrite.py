@@ -86,7 +86,7 @@ def translate_icmp_error(packet: bytes, version: int, l4: int, end: int, error: 
     s, d = key[:length], key[length:2 * length]
     s2, d2 = half.addresses[:length], half.addresses[length:]
     if packet[dst_at:dst_at + length] != d:
-        return R.INVALID_ICMP_MISMATCH
+        return R.MALFORMED_ICMP_MISMATCH
     buf = bytearray(packet[:end])
 
     # Outer header: destination to the real sender; source too if the peer itself reported.

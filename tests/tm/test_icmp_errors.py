@@ -110,7 +110,7 @@ NEGATIVE = [
      icmp_error(ROUTER, XLATE, tcp(XLATE, 4000, REMOTE, 443, SYN)), "invalid:icmp-error-no-state"),
     ("error addressed to someone else than the quoted sender",
      icmp_error(ROUTER, "198.51.100.99",
-                tcp(XLATE, FIRST_PORT, REMOTE, 443, SYN)), "invalid:icmp-error-mismatch"),
+                tcp(XLATE, FIRST_PORT, REMOTE, 443, SYN)), "malformed:icmp-error-mismatch"),
     ("quoted IP header cut short", icmp_error(ROUTER, XLATE, tcp(XLATE, FIRST_PORT, REMOTE, 443, SYN), quote_bytes=12),
      "malformed:bad-icmp-error-inner"),
     ("quote without 8 transport bytes", icmp_error(ROUTER, XLATE, tcp(XLATE, FIRST_PORT, REMOTE, 443, SYN),

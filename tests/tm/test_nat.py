@@ -186,7 +186,7 @@ CONVERSATIONS = [
     },
     {
         "description": "invalid: SYN with RST is never an opener",
-        "steps": [(tcp(CLIENT, 40000, VIP, 80, SYN | RST), "drop", "invalid:tcp-flags", None)],
+        "steps": [(tcp(CLIENT, 40000, VIP, 80, SYN | RST), "drop", "malformed:tcp-flags", None)],
     },
     {
         "description": "reply to the wrong xlate port after a real connection: still invalid",

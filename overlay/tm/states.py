@@ -9,7 +9,7 @@ the one of Linux conntrack without sequence-window tracking: it follows flags pe
     FIN_WAIT --ACK from the other side--> CLOSE_WAIT (half-closed: the other side may still send)
     FIN_WAIT, CLOSE_WAIT --FIN from the other side--> LAST_ACK
     LAST_ACK --ACK from the closer--> TIME_WAIT
-    any --RST--> CLOSE;  TIME_WAIT, CLOSE --orig SYN--> SYN_SENT (the port pair is reused: reopen)
+    any --RST--> CLOSE;  FIN_WAIT ... CLOSE --bare SYN from orig--> SYN_SENT (port pair reused: reopen)
 """
 
 from __future__ import annotations
@@ -53,6 +53,10 @@ def tcp_next(state: int, direction: int, flags: int, closer: int) -> tuple[int, 
     first FIN (-1 before any)."""
     if flags & RST:
         return TCP_CLOSE, closer
+    if state >= TCP_FIN_WAIT and direction == 0 and tcp_opens(flags):
+        # A bare SYN from the original side of a closing connection: the client reuses the port pair
+        # for a new connection (common with busy clients), so the entry starts over.
+        return TCP_SYN_SENT, -1
     if state == TCP_ESTABLISHED:
         if flags & FIN:
             return TCP_FIN_WAIT, direction
@@ -78,7 +82,4 @@ def tcp_next(state: int, direction: int, flags: int, closer: int) -> tuple[int, 
         if direction == closer and flags & (ACK | FIN | SYN) == ACK:
             return TCP_TIME_WAIT, closer
         return state, closer
-    # TIME_WAIT and CLOSE: a new bare SYN from the original side reuses the entry.
-    if direction == 0 and tcp_opens(flags):
-        return TCP_SYN_SENT, -1
     return state, closer

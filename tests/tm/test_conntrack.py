@@ -41,6 +41,8 @@ TRANSITIONS = [
     ("RST during the handshake", TCP_SYN_SENT, R_, RST | ACK, -1, TCP_CLOSE, -1),
     ("new SYN in TIME_WAIT reopens", TCP_TIME_WAIT, O, SYN, O, TCP_SYN_SENT, -1),
     ("new SYN after RST reopens", TCP_CLOSE, O, SYN, -1, TCP_SYN_SENT, -1),
+    ("new SYN while still closing reopens", TCP_LAST_ACK, O, SYN, R_, TCP_SYN_SENT, -1),
+    ("a SYN in an established connection does not reopen", TCP_ESTABLISHED, O, SYN, -1, TCP_ESTABLISHED, -1),
     ("a SYN from the reply side does not reopen", TCP_CLOSE, R_, SYN, -1, TCP_CLOSE, -1),
 ]
 

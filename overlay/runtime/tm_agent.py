@@ -24,7 +24,7 @@ from overlay import gre
 from overlay.config import NodeConfig
 from overlay.runtime.agent import Agent
 from overlay.runtime.netsetup import NetPlan, tm_plan
-from overlay.tm.core import LOCAL, OVERLAY, TMResult, TrafficManager
+from overlay.tm.core import BOUNCE, LOCAL, OVERLAY, TMResult, TrafficManager
 
 _KEEPALIVE = gre.KEEPALIVE_PROTOCOL.to_bytes(2, "big")
 
@@ -69,6 +69,7 @@ class TMAgent(Agent):
         distributors, peers, drops = self._distributors, self.peers, self.drops
         key = self.config.underlay.gre_key  # [underlay] only changes with a restart
         decapsulate, encapsulate, ip_protocols = gre.decapsulate, gre.encapsulate, (gre.PROTO_IPV4, gre.PROTO_IPV6)
+        key_fallback, second_chance = gre.key_fallback, gre.SECOND_CHANCE_PROTOCOL
 
         # The per-packet path: closures over locals (no attribute lookups, no Optional checks per packet).
         # `reconfigure` changes the core and `distributors` in place, so these stay valid across reloads.
@@ -105,7 +106,14 @@ class TMAgent(Agent):
             # Answers go to the distributor's configured port, whichever of its source ports this came from.
             self._last_distributor = distributor
             peers[distributor] += 1
-            execute(core.receive(frame.inner, clock()), distributor)
+            marked = key_fallback(frame.key) != 0
+            result = core.receive(frame.inner, clock(), marked)
+            if result.action == BOUNCE:
+                # Second chance: the same packet, the same key, back to the distributor under the
+                # bounce protocol; it forwards it to the draining TM the key names.
+                udp_send(encapsulate(frame.inner, key=frame.key, protocol=second_chance), distributor)
+                return
+            execute(result, distributor)
 
         def from_tun(packet: bytes) -> None:
             execute(core.from_local(packet, clock()), self._last_distributor)

@@ -34,19 +34,24 @@ from overlay.tm.states import (
 OVERLAY = "overlay"
 LOCAL = "local"
 DROP = "drop"
+BOUNCE = "bounce"  # no state here, but the distributor named a second-chance TM: hand the packet back
 
 _PROTOCOL_NAMES = {TCP: "tcp", UDP: "udp", ICMP: "icmp", ICMPV6: "icmpv6"}
 
 
 @dataclass(frozen=True, slots=True)
 class TMResult:
-    action: str           # "overlay" | "local" | "drop"
+    action: str           # "overlay" | "local" | "drop" | "bounce"
     packet: bytes | None
     reason: str
 
 
+_BOUNCED = TMResult(BOUNCE, None, R.SECOND_CHANCE)
+
+
 class TrafficManager:
     def __init__(self, config: TMConfig) -> None:
+        self._second_chance = False
         self._table = ConnTable(config.conntrack.max_entries, [])
         self._allocators: dict[tuple[bytes, int], PortAllocator] = {}
         self._counts = dict.fromkeys(R.ALL_REASONS, 0)
@@ -121,9 +126,12 @@ class TrafficManager:
         return allocator
 
     # -- packets --------------------------------------------------------------------------------------
-    def receive(self, packet: bytes, now: float) -> TMResult:
-        """An inner packet the distributor sent to this TM."""
+    def receive(self, packet: bytes, now: float, second_chance: bool = False) -> TMResult:
+        """An inner packet the distributor sent to this TM. `second_chance`: the distributor marked it
+        (a draining TM may hold its connection), so a packet we would drop as invalid is bounced back
+        instead (action "bounce", packet None: the caller returns the packet it gave us)."""
         self._received += 1
+        self._second_chance = second_chance
         parsed = parse_ip(packet)
         if isinstance(parsed, str):
             return self._drop(parsed)
@@ -184,9 +192,15 @@ class TrafficManager:
         self._counts[reason] += 1
         return self._drops[reason]
 
+    def _bounce(self) -> TMResult:
+        self._counts[R.SECOND_CHANCE] += 1
+        return _BOUNCED
+
     def _icmp_error(self, packet: bytes, version: int, l4: int, end: int, error: IcmpError, now: float) -> TMResult:
         half = self._table.lookup(error.inner_protocol, error.key, now)
         if half is None:
+            if self._second_chance:
+                return self._bounce()
             return self._drop(R.INVALID_ICMP_NO_STATE)
         if half.addresses is None:
             self._counts[R.FIREWALL_RELATED] += 1
@@ -221,6 +235,8 @@ class TrafficManager:
         """No state and not an opener. To our xlate address but outside our port block, or to another
         TM's xlate address: the distributor sent another TM's traffic here (reported separately: it
         points at the distributor's owner map rather than at hashing)."""
+        if self._second_chance:
+            return self._bounce()
         length = ADDRESS_LENGTH[version]
         destination = key[length:2 * length]
         if destination in self._xlate_set:

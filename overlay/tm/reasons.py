@@ -21,6 +21,9 @@ FIREWALL_REPLY = "firewall-reply"      # firewall mode: packet of an allowed con
 FIREWALL_RELATED = "firewall-related"  # firewall mode: ICMP error about a tracked connection
 MANAGEMENT = "management"              # to/from a management address (action "local" inbound, "overlay" outbound)
 
+# -- action "bounce": back to the distributor for the second-chance TM named in the GRE key ------------
+SECOND_CHANCE = "second-chance"        # no state, but the distributor marked the packet: a draining TM has it
+
 # -- action "drop" ----------------------------------------------------------------------------------
 INVALID_NO_STATE = "invalid:no-state"                    # no connection and the packet does not open one
 INVALID_FOREIGN_PORT = "invalid:foreign-port-block"      # to our xlate address, port outside our block
@@ -80,6 +83,8 @@ def counter_name(reason: str) -> str:
         return f"translated.{detail}"
     if reason in _FORWARDED:
         return f"forwarded.{detail}"
+    if reason == SECOND_CHANCE:
+        return f"bounced.{detail}"
     if reason == MANAGEMENT:
         # Counted separately per direction by the core (`local.management`, `forwarded.management`).
         return f"local.{detail}"

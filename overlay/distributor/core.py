@@ -188,7 +188,9 @@ class Distributor:
         up = {tm.name: tm.weight for tm in self.config.tms if self._up[tm.name]}
         serving = {name: weight for name, weight in up.items() if self._admin[name] == "enabled"}
         draining = {name: weight for name, weight in up.items() if self._admin[name] == "draining"}
-        self._active = frozenset(name for name, weight in {**serving, **draining}.items() if weight > 0)
+        # Reachable: up and not disabled, whatever the weight — a weight-0 TM takes no new rows but still
+        # owns its xlate addresses, so replies to its source-NATed connections must reach it.
+        self._active = frozenset({**serving, **draining})
         self._serving = frozenset(name for name, weight in serving.items() if weight > 0)
         if not serving and self.config.health.all_down == "keep-last" and getattr(self, "_table", None):
             return  # keep routing to the last known fleet rather than nowhere

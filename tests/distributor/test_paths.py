@@ -49,7 +49,7 @@ OVERLAY_CASES = [
     # Negative cases.
     ("keepalive from an unknown peer: drop", KEEPALIVE, ("192.0.2.99", 4754), ("drop", None, "keepalive-from-unknown-peer", None)),
     ("data from an unknown peer: drop", gre.encapsulate(INNER), ("192.0.2.99", 4754), ("drop", None, "unknown-peer", None)),
-    ("a TM's address on another port is not that TM: drop", gre.encapsulate(INNER), ("192.0.2.71", 4755), ("drop", None, "unknown-peer", None)),
+    ("a TM answering from another source port (flow entropy) is still that TM", gre.encapsulate(INNER), ("192.0.2.71", 40001), ("forward", "tm1", "from-tm", INNER)),
     ("GRE shorter than 4 bytes: drop", b"\0\0\x08", TM1, ("drop", None, "malformed:gre", None)),
     ("GRE version 1: drop", struct.pack("!HH", 1, 0x0800) + INNER, TM1, ("drop", None, "malformed:gre", None)),
     ("GRE routing bit: drop", struct.pack("!HH", 0x4000, 0x0800) + INNER, TM1, ("drop", None, "malformed:gre", None)),
@@ -264,7 +264,6 @@ def test_counters_name_every_outcome() -> None:
     assert counters["tm.tm1"] == 1 + (hashed_tm == "tm1")
 
 
-@pytest.mark.xfail(strict=True, reason="owner check uses TMs with weight > 0: a weight-0 owner's replies drop as owner-down")
 def test_weight_zero_tm_still_receives_replies_to_its_xlate_addresses() -> None:
     """Weight 0 means "no share of the hashed traffic". Connections a TM source-NATed before it was
     reweighted to 0 (a config reload, to drain it) still get replies addressed to its xlate address; only

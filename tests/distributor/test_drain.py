@@ -115,3 +115,17 @@ def test_keepalive_payload_is_passed_unchanged(core: Distributor) -> None:
     echo = struct.pack("!4sB3xQQQ", b"OVKA", 1, 5, 6, 7)
     verdict = core.from_overlay(gre.encapsulate(echo, protocol=gre.KEEPALIVE_PROTOCOL), UNDERLAY["tm3"])
     assert (verdict.action, verdict.tm, verdict.packet) == ("local", "tm3", echo)
+
+
+@pytest.mark.xfail(strict=True, reason="_rebuild builds the table from enabled TMs only: no-tm drops")
+def test_draining_the_last_serving_tm_keeps_its_connections(core: Distributor) -> None:
+    """With every other TM down (or a fleet of one), a draining TM's rows have no next TM to go to.
+    Draining promises that established connections finish; today every hashed packet is dropped as
+    `no-tm` instead (the table is built from enabled TMs only)."""
+    before = [core.from_tun(p).tm for p in CLIENTS]
+    core.set_tm_up("tm2", False)
+    core.set_tm_up("tm3", False)
+    core.set_tm_state("tm1", "draining")
+    for packet, old in zip(CLIENTS, before):
+        if old == "tm1":
+            assert core.from_tun(packet).tm == "tm1"

@@ -8,6 +8,7 @@ keys nobody asked for (a typo must never be silently ignored in a network config
 
 from __future__ import annotations
 
+import builtins
 import ipaddress
 import re
 import tomllib
@@ -120,28 +121,28 @@ REQUIRED: Any = _Required()
 class Section:
     """One TOML table: typed getters that raise `ConfigError` naming field and line."""
 
-    def __init__(self, data: dict[str, Any], path: str, locator: KeyLocator, source: str | None):
+    def __init__(self, data: dict[builtins.str, Any], path: builtins.str, locator: KeyLocator, source: builtins.str | None):
         self._data = data
         self._path = path
         self._locator = locator
         self._source = source
-        self._seen: set[str] = set()
+        self._seen: set[builtins.str] = set()
 
     # -- plumbing ---------------------------------------------------------------------------------
-    def field(self, key: str) -> str:
+    def field(self, key: builtins.str) -> builtins.str:
         return f"{self._path}.{key}" if self._path else key
 
-    def error(self, key: str, message: str) -> ConfigError:
+    def error(self, key: builtins.str, message: builtins.str) -> ConfigError:
         field = self.field(key) if key else self._path
         return ConfigError(field, message, self._locator.line(field), self._source)
 
-    def has(self, key: str) -> bool:
+    def has(self, key: builtins.str) -> builtins.bool:
         return key in self._data
 
-    def keys(self) -> list[str]:
+    def keys(self) -> builtins.list[builtins.str]:
         return list(self._data)
 
-    def _get(self, key: str, default: Any) -> Any:
+    def _get(self, key: builtins.str, default: Any) -> Any:
         self._seen.add(key)
         if key in self._data:
             return self._data[key]
@@ -156,7 +157,7 @@ class Section:
                 raise self.error(key, "unknown key")
 
     # -- typed getters ----------------------------------------------------------------------------
-    def str(self, key: str, default: Any = REQUIRED, choices: tuple[str, ...] | None = None) -> Any:
+    def str(self, key: builtins.str, default: Any = REQUIRED, choices: tuple[builtins.str, ...] | None = None) -> Any:
         value = self._get(key, default)
         if value is default and key not in self._data:
             return value
@@ -166,7 +167,7 @@ class Section:
             raise self.error(key, f"must be one of {', '.join(choices)}; got {value!r}")
         return value
 
-    def int(self, key: str, default: Any = REQUIRED, minimum: int | None = None, maximum: int | None = None) -> Any:
+    def int(self, key: builtins.str, default: Any = REQUIRED, minimum: builtins.int | None = None, maximum: builtins.int | None = None) -> Any:
         value = self._get(key, default)
         if value is default and key not in self._data:
             return value
@@ -178,7 +179,7 @@ class Section:
             raise self.error(key, f"must be <= {maximum}; got {value}")
         return value
 
-    def float(self, key: str, default: Any = REQUIRED, minimum: float | None = None) -> Any:
+    def float(self, key: builtins.str, default: Any = REQUIRED, minimum: builtins.float | None = None) -> Any:
         value = self._get(key, default)
         if value is default and key not in self._data:
             return value
@@ -188,7 +189,7 @@ class Section:
             raise self.error(key, f"must be >= {minimum}; got {value}")
         return float(value)
 
-    def bool(self, key: str, default: Any = REQUIRED) -> Any:
+    def bool(self, key: builtins.str, default: Any = REQUIRED) -> Any:
         value = self._get(key, default)
         if value is default and key not in self._data:
             return value
@@ -196,7 +197,7 @@ class Section:
             raise self.error(key, f"must be true or false, not {type(value).__name__}")
         return value
 
-    def list(self, key: str, default: Any = REQUIRED) -> Any:
+    def list(self, key: builtins.str, default: Any = REQUIRED) -> Any:
         value = self._get(key, default)
         if value is default and key not in self._data:
             return value
@@ -204,10 +205,10 @@ class Section:
             raise self.error(key, f"must be a list, not {type(value).__name__}")
         return value
 
-    def each(self, key: str, convert: Callable[[Any, str], T], default: Any = ()) -> list[T]:
+    def each(self, key: builtins.str, convert: Callable[[Any, builtins.str], T], default: Any = ()) -> builtins.list[T]:
         """Convert every list element; `convert(value, field)` raises ValueError with a message."""
         values = self.list(key, default=list(default) if default is not REQUIRED else REQUIRED)
-        converted: list[T] = []
+        converted: builtins.list[T] = []
         for index, value in enumerate(values):
             field = f"{self.field(key)}[{index}]"
             try:
@@ -218,7 +219,7 @@ class Section:
                 raise ConfigError(field, str(exc), self._locator.line(field), self._source) from None
         return converted
 
-    def convert(self, key: str, convert: Callable[[Any], T], default: Any = REQUIRED) -> Any:
+    def convert(self, key: builtins.str, convert: Callable[[Any], T], default: Any = REQUIRED) -> Any:
         value = self._get(key, default)
         if value is default and key not in self._data:
             return value
@@ -227,13 +228,13 @@ class Section:
         except (ValueError, TypeError) as exc:
             raise self.error(key, str(exc)) from None
 
-    def section(self, key: str, required: bool = False) -> Section:
+    def section(self, key: builtins.str, required: builtins.bool = False) -> Section:
         value = self._get(key, REQUIRED if required else {})
         if not isinstance(value, dict):
             raise self.error(key, f"must be a table, not {type(value).__name__}")
         return Section(value, self.field(key), self._locator, self._source)
 
-    def sections(self, key: str, required: bool = False) -> Iterator[Section]:
+    def sections(self, key: builtins.str, required: builtins.bool = False) -> Iterator[Section]:
         """An array of tables (`[[tm]]`), each as a Section with an indexed path (`tm[0]`)."""
         value = self._get(key, REQUIRED if required else [])
         if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):

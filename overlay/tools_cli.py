@@ -69,10 +69,10 @@ def run_check(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2))
         return 0
     print(f"{args.config}: ok ({node.role} {node.name}, sha256 {node.digest[:12]})")
-    if "tms" in summary:
-        shares = ", ".join(f"{name} {share:.1%}" for name, share in summary["tms"].items())  # type: ignore[union-attr]
-        print(f"table: {summary['table_rows']} rows, hash key {summary['hash_key']}; share {shares}")
-        print(summary["decision_table"])
+    if node.distributor is not None:
+        shares = ", ".join(f"{name} {share:.1%}" for name, share in distributor.table.share().items())
+        print(f"table: {distributor.table.rows} rows, hash key {node.distributor.hash_key}; share {shares}")
+        print(node.distributor.decision.render())
     return 0
 
 

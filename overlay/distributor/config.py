@@ -235,7 +235,7 @@ def _parse_tms(root: Section, sets: dict[str, tuple[AddressEntry, ...]], underla
         xlate = tuple(section.each("xlate", to_address_entry))
         for j, entry in enumerate(xlate):
             field_name = f"xlate[{j}]"
-            if not any(entry.network.subnet_of(s.network) for s in sets["nat_xlate"] if s.network.version == entry.network.version):
+            if not any(_inside(entry.network, s.network) for s in sets["nat_xlate"]):
                 raise section.error(field_name, f"{entry} is not inside any sets.nat_xlate prefix")
             for other, owner, other_field in owned:
                 if other.overlaps(entry):
@@ -261,6 +261,10 @@ def _parse_edges(root: Section) -> list[EdgeEntry]:
         section.done()
         edges.append(EdgeEntry(name, underlay, prefixes))
     return edges
+
+
+def _inside(inner: IPNetwork, outer: IPNetwork) -> bool:
+    return inner.version == outer.version and inner.subnet_of(outer)  # type: ignore[arg-type]
 
 
 def _string(value: Any) -> str:

@@ -188,11 +188,14 @@ class Distributor:
         up = {tm.name: tm.weight for tm in self.config.tms if self._up[tm.name]}
         serving = {name: weight for name, weight in up.items() if self._admin[name] == "enabled"}
         draining = {name: weight for name, weight in up.items() if self._admin[name] == "draining"}
+        if not any(serving.values()) and draining:
+            # Draining the last serving TMs leaves nobody to take their rows: they keep them.
+            serving, draining = {**serving, **draining}, {}
         # Reachable: up and not disabled, whatever the weight — a weight-0 TM takes no new rows but still
         # owns its xlate addresses, so replies to its source-NATed connections must reach it.
         self._active = frozenset({**serving, **draining})
         self._serving = frozenset(name for name, weight in serving.items() if weight > 0)
-        if not serving and self.config.health.all_down == "keep-last" and getattr(self, "_table", None):
+        if not self._serving and self.config.health.all_down == "keep-last" and getattr(self, "_table", None):
             return  # keep routing to the last known fleet rather than nowhere
         self._table: SelectionTable = build_table(serving, self.config.seed, self.config.rows_log2)
         self._mask = self._table.rows - 1
@@ -431,12 +434,11 @@ def icmp_too_big(packet: bytes, mtu: int) -> bytes:
         struct.pack_into("!H", header, 10, checksum.internet_checksum(header))
         return bytes(header + icmp)
     src, dst = packet[24:40], packet[8:24]
-    quoted = packet[: 1280 - 40 - 8]
-    icmp = bytearray(struct.pack("!BBHI", 2, 0, 0, mtu) + quoted)
-    initial = checksum.pseudo_header_sum(src, dst, PROTO_ICMPV6, len(icmp))
-    struct.pack_into("!H", icmp, 2, checksum.internet_checksum(icmp, initial))
-    header = struct.pack("!IHBB16s16s", 6 << 28, len(icmp), PROTO_ICMPV6, 64, src, dst)
-    return header + bytes(icmp)
+    quoted6 = packet[: 1280 - 40 - 8]
+    icmp6 = bytearray(struct.pack("!BBHI", 2, 0, 0, mtu) + quoted6)
+    initial = checksum.pseudo_header_sum(src, dst, PROTO_ICMPV6, len(icmp6))
+    struct.pack_into("!H", icmp6, 2, checksum.internet_checksum(icmp6, initial))
+    return struct.pack("!IHBB16s16s", 6 << 28, len(icmp6), PROTO_ICMPV6, 64, src, dst) + bytes(icmp6)
 
 
 def format_address(version: int, address: bytes) -> str:

@@ -117,7 +117,6 @@ def test_keepalive_payload_is_passed_unchanged(core: Distributor) -> None:
     assert (verdict.action, verdict.tm, verdict.packet) == ("local", "tm3", echo)
 
 
-@pytest.mark.xfail(strict=True, reason="_rebuild builds the table from enabled TMs only: no-tm drops")
 def test_draining_the_last_serving_tm_keeps_its_connections(core: Distributor) -> None:
     """With every other TM down (or a fleet of one), a draining TM's rows have no next TM to go to.
     Draining promises that established connections finish; today every hashed packet is dropped as

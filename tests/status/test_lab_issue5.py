@@ -31,7 +31,9 @@ import json
 import os
 import re
 import shutil
+import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -407,3 +409,134 @@ def test_drain_lets_live_connections_finish_through_second_chance_then_disable(l
     finally:
         lab5.tm_admin("enable", drained)
     assert fleet_is_whole(lab5.status())
+
+
+# -- 2. reload under a steady flow: zero loss ---------------------------------------------------------------
+
+ECHO_INTERVAL = 0.005  # 200 echo requests per second per TM, as `ping -i 0.005`
+ECHO_COUNT = 2400      # ~12 s: covers every reload below
+ECHO_GRACE = 3.0       # after the last request, how long replies may still come
+
+
+@dataclass
+class EchoResult:
+    address: str
+    transmitted: int
+    received: int
+    lost: list[int]        # sequence numbers without a reply
+    started: float         # time.monotonic() of the first request and after the last reply (or the grace)
+    ended: float
+
+    @property
+    def summary(self) -> str:
+        return (f"{self.transmitted} echo requests to {self.address} in {self.ended - self.started:.1f}s, {self.received} replies, "
+                f"{self.transmitted - self.received} lost")
+
+
+def echo_flow(address: str, ident: int, count: int = ECHO_COUNT, grace: float = ECHO_GRACE) -> EchoResult:
+    """A packet-counted steady flow (run inside the client namespace): ICMP echo requests built with dpkt,
+    one every ECHO_INTERVAL, each reply matched by identifier and sequence number. What `ping -i 0.005 -c N`
+    does, without depending on iputils being installed (it is not in the CI image)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    sock.setblocking(False)
+    replies: set[int] = set()
+    sent = 0
+    started = time.monotonic()
+    next_send = started
+    deadline = float("inf")
+    try:
+        while len(replies) < count and time.monotonic() < deadline:
+            now = time.monotonic()
+            if sent < count and now >= next_send:
+                echo = dpkt.icmp.ICMP(type=dpkt.icmp.ICMP_ECHO, data=dpkt.icmp.ICMP.Echo(id=ident, seq=sent, data=b"issue5"))
+                sock.sendto(bytes(echo), (address, 0))
+                sent += 1
+                next_send = max(next_send + ECHO_INTERVAL, now)  # late (a loaded machine): no burst to catch up
+                if sent == count:
+                    deadline = now + grace
+            wait = (next_send if sent < count else deadline) - time.monotonic()
+            readable, _, _ = select.select([sock], [], [], max(0.0, wait))
+            while readable:
+                try:
+                    data, peer = sock.recvfrom(2048)
+                except BlockingIOError:
+                    break
+                icmp = dpkt.ip.IP(data).data
+                if (peer[0] == address and isinstance(icmp, dpkt.icmp.ICMP) and icmp.type == dpkt.icmp.ICMP_ECHOREPLY
+                        and icmp.data.id == ident):
+                    replies.add(icmp.data.seq)
+    finally:
+        sock.close()
+    lost = sorted(set(range(sent)) - replies)
+    return EchoResult(address, sent, len(replies), lost, started, time.monotonic())
+
+
+def reload_by_sighup(lab5: Issue5Lab, role: str) -> dict:
+    """SIGHUP the agent and wait (bounded) until its status shows the reload's outcome; returns its config."""
+    before = lab5.status(role)["counters"]
+    outcomes = before["config_reloads_ok"] + before["config_reloads_failed"]
+    os.kill(lab5.pid(role), signal.SIGHUP)
+    lab5.wait_for(
+        lambda status: status["counters"]["config_reloads_ok"] + status["counters"]["config_reloads_failed"] > outcomes,
+        timeout=10, role=role,
+    )
+    return lab5.status(role)["config"]
+
+
+def test_the_echo_flow_counts_what_is_lost(lab5: Issue5Lab) -> None:
+    """Negative control for the zero-loss proof: echoes to an address nobody answers are all counted lost."""
+    silent = "198.51.100.250"  # on the client's own link, no host has it
+    result = nsnet.in_namespace(lab5.lab.ns("client"), echo_flow, silent, 0x5499, 40, 1.0)
+    assert (result.transmitted, result.received, result.lost) == (40, 0, list(range(40)))
+
+
+def test_reloads_and_a_refused_reload_under_a_steady_flow_lose_no_packet(lab5: Issue5Lab) -> None:
+    """Every TM's management address is pinged through the distributor (client → distributor → TM's own stack
+    → distributor → client) while the distributor and tm1 are reloaded again and again, once with a bad
+    config: not one echo is lost."""
+    assert fleet_is_whole(lab5.status())
+    generations = {role: lab5.status(role)["config"]["generation"] for role in ("dist", "tm1")}
+    client = lab5.lab.ns("client")
+    flows = {
+        tm: Background(lambda address=address, ident=0x5500 + i: nsnet.in_namespace(client, echo_flow, address, ident))
+        for i, (tm, address) in enumerate(topology.MANAGEMENT_V4.items())
+    }
+    good = lab5.distributor_config.read_text()
+    reloads = {"dist": 0, "tm1": 0}
+    refused: dict = {}
+    reloaded_at: list[float] = []
+    try:
+        time.sleep(1.0)  # the flows are running
+        for round_ in range(8):  # bounded: 8 distributor reloads, every other one followed by a TM reload
+            config = reload_by_sighup(lab5, "dist")
+            assert config["last_reload_error"] is None, config
+            reloads["dist"] += 1
+            reloaded_at.append(time.monotonic())
+            if round_ % 2:
+                assert reload_by_sighup(lab5, "tm1")["last_reload_error"] is None
+                reloads["tm1"] += 1
+            time.sleep(0.2)
+        # A bad config while the flow continues: refused, the running one stays.
+        lab5.distributor_config.write_text(good.replace("weight = 1", "weight = -1", 1))
+        refused = reload_by_sighup(lab5, "dist")
+        reloaded_at.append(time.monotonic())
+        assert refused["generation"] == generations["dist"] + reloads["dist"], "a refused config changed the generation"
+        assert "weight" in (refused["last_reload_error"] or ""), refused
+        assert fleet_is_whole(lab5.status())
+    finally:
+        lab5.distributor_config.write_text(good)
+        results: dict[str, EchoResult] = {tm: flow.result(timeout=ECHO_COUNT * ECHO_INTERVAL + 60) for tm, flow in flows.items()}
+    config = reload_by_sighup(lab5, "dist")  # back to the good config
+    assert config["last_reload_error"] is None
+    reloads["dist"] += 1
+    assert lab5.status()["config"]["generation"] == generations["dist"] + reloads["dist"]
+    assert lab5.status("tm1")["config"]["generation"] == generations["tm1"] + reloads["tm1"]
+    for tm, result in results.items():
+        print(f"\n{tm} management address: {result.summary}, during {reloads['dist']} distributor and {reloads['tm1']} "
+              f"tm1 reloads + 1 refused")
+    assert {tm: r.transmitted for tm, r in results.items()} == {tm: ECHO_COUNT for tm in results}, "the flows ran whole"
+    assert max(r.started for r in results.values()) < reloaded_at[0] and reloaded_at[-1] < min(r.ended for r in results.values()), \
+        "every reload happened while all flows ran"
+    lost = {tm: r.lost for tm, r in results.items()}
+    assert lost == {tm: [] for tm in results}, f"echo sequence numbers lost across reloads: {lost}"
+    assert refused, "the bad reload was tried"

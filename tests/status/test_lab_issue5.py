@@ -540,3 +540,100 @@ def test_reloads_and_a_refused_reload_under_a_steady_flow_lose_no_packet(lab5: I
     lost = {tm: r.lost for tm, r in results.items()}
     assert lost == {tm: [] for tm in results}, f"echo sequence numbers lost across reloads: {lost}"
     assert refused, "the bad reload was tried"
+
+
+# -- 3. failover: a killed agent, a cut underlay link --------------------------------------------------------
+
+STREAM_SECONDS = 18.0  # long enough to span failure, detection, restore and return on a loaded machine
+
+
+def failover_under_traffic(lab5: Issue5Lab, victim: str, fail: Callable[[], None], restore: Callable[[], None]) -> str:
+    """Fail `victim` while `/slow` streams and steady short requests run through the other TMs; check its
+    share moves within the detection time and nothing through the others fails; restore it and check it
+    serves again. Returns the measured numbers as text."""
+    assert fleet_is_whole(lab5.status())
+    others = [tm for tm in topology.TMS if tm != victim]
+    placement = lab5.placement
+    victim_clients = placement.sources_on(victim, 20)
+    survivors = {tm: placement.sources_on(tm, 20) for tm in others}
+    # Rendezvous selection: only the victim's rows move, so every other client stays on its TM.
+    for tm, sources in survivors.items():
+        assert {placement.landing(s, down=[victim]) for s in sources} == {tm}
+    assert {placement.landing(s, down=[victim]) for s in victim_clients} <= set(others)
+    stream_clients = [s for tm in others for s in placement.sources_on(tm, 4)]
+    steady_clients = [s for sources in survivors.values() for s in sources]
+
+    streams = SlowStreams(lab5.lab, [(s, STREAM_SECONDS) for s in stream_clients])
+    steady = Background(lambda: lab5.traffic(steady_clients, count=1_000_000, duration=STREAM_SECONDS, concurrency=4))
+    streams_started = time.monotonic()
+    try:
+        for tm in others:  # the streams run through the other TMs before anything fails (bounded wait)
+            lab5.wait_for(lambda status: open_connections(status) >= 4, timeout=15, role=tm)
+        time.sleep(0.5)
+        fail()
+        detected = lab5.wait_for(lambda status: status["tms"][victim]["up"] is False, timeout=DETECTION + 5)
+        status = lab5.status()
+        share = {tm: status["tms"][tm]["table_share"] for tm in topology.TMS}
+        assert share[victim] == 0 and sum(share.values()) == pytest.approx(1.0, abs=1e-3), share
+        assert all(status["tms"][tm]["up"] for tm in others)
+        # Its share moved: its clients' new connections are served by the others now.
+        moved = lab5.traffic(victim_clients, count=80, duration=15, concurrency=4)
+        assert moved.failed == 0, moved.failures
+        restore_started = time.monotonic()
+        restore()
+        returned = lab5.wait_for(lambda status: status["tms"][victim]["up"] is True, timeout=RECOVERY + 10)
+        restored = time.monotonic() - restore_started
+        created = lab5.tm_counters(victim)["conntrack.created"]
+        back = lab5.traffic(victim_clients, count=80, duration=15, concurrency=4)
+        assert back.failed == 0, back.failures
+        assert lab5.tm_counters(victim)["conntrack.created"] >= created + back.requests, "its clients are back on it"
+        returned_at = time.monotonic() - streams_started
+    finally:
+        results = streams.results()  # also on failure: nothing outlives the test
+        report: TrafficReport = steady.result(timeout=STREAM_SECONDS + 60)
+    failed = [r for r in results if not r.ok]
+    assert failed == [], f"streams through the other TMs broke: {failed}"
+    assert report.failed == 0, f"requests through the other TMs failed: {report.failures}"
+    assert returned_at < STREAM_SECONDS, "the streams ran until the victim was back and serving"
+    assert detected <= DETECTION + SLACK, f"{victim} detected down after {detected:.2f}s (bound {DETECTION}s)"
+    return (
+        f"{victim} detected down after {detected:.2f}s (bound {DETECTION}s + {SLACK}s slack), share {share}; "
+        f"{moved.requests} new connections from its clients served by the others, 0 failed; back up {returned:.2f}s "
+        f"after its restore completed ({restored:.2f}s after the restore began), {back.requests} connections on it "
+        f"again; through the other TMs: {len(results)} streams of {STREAM_SECONDS:.0f}s all complete (longest gap "
+        f"between lines {max(r.max_gap for r in results):.2f}s), {report.requests} short requests, 0 failed"
+    )
+
+
+def test_a_killed_tm_agent_fails_over_and_connections_through_the_others_never_notice(lab5: Issue5Lab) -> None:
+    victim = "tm3"
+    pid = lab5.pid(victim)
+    try:
+        numbers = failover_under_traffic(
+            lab5, victim,
+            fail=lambda: os.kill(pid, signal.SIGKILL),  # a crash: no goodbye, no clean-up of its own
+            restore=lambda: lab5.start_tm(victim),
+        )
+    finally:
+        if victim not in lab5.lab.processes.recorded():
+            lab5.start_tm(victim)  # leave the fleet whole for the next test
+            lab5.wait_for(fleet_is_whole, timeout=RECOVERY + 10)
+    assert lab5.pid(victim) != pid
+    print(f"\nSIGKILL: {numbers}")
+
+
+def test_a_cut_underlay_link_fails_over_and_connections_through_the_others_never_notice(lab5: Issue5Lab) -> None:
+    # The TM's switch port on underlay B goes down: the agent keeps running, its link has no carrier.
+    victim = "tm1"
+    switch = ["ip", "-n", lab5.lab.ns("switch"), "link", "set", f"u-{victim}"]
+    pid = lab5.pid(victim)
+    try:
+        numbers = failover_under_traffic(
+            lab5, victim,
+            fail=lambda: subprocess.run([*switch, "down"], check=True, capture_output=True),
+            restore=lambda: subprocess.run([*switch, "up"], check=True, capture_output=True),
+        )
+    finally:
+        subprocess.run([*switch, "up"], check=True, capture_output=True)
+    assert lab5.pid(victim) == pid, "the agent itself never stopped"
+    print(f"\nlink cut: {numbers}")

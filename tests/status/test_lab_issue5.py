@@ -29,7 +29,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import re
 import shutil
 import select
 import signal
@@ -41,6 +40,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
@@ -390,13 +390,14 @@ def test_drain_lets_live_connections_finish_through_second_chance_then_disable(l
     status = lab5.status()
     second_chance_drops = {k: v for k, v in status["drops"].items() if k.startswith("second-chance")}
     assert second_chance_drops == {k: v for k, v in dist_drops_before.items() if k.startswith("second-chance")}
+    changes = [point for i, point in enumerate(series) if i == 0 or point[1] != series[i - 1][1]]
     print(
         f"\ndrain {drained}: {len(on_drained)} streams on it + {len(elsewhere)} elsewhere all complete "
         f"(longest gap between lines {max(r.max_gap for r in results):.2f}s); bounced.second_chance {bounced}; "
         f"distributor second-chance deliveries {status['reasons'].get('second-chance', 0)}; "
-        f"{report.requests} new connections from its clients, 0 reached {drained}; streams (start, end) s after drain "
-        f"{[(round(r.started - drained_at, 1), round(r.ended - drained_at, 1)) for r in results]}; its open connections "
-        f"(s after drain, count) {series}; table empty {emptied:.1f}s later"
+        f"{report.requests} new connections from its clients, 0 reached {drained}; its streams ended at "
+        f"{sorted(round(r.ended - drained_at, 1) for r in results if r.source in on_drained)} s after the drain; "
+        f"its open connections (s after drain, count) {changes}; table empty {emptied:.1f}s later"
     )
 
     try:
@@ -409,6 +410,32 @@ def test_drain_lets_live_connections_finish_through_second_chance_then_disable(l
     finally:
         lab5.tm_admin("enable", drained)
     assert fleet_is_whole(lab5.status())
+
+
+def test_disable_instead_of_drain_breaks_live_connections(lab5: Issue5Lab) -> None:
+    """Negative control for the drain proof: without second chance (`disable`), the same kind of live
+    connections break, and the TM that inherits their rows counts their packets as invalid."""
+    disabled = "tm2"
+    assert fleet_is_whole(lab5.status())
+    on_disabled = lab5.placement.sources_on(disabled, 2)
+    heirs = {lab5.placement.landing(source, down=[disabled]) for source in on_disabled}
+    invalid_before = lab5.invalid_drops()
+    # A short stall timeout: a stream that gets nothing for 3 s has noticed.
+    pool = ThreadPoolExecutor(max_workers=len(on_disabled), thread_name_prefix="slow")
+    futures = [pool.submit(nsnet.in_namespace, lab5.lab.ns("client"), slow_stream, s, 8.0, 0.25, 3.0) for s in on_disabled]
+    try:
+        lab5.wait_for(lambda status: open_connections(status) >= len(on_disabled), timeout=15, role=disabled)
+        assert lab5.tm_admin("disable", disabled) == f"{disabled}: enabled -> disabled"
+        results = [future.result(timeout=30) for future in futures]
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        lab5.tm_admin("enable", disabled)
+    assert all(not r.ok for r in results), f"streams survived a disable: {results}"
+    invalid = lab5.invalid_drops()
+    grown = {key: count - invalid_before.get(key, 0) for key, count in invalid.items() if count > invalid_before.get(key, 0)}
+    assert grown and {key.split(":")[0] for key in grown} <= heirs, grown
+    print(f"\ndisable {disabled} (negative control): {len(results)} streams broke "
+          f"({', '.join(sorted({str(r.error) for r in results}))}); invalid drops on the heirs {grown}")
 
 
 # -- 2. reload under a steady flow: zero loss ---------------------------------------------------------------
@@ -498,7 +525,7 @@ def test_reloads_and_a_refused_reload_under_a_steady_flow_lose_no_packet(lab5: I
     generations = {role: lab5.status(role)["config"]["generation"] for role in ("dist", "tm1")}
     client = lab5.lab.ns("client")
     flows = {
-        tm: Background(lambda address=address, ident=0x5500 + i: nsnet.in_namespace(client, echo_flow, address, ident))
+        tm: Background(partial(nsnet.in_namespace, client, echo_flow, address, 0x5500 + i))
         for i, (tm, address) in enumerate(topology.MANAGEMENT_V4.items())
     }
     good = lab5.distributor_config.read_text()
@@ -547,7 +574,7 @@ def test_reloads_and_a_refused_reload_under_a_steady_flow_lose_no_packet(lab5: I
 STREAM_SECONDS = 18.0  # long enough to span failure, detection, restore and return on a loaded machine
 
 
-def failover_under_traffic(lab5: Issue5Lab, victim: str, fail: Callable[[], None], restore: Callable[[], None]) -> str:
+def failover_under_traffic(lab5: Issue5Lab, victim: str, fail: Callable[[], object], restore: Callable[[], object]) -> str:
     """Fail `victim` while `/slow` streams and steady short requests run through the other TMs; check its
     share moves within the detection time and nothing through the others fails; restore it and check it
     serves again. Returns the measured numbers as text."""

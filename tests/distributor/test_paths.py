@@ -154,7 +154,8 @@ def test_too_big_with_df_answers_frag_needed(core: Distributor) -> None:
     assert icmp[28:] == packet[:28]  # the offending header + 8 bytes, as RFC 792 asks
     # Written into the TUN, the error is decided by the flow it quotes (VIP -> client, both unknown
     # as sources/destinations of that cell): routed to the client, never sent to a TM.
-    assert (lambda v: (v.action, v.reason))(core.from_tun(icmp)) == ("forward", "route")
+    routed = core.from_tun(icmp)
+    assert (routed.action, routed.reason) == ("forward", "route")
 
 
 def test_too_big_without_df_is_sent_anyway(core: Distributor) -> None:
@@ -205,7 +206,8 @@ def test_all_down(policy: str, expected: tuple[object, ...]) -> None:
     for name in ("tm1", "tm2", "tm3"):
         core.set_tm_up(name, False)
     for packet in CLIENTS[:10]:
-        assert (lambda v: (v.action, v.tm, v.reason))(core.from_tun(packet)) == expected
+        verdict = core.from_tun(packet)
+        assert (verdict.action, verdict.tm, verdict.reason) == expected
     core.set_tm_up("tm2", True)
     assert {core.from_tun(packet).tm for packet in CLIENTS} == {"tm2"}
 

@@ -623,6 +623,9 @@ def failover_under_traffic(lab5: Issue5Lab, victim: str, fail: Callable[[], obje
     assert report.failed == 0, f"requests through the other TMs failed: {report.failures}"
     assert returned_at < STREAM_SECONDS, "the streams ran until the victim was back and serving"
     assert detected <= DETECTION + SLACK, f"{victim} detected down after {detected:.2f}s (bound {DETECTION}s)"
+    assert returned <= RECOVERY + SLACK, f"{victim} back after {returned:.2f}s (rise × interval + timeout = {RECOVERY}s)"
+    # Not even a stall: a stream whose packets went to the failed TM would wait at least the detection time.
+    assert max(r.max_gap for r in results) < DETECTION, [(r.source, round(r.max_gap, 2)) for r in results]
     return (
         f"{victim} detected down after {detected:.2f}s (bound {DETECTION}s + {SLACK}s slack), share {share}; "
         f"{moved.requests} new connections from its clients served by the others, 0 failed; back up {returned:.2f}s "

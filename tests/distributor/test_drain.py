@@ -118,9 +118,8 @@ def test_keepalive_payload_is_passed_unchanged(core: Distributor) -> None:
 
 
 def test_draining_the_last_serving_tm_keeps_its_connections(core: Distributor) -> None:
-    """With every other TM down (or a fleet of one), a draining TM's rows have no next TM to go to.
-    Draining promises that established connections finish; today every hashed packet is dropped as
-    `no-tm` instead (the table is built from enabled TMs only)."""
+    """With every other TM down (or a fleet of one), a draining TM's rows have no next TM to go to, so it
+    keeps them: draining promises that established connections finish (not `no-tm` drops)."""
     before = [core.from_tun(p).tm for p in CLIENTS]
     core.set_tm_up("tm2", False)
     core.set_tm_up("tm3", False)

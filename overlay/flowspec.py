@@ -148,7 +148,7 @@ def _ip(src, dst, proto: int, transport: bytes, fragment: bool, ttl: int) -> byt
     if src.version == 4:
         ip = dpkt.ip.IP(src=src.packed, dst=dst.packed, p=proto, ttl=ttl, id=1, data=transport)
         if fragment:
-            ip.offset = 1480  # a non-first fragment: no transport header on the wire
+            ip.offset = 185  # in 8-byte units: byte 1480, a non-first fragment (no transport header)
         else:
             ip.df = 1
         ip.len = 20 + len(transport)

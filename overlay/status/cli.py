@@ -27,6 +27,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per request (default %(default)s)")
     parser.set_defaults(func=_status_command)
 
+    reload = subparsers.add_parser(
+        "reload",
+        help="ask a distributor to reload its config (same as SIGHUP)",
+        description="POST /admin/reload: the distributor validates the file, swaps atomically, or refuses and keeps the running config.",
+    )
+    reload.add_argument("url", nargs="?", default=DEFAULT_URL, help=f"distributor status URL (default {DEFAULT_URL})")
+    reload.add_argument("--token-file", help="admin token file (default: $OVERLAY_ADMIN_TOKEN)")
+    reload.set_defaults(func=_reload_command)
+
+
+def _reload_command(args: argparse.Namespace) -> int:
+    from overlay.status.admin import AdminTokenError, load_admin_token
+
+    try:
+        token = load_admin_token(args.token_file)
+    except AdminTokenError as error:
+        print(f"overlay reload: {error}", file=sys.stderr)
+        return 2
+    return admin_reload(base_url(args.url), token)
+
 
 def _status_command(args: argparse.Namespace) -> int:
     url = base_url(args.url)

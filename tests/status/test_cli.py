@@ -213,3 +213,19 @@ def test_summary_warns_loudly_when_every_tm_is_down() -> None:
     text = format_summary(status, {"ok": False}, {"samples": []})
     assert "!! every TM is down (all-down policy: route)" in text
     assert "readiness: NOT READY" in text
+
+
+def test_reload_command_uses_the_token_and_reports_refusal(
+    dist_url: str, distributor: FakeDistributor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["reload", dist_url]) == 2  # no token anywhere: refused before asking
+    assert "token" in capsys.readouterr().err
+    assert distributor.generation == 1
+    token_file = tmp_path / "token"
+    token_file.write_text(ADMIN_TOKEN + "\n")
+    assert main(["reload", dist_url, "--token-file", str(token_file)]) == 0
+    assert "reloaded: config generation" in capsys.readouterr().out
+    distributor.reload_error = "sets.virtual[0]: '203.0.113.300/32' is not a valid IPv4 or IPv6 prefix"
+    monkeypatch.setenv("OVERLAY_ADMIN_TOKEN", ADMIN_TOKEN)
+    assert main(["reload", dist_url]) == 1
+    assert "reload refused" in capsys.readouterr().err

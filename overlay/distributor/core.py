@@ -48,8 +48,8 @@ _ROLE_CACHE_SIZE = 1 << 16
 _ROLE_BITS = {"virtual": VIRTUAL, "node": NODE, "nat_able": NAT_ABLE, "nat_xlate": XLATE}
 
 
-@dataclass(frozen=True, slots=True)
-class Verdict:
+@dataclass(slots=True)
+class Verdict:  # built per packet: not frozen (cheaper); treat as read-only
     """What to do with one packet. For `tm`: `sendto(packet, dest)` (packet is the GRE-in-UDP payload).
     For `forward`: write `packet` (inner IP) into the TUN, or with `dest` set sendto an edge agent.
     For `local`: a keepalive echo (`packet` is its payload) for the health checker. `drop`: count only."""
@@ -157,6 +157,8 @@ class Distributor:
         self._admin = {tm.name: self._admin.get(tm.name, "enabled") for tm in config.tms}
         self._up = {tm.name: self._up.get(tm.name, True) for tm in config.tms}
         self.generation += 1
+        if hasattr(self, "_table"):
+            del self._table  # a kept-last table names the old config's TMs: never carry it across
         self._rebuild()
 
     def set_tm_up(self, name: str, up: bool) -> None:
@@ -191,12 +193,12 @@ class Distributor:
         if not any(serving.values()) and draining:
             # Draining the last serving TMs leaves nobody to take their rows: they keep them.
             serving, draining = {**serving, **draining}, {}
+        if not any(serving.values()) and self.config.health.all_down == "keep-last" and hasattr(self, "_table"):
+            return  # keep the last known fleet — table, owners and all — rather than nowhere
         # Reachable: up and not disabled, whatever the weight — a weight-0 TM takes no new rows but still
         # owns its xlate addresses, so replies to its source-NATed connections must reach it.
         self._active = frozenset({**serving, **draining})
         self._serving = frozenset(name for name, weight in serving.items() if weight > 0)
-        if not self._serving and self.config.health.all_down == "keep-last" and getattr(self, "_table", None):
-            return  # keep routing to the last known fleet rather than nowhere
         self._table: SelectionTable = build_table(serving, self.config.seed, self.config.rows_log2)
         self._mask = self._table.rows - 1
         # Rows a draining TM would still win get it as their second chance: the new first choice takes
@@ -341,10 +343,16 @@ class Distributor:
             fallback = 0
             if self._fallback is not None and decision.table_row is not None:
                 fallback = self._fallback[decision.table_row]
+            flow_hash = decision.hash_value
+            if flow_hash is None:
+                # Owner and management traffic is not hashed for selection; hash the flow anyway so its
+                # outer source port still spreads flows (RFC 8086 entropy, SO_REUSEPORT at the TM).
+                ports = ((flow.sport or 0) << 16 | (flow.dport or 0)).to_bytes(4, "big")
+                flow_hash = xxhash.xxh64_intdigest(flow.src + flow.dst + ports, self._seed64)
             return Verdict(
                 ACTION_TM, tm, decision.reason, cell,
                 gre.encapsulate(packet, key=gre.make_key(self.config.gre_key, fallback)),
-                self._tm_dest[tm], decision.hash_value or 0,
+                self._tm_dest[tm], flow_hash,
             )
         if decision.action == ACTION_FORWARD:
             return self._forward(packet, decision.reason, None, cell)

@@ -221,6 +221,23 @@ def test_all_down_keep_last_keeps_the_last_table() -> None:
     assert set(last) == {"tm3"}
     core.set_tm_up("tm3", False)
     assert [core.from_tun(packet).tm for packet in CLIENTS] == last != before
+    # Keep-last keeps the whole last fleet: replies to an xlate address still reach their owner.
+    reply = core.from_tun(P.tcp("198.51.100.20", 443, "203.0.113.103", 40000, flags=P.TCP_SYN | P.TCP_ACK))
+    assert (reply.action, reply.tm, reply.reason) == ("tm", "tm3", "owner")
+
+
+def test_all_down_drop_drops_owner_replies_too() -> None:
+    core = distributor(CELLS)
+    for name in ("tm1", "tm2", "tm3"):
+        core.set_tm_up(name, False)
+    reply = core.from_tun(P.tcp("198.51.100.20", 443, "203.0.113.103", 40000, flags=P.TCP_SYN | P.TCP_ACK))
+    assert (reply.action, reply.reason) == ("drop", "owner-down")
+
+
+def test_owner_and_management_verdicts_carry_flow_entropy() -> None:
+    core = distributor(CELLS)
+    hashes = {core.from_tun(P.tcp(f"198.51.100.{h}", 443, "203.0.113.103", 40000 + h, flags=P.TCP_ACK)).flow_hash for h in range(20, 60)}
+    assert len(hashes) > 30  # distinct flows leave from spread outer source ports, not one
 
 
 def test_down_tm_moves_only_its_rows_to_their_second_choice() -> None:

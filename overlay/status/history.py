@@ -24,7 +24,7 @@ def traffic_counters(status: Mapping[str, Any]) -> tuple[dict[str, int], int]:
     if isinstance(members, Mapping):
         for name, member in members.items():
             packets = member.get("packets") if isinstance(member, Mapping) else None
-            if _is_number(packets):
+            if packets is not None and _is_number(packets):
                 series[str(name)] = int(packets)
     drops = status.get("drops") or {}
     total_drops = sum(int(value) for value in drops.values() if _is_number(value)) if isinstance(drops, Mapping) else 0

@@ -30,8 +30,13 @@ log = structlog.get_logger("overlay.status")
 
 
 class StatusProvider(Protocol):
-    role: str  # "distributor" | "tm"
-    name: str
+    @property
+    def role(self) -> str:  # "distributor" | "tm"
+        ...
+
+    @property
+    def name(self) -> str:
+        ...
 
     def status(self) -> dict:
         """The full JSON-able status; its shape is documented in docs/operations.md."""

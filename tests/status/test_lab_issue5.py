@@ -128,10 +128,9 @@ class SlowResult:
     source: str
     lines: int = 0
     done: bool = False
-    server: str | None = None
+    server: str | None = None  # who answered, for failure reports
     max_gap: float = 0.0   # longest wait between two lines: a stall shows here even if the stream recovers
-    started: float = 0.0   # time.monotonic() at connect and at the end of the stream
-    ended: float = 0.0
+    ended: float = 0.0     # time.monotonic() at the end of the stream
     error: str | None = None
 
     @property
@@ -139,9 +138,11 @@ class SlowResult:
         return self.error is None and self.done
 
 
-def slow_stream(source: str, seconds: float, interval: float, stall_timeout: float) -> SlowResult:
-    """GET /slow from `source` (run inside the client namespace): one TCP connection for `seconds`."""
-    result = SlowResult(source, started=time.monotonic())
+def slow_stream(source: str, seconds: float, interval: float, stall_timeout: float,
+                flowing: threading.Semaphore | None = None) -> SlowResult:
+    """GET /slow from `source` (run inside the client namespace): one TCP connection for `seconds`.
+    `flowing` is released at the first line: the connection is established end to end."""
+    result = SlowResult(source)
     vip = topology.VIP_V6 if ":" in source else topology.VIP_V4
     connection = http.client.HTTPConnection(vip, topology.HTTP_PORT, timeout=stall_timeout, source_address=(source, 0))
     try:
@@ -158,6 +159,8 @@ def slow_stream(source: str, seconds: float, interval: float, stall_timeout: flo
             now = time.monotonic()
             result.max_gap = max(result.max_gap, now - last)
             last = now
+            if flowing is not None and result.lines == 0:
+                flowing.release()
             words = line.decode().split()
             result.server = words[0]
             if words[1:2] == ["done"]:
@@ -177,16 +180,26 @@ def slow_stream(source: str, seconds: float, interval: float, stall_timeout: flo
 class SlowStreams:
     """Start `/slow` streams (source, seconds) in the background; `results()` waits for them (bounded)."""
 
-    def __init__(self, lab: Lab, streams: list[tuple[str, float]], interval: float = 0.25):
+    def __init__(self, lab: Lab, streams: list[tuple[str, float]], interval: float = 0.25,
+                 stall_timeout: float = 10.0):
         self.plan = streams
         self.longest = max(seconds for _, seconds in streams)
         self.interval = interval
+        self._flowing = threading.Semaphore(0)
         self._pool = ThreadPoolExecutor(max_workers=len(streams), thread_name_prefix="slow")
         namespace = lab.ns("client")
         self._futures: list[Future[SlowResult]] = [
-            self._pool.submit(nsnet.in_namespace, namespace, slow_stream, source, seconds, interval, 10.0)
+            self._pool.submit(nsnet.in_namespace, namespace, slow_stream, source, seconds, interval, stall_timeout,
+                              self._flowing)
             for source, seconds in streams
         ]
+
+    def wait_flowing(self, timeout: float = 15.0) -> None:
+        """Until every stream has its first line: established end to end through its TM, not merely opened
+        (a late SYN-ACK would otherwise let a later, retransmitted SYN land on another TM)."""
+        deadline = time.monotonic() + timeout
+        for _ in self.plan:
+            assert self._flowing.acquire(timeout=max(0.0, deadline - time.monotonic())), "a stream never started"
 
     def results(self) -> list[SlowResult]:
         try:
@@ -369,11 +382,11 @@ def drain_then_disable(lab5: Issue5Lab, drained: str) -> None:
     # Staggered lengths (4..9 s), so the drained TM's connections finish one after another.
     streams = SlowStreams(lab5.lab, [(s, 4.0 + i) for i, s in enumerate(on_drained)] + [(s, 9.0) for s in elsewhere])
     try:
-        # The streams are established on the drained TM before the drain (bounded wait). Established, not
-        # merely opened: a SYN whose answer is lost (first contact in a fresh lab: neighbour resolution
-        # through the pmtu router's proxy) is retransmitted after the drain to the new first choice, and the
-        # drained TM keeps an orphan `tcp_syn_sent` entry until its timeout.
-        lab5.wait_for(lambda status: established(status) >= len(on_drained), timeout=15, role=drained)
+        # The streams are established on the drained TM before the drain. Established, not merely opened: a
+        # late SYN-ACK (first contact in a fresh lab: the pmtu router's proxy ARP/NDP) lets the retransmitted
+        # SYN go to the new first choice after the drain, and the drained TM keeps an orphan `tcp_syn_sent`.
+        streams.wait_flowing()
+        assert established(lab5.status(drained)) == len(on_drained)
         assert lab5.tm_admin("drain", drained) == f"{drained}: enabled -> draining"
         assert lab5.status()["tms"][drained]["admin"] == "draining"
         drained_at = time.monotonic()
@@ -442,14 +455,12 @@ def test_disable_instead_of_drain_breaks_live_connections(lab5: Issue5Lab) -> No
     heirs = {lab5.placement.landing(source, down=[disabled]) for source in on_disabled}
     invalid_before = lab5.invalid_drops()
     # A short stall timeout: a stream that gets nothing for 3 s has noticed.
-    pool = ThreadPoolExecutor(max_workers=len(on_disabled), thread_name_prefix="slow")
-    futures = [pool.submit(nsnet.in_namespace, lab5.lab.ns("client"), slow_stream, s, 8.0, 0.25, 3.0) for s in on_disabled]
+    streams = SlowStreams(lab5.lab, [(s, 8.0) for s in on_disabled], stall_timeout=3.0)
     try:
-        lab5.wait_for(lambda status: established(status) >= len(on_disabled), timeout=15, role=disabled)
+        streams.wait_flowing()
         assert lab5.tm_admin("disable", disabled) == f"{disabled}: enabled -> disabled"
-        results = [future.result(timeout=30) for future in futures]
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        results = streams.results()
         lab5.tm_admin("enable", disabled)
     assert all(not r.ok for r in results), f"streams survived a disable: {results}"
     invalid = lab5.invalid_drops()
@@ -615,8 +626,7 @@ def failover_under_traffic(lab5: Issue5Lab, victim: str, fail: Callable[[], obje
     steady = Background(lambda: lab5.traffic(steady_clients, count=1_000_000, duration=STREAM_SECONDS, concurrency=4))
     streams_started = time.monotonic()
     try:
-        for tm in others:  # the streams run through the other TMs before anything fails (bounded wait)
-            lab5.wait_for(lambda status: established(status) >= 4, timeout=15, role=tm)
+        streams.wait_flowing()  # through the other TMs, before anything fails
         time.sleep(0.5)
         fail()
         detected = lab5.wait_for(lambda status: status["tms"][victim]["up"] is False, timeout=DETECTION + 5)

@@ -6,8 +6,8 @@ request without the token, drain sending no new connection to a TM, reloads unde
 detection of a frozen (SIGSTOPped) agent and a filtered path. This module fills the gaps of the issue's
 "Tests" paragraph:
 
-- a TM agent is killed (SIGKILL: a crash, no goodbye) and another TM's underlay link is cut (its switch
-  port goes down) while long-lived `/slow` streams run through the *other* TMs and short requests keep
+- a TM agent is stopped (SIGTERM, and SIGKILL: a crash, no goodbye) and another TM's underlay link is
+  cut (its switch port goes down) while long-lived `/slow` streams run through the *other* TMs and short requests keep
   coming: the failed TM's share moves within `interval × fall + timeout`, the streams and requests through
   the other TMs never fail, and the TM comes back once restored;
 - a TM is drained (`overlay tm drain`) while `/slow` streams run through it: they finish (second chance:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -127,3 +129,19 @@ def distributor() -> FakeDistributor:
 @pytest.fixture
 def tm() -> FakeTm:
     return FakeTm()
+
+
+def lab_config_with_admin_token(root: Path, token: str) -> Path:
+    """A copy of the reference configs under `root/config` whose distributor reads its admin token from
+    `root/admin.token` (0600) — what an operator sets up before using the admin API."""
+    repo = Path(__file__).resolve().parents[2]
+    config_dir = root / "config"
+    shutil.copytree(repo / "config", config_dir)
+    token_file = root / "admin.token"
+    token_file.write_text(token + "\n")
+    token_file.chmod(0o600)
+    distributor_config = config_dir / "distributor.toml"
+    text = distributor_config.read_text()
+    assert "[status]\n" in text
+    distributor_config.write_text(text.replace("[status]\n", f'[status]\nadmin_token_file = "{token_file}"\n', 1))
+    return config_dir

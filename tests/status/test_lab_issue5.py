@@ -31,7 +31,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import shutil
 import select
 import signal
 import socket
@@ -57,10 +56,11 @@ from overlay.lab.lab import Lab, unavailable_reason
 from overlay.lab.traffic import TrafficReport
 from overlay.packet import parse_flow
 
+from .conftest import lab_config_with_admin_token
+
 pytestmark = pytest.mark.lab
 
 LAB_UNAVAILABLE = unavailable_reason()
-REPO = Path(__file__).resolve().parents[2]
 TOKEN = "issue5-admin-token-0123456789abcdef"
 STATUS = f"http://127.0.0.1:{topology.STATUS_PORT}"
 DETECTION = 0.5 * 3 + 0.5  # config/distributor.toml [health]: interval × fall + timeout
@@ -305,15 +305,9 @@ def lab5(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Issue5Lab]:
     if LAB_UNAVAILABLE:
         pytest.skip(f"lab cannot run: {LAB_UNAVAILABLE}")
     root = tmp_path_factory.mktemp("issue5-lab")
-    config_dir = root / "config"
-    shutil.copytree(REPO / "config", config_dir)
+    config_dir = lab_config_with_admin_token(root, TOKEN)
     token_file = root / "admin.token"
-    token_file.write_text(TOKEN + "\n")
-    token_file.chmod(0o600)
     distributor_config = config_dir / "distributor.toml"
-    text = distributor_config.read_text()
-    assert "[status]\n" in text
-    distributor_config.write_text(text.replace("[status]\n", f'[status]\nadmin_token_file = "{token_file}"\n', 1))
     for tm in topology.TMS:
         tm_config = config_dir / f"{tm}.toml"
         text = tm_config.read_text()

@@ -24,10 +24,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from overlay.lab import nsnet, topology
 from overlay.lab.lab import Lab, unavailable_reason
 
+from .conftest import lab_config_with_admin_token
+
 pytestmark = pytest.mark.lab
 
 LAB_UNAVAILABLE = unavailable_reason()
-REPO = Path(__file__).resolve().parents[2]
 TOKEN = "lab-admin-token-0123456789abcdef"
 STATUS = f"http://127.0.0.1:{topology.STATUS_PORT}"
 DETECTION = 0.5 * 3 + 0.5  # config/distributor.toml [health]: interval × fall + timeout
@@ -80,15 +81,9 @@ def operated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatedLab]:
     if LAB_UNAVAILABLE:
         pytest.skip(f"lab cannot run: {LAB_UNAVAILABLE}")
     root = tmp_path_factory.mktemp("status-lab")
-    config_dir = root / "config"
-    shutil.copytree(REPO / "config", config_dir)
+    config_dir = lab_config_with_admin_token(root, TOKEN)
     token_file = root / "admin.token"
-    token_file.write_text(TOKEN + "\n")
-    token_file.chmod(0o600)
     distributor_config = config_dir / "distributor.toml"
-    text = distributor_config.read_text()
-    assert "[status]\n" in text
-    distributor_config.write_text(text.replace("[status]\n", f'[status]\nadmin_token_file = "{token_file}"\n', 1))
     prefix = f"{os.environ.get('OVERLAY_LAB_PREFIX', 'ovt-')}{os.getpid() % 100000}stat-"
     lab = Lab(prefix, config_dir=config_dir, state_dir=root / "state")
     try:

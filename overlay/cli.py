@@ -9,9 +9,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from overlay import __version__
+
+# A writer killed by SIGPIPE exits with 128 + 13, which is what a shell reports for `cat big | head -1`.
+# Python ignores SIGPIPE and raises BrokenPipeError instead; returning the same status keeps
+# `set -o pipefail` scripts seeing overlay exactly like any other tool whose reader left early.
+EXIT_BROKEN_PIPE = 128 + 13
 
 # Modules that contribute subcommands, in the order `overlay --help` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -41,9 +47,22 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a reader gone early must show here, not in the interpreter's exit flush
+        return code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return _reader_gone()
+
+
+def _reader_gone() -> int:
+    """stdout's reader left (`| head`). Point stdout at /dev/null so that the flush at interpreter exit
+    has nowhere to fail (the recipe in the `signal` module's docs), and exit quietly."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

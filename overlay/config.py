@@ -30,6 +30,10 @@ if TYPE_CHECKING:
     from overlay.tm.config import TMConfig
 
 ROLES = ("distributor", "tm")
+# The top-level tables of each role (the docstring above), refused up front when unknown: a typo'd
+# `[sest]` must be named, not reported as the TM xlate addresses it leaves outside any set.
+COMMON_TABLES = ("node", "status", "log", "underlay", "tun")
+ROLE_TABLES = {"distributor": ("hash", "sets", "tm", "decision", "edge", "health"), "tm": ("distributor", "tm")}
 LOG_FORMATS = ("console", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -96,6 +100,7 @@ def parse_node_config(text: str, source: str = "config", base: Path | None = Non
     if not name or not all(c.isalnum() or c in "-_." for c in name):
         raise node.error("name", "use letters, digits, '-', '_' and '.' only")
     node.done()
+    root.refuse_unknown(COMMON_TABLES + ROLE_TABLES[role])
 
     status = _parse_status(root.section("status"))
     log = _parse_log(root.section("log"))

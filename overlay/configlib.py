@@ -9,10 +9,11 @@ keys nobody asked for (a typo must never be silently ignored in a network config
 from __future__ import annotations
 
 import builtins
+import difflib
 import ipaddress
 import re
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -79,13 +80,19 @@ class KeyLocator:
                     self._lines.setdefault(table.rsplit("[", 1)[0], number)
                 else:
                     table = self._resolve(name, array_counts)
-                self._lines.setdefault(table, number)
+                self._define(table, number)
                 continue
             key = _KEY.match(raw)
             if key:
                 path = ".".join(_split_dotted(key.group(1)))
-                full = f"{table}.{path}" if table else path
-                self._lines.setdefault(full, number)
+                self._define(f"{table}.{path}" if table else path, number)
+
+    def _define(self, path: str, number: int) -> None:
+        """`path` and the tables it implicitly creates (`desicion` of `[desicion.overrides]`): a typo in a
+        parent's name must be reported at the line that wrote it."""
+        parts = path.split(".")
+        for end in range(1, len(parts) + 1):
+            self._lines.setdefault(".".join(parts[:end]), number)
 
     @staticmethod
     def _resolve(name: str, array_counts: dict[str, int]) -> str:
@@ -118,6 +125,26 @@ class _Required:
 REQUIRED: Any = _Required()
 
 
+# A missing required key is blamed on an unknown key only when the two are this close (difflib ratio):
+# `sed`/`seed` scores 0.86 and `nmae`/`name` 0.75, two real keys such as `name`/`mode` 0.5.
+_TYPO_CUTOFF = 0.7
+
+
+def _unknown(path: str, key: str, value: Any, known: Collection[str]) -> str:
+    """`unknown table [sest] (did you mean [sets]?)`, `unknown key (did you mean seed?)`; a table is named
+    as its header is written (`[tm.conntrak]`, without the array indices of the field path)."""
+    closest = difflib.get_close_matches(key, sorted(known), 1)
+    header = re.sub(r"\[\d+\]", "", f"{path}." if path else "")
+    if isinstance(value, dict):
+        brackets = "[{}]"
+    elif isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+        brackets = "[[{}]]"
+    else:
+        return f"unknown key (did you mean {closest[0]}?)" if closest else "unknown key"
+    what = "unknown table " + brackets.format(header + key)
+    return f"{what} (did you mean {brackets.format(header + closest[0])}?)" if closest else what
+
+
 class Section:
     """One TOML table: typed getters that raise `ConfigError` naming field and line."""
 
@@ -147,14 +174,23 @@ class Section:
         if key in self._data:
             return self._data[key]
         if default is REQUIRED:
+            # `sed = ...` for `seed`: name the typo, not its consequence.
+            typo = difflib.get_close_matches(key, [k for k in self._data if k not in self._seen], 1, _TYPO_CUTOFF)
+            if typo:
+                raise self.error(typo[0], f"unknown key (did you mean {key}?)")
             raise self.error(key, "is required")
         return default
 
     def done(self) -> None:
         """Refuse keys that no getter asked for: a typo must not silently change nothing."""
-        for key in self._data:
-            if key not in self._seen:
-                raise self.error(key, "unknown key")
+        self.refuse_unknown(self._seen)
+
+    def refuse_unknown(self, known: Collection[builtins.str]) -> None:
+        """Refuse every key outside `known`. Called before reading a table whose keys are known up front,
+        so that a typo'd table (`[sest]`) is named instead of the errors its absence causes."""
+        for key, value in self._data.items():
+            if key not in known:
+                raise self.error(key, _unknown(self._path, key, value, known))
 
     # -- typed getters ----------------------------------------------------------------------------
     def str(self, key: builtins.str, default: Any = REQUIRED, choices: tuple[builtins.str, ...] | None = None) -> Any:

@@ -62,6 +62,20 @@ def test_key_locator(field: str, line: int | None) -> None:
     assert KeyLocator(TEXT).line(field) == line
 
 
+def test_unknown_table_is_named_as_written_with_the_closest_known() -> None:
+    section = parse_toml('[[s]]\nx = 1\n[s.tabel]\ny = 2\n', "t.toml")
+    with pytest.raises(ConfigError) as caught:
+        next(section.sections("s")).refuse_unknown(("x", "table"))
+    assert (caught.value.field, caught.value.line) == ("s[0].tabel", 3)
+    assert caught.value.message == "unknown table [s.tabel] (did you mean [s.table]?)"
+
+
+def test_implicit_parent_tables_have_the_line_that_created_them() -> None:
+    """`[desicion.overrides]` creates `desicion`: a typo in it is reported at that header."""
+    locator = KeyLocator("x = 1\n[desicion.overrides]\ny = 2\n[a]\nb.c.d = 3\n")
+    assert (locator.line("desicion"), locator.line("desicion.overrides"), locator.line("a.b"), locator.line("a.b.c")) == (2, 2, 5, 5)
+
+
 def test_multiline_string_is_not_a_table() -> None:
     assert KeyLocator(TEXT).line("fake") is None
 
@@ -81,6 +95,9 @@ GETTER_CASES = [
     ("table expected", "[s]\nt = 1\n", lambda s: s.section("t"), "s.t", "must be a table"),
     ("array of tables expected", "[s]\nt = [1]\n", lambda s: list(s.sections("t")), "s.t", "array of tables"),
     ("unknown key", "[s]\nknown = 1\ntypo = 2\n", lambda s: (s.int("known"), s.done()), "s.typo", "unknown key"),
+    ("unknown key, closest known named", "[s]\nknown = 1\nknwon = 2\n", lambda s: (s.int("known"), s.done()), "s.knwon",
+     "unknown key (did you mean known?)"),
+    ("required key given with a typo", "[s]\nnmae = 1\n", lambda s: s.str("name"), "s.nmae", "unknown key (did you mean name?)"),
 ]
 
 

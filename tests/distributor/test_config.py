@@ -67,6 +67,11 @@ REJECTIONS = [
     ("unknown key in [hash]", edited('seed = "0123456789abcdef0123"', 'seed = "0123456789abcdef0123"\nsed = "x" ' + MARK), "hash.sed"),
     ("unknown key in the second [[tm]]", edited('xlate = ["203.0.113.102/32"]', 'xlate = ["203.0.113.102/32"]\nwieght = 2 ' + MARK), "tm[1].wieght"),
     ("unknown table", BASE + "[helth] " + MARK + "\nrise = 2\n", "helth"),
+    ("typo'd [sets], not its consequence (xlate outside nat_xlate)", edited("[sets]", "[sest] " + MARK), "sest"),
+    ("typo'd [[tm]], not its consequence (no TM)", edited("[[tm]]", "[[tms]] " + MARK).replace("[[tm]]", "[[tms]]"), "tms"),
+    ("typo'd parent of [decision.overrides]", BASE + '[desicion.overrides] ' + MARK + '\n"unknown>unknown" = "drop"\n', "desicion"),
+    ("typo'd required key, not 'seed is required'", edited('seed = "0123456789abcdef0123"', 'sed = "0123456789abcdef0123" ' + MARK), "hash.sed"),
+    ("typo'd required key of a [[tm]]", edited('underlay = "192.0.2.72"', 'udnerlay = "192.0.2.72" ' + MARK), "tm[1].udnerlay"),
     ("unknown key in an address entry", edited('virtual = ["203.0.113.80/32"]', 'virtual = [{ prefix = "203.0.113.80/32", protocl = "tcp" }] ' + MARK), "sets.virtual[0]"),
     ("unknown key in [decision]", BASE + "[decision] \nfoo = 1 " + MARK + "\n", "decision.foo"),
     ("bad prefix", edited('node = ["203.0.113.10/31"]', 'node = ["203.0.113.10/31", "203.0.113.300/32"] ' + MARK), "sets.node[1]"),
@@ -131,6 +136,25 @@ def test_rejection_names_field_and_line(text: str, field: str) -> None:
     error = caught.value
     assert (error.field, error.line) == (field, marked_line(text)), str(error)
     assert str(error).startswith(f"dist.toml:{error.line}: ")
+
+
+@pytest.mark.parametrize(("text", "hint"), [
+    (edited("[sets]", "[sest]"), "unknown table [sest] (did you mean [sets]?)"),
+    (edited("[[tm]]", "[[tms]]").replace("[[tm]]", "[[tms]]"), "unknown table [[tms]] (did you mean [[tm]]?)"),
+    (BASE + '[desicion.overrides]\n"unknown>unknown" = "drop"\n', "unknown table [desicion] (did you mean [decision]?)"),
+    (edited('seed = "0123456789abcdef0123"', 'sed = "0123456789abcdef0123"'), "unknown key (did you mean seed?)"),
+    (edited('xlate = ["203.0.113.102/32"]', 'xlate = ["203.0.113.102/32"]\nwieght = 2'), "unknown key (did you mean weight?)"),
+], ids=["sest", "tms", "desicion", "sed", "wieght"])
+def test_a_typo_is_named_with_the_closest_valid_name(text: str, hint: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_node_config(text, "dist.toml")
+    assert caught.value.message == hint
+
+
+def test_a_table_of_the_other_role_is_refused_by_name() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_node_config(BASE + "[[distributor]]\nunderlay = \"192.0.2.2\"\n", "dist.toml")
+    assert caught.value.field == "distributor" and "unknown table [[distributor]]" in caught.value.message
 
 
 def test_missing_hash_table_is_named() -> None:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from overlay.decision import NAT_ABLE, NODE, VIRTUAL, XLATE
-from overlay.distributor.core import Distributor, Verdict, format_address
-from overlay.flowspec import describe
+from overlay.decision import HASH_SRC, NAT_ABLE, NODE, TO_DEST, VIRTUAL, XLATE
+from overlay.distributor.core import Decision, Distributor, Verdict, format_address
+from overlay.flowspec import describe, format_endpoint
 from overlay.packet import Flow, parse_flow
 
 _ROLE_NAMES = ((VIRTUAL, "virtual"), (NODE, "node"), (NAT_ABLE, "nat-able"), (XLATE, "nat-xlate"))
@@ -26,7 +26,7 @@ def explain(distributor: Distributor, packet: bytes, peer: tuple[str, int] | Non
         from overlay import gre
 
         verdict = distributor.from_overlay(gre.encapsulate(packet), peer)
-        trace["from_peer"] = f"{peer[0]}:{peer[1]}"
+        trace["from_peer"] = format_endpoint(*peer)
         trace.update(_verdict_fields(verdict))
         return trace
     flow = parse_flow(packet)
@@ -40,6 +40,8 @@ def explain(distributor: Distributor, packet: bytes, peer: tuple[str, int] | Non
         trace["destination"] = {"address": format_address(flow.version, flow.dst), "roles": role_names(decision.dst_roles), "column": decision.column}
         trace["cell_action"] = decision.cell
         trace["cell_overridden"] = bool(decision.row and (decision.row, decision.column) in distributor.config.decision.overridden)
+        if decision.refinement is not None:
+            trace["refinement"] = _refinement(decision, trace["destination"]["address"])
         if decision.hashed is not None:
             trace["hashed"] = decision.hashed
             trace["hash_key"] = decision.key.hex() if decision.key else None
@@ -49,6 +51,18 @@ def explain(distributor: Distributor, packet: bytes, peer: tuple[str, int] | Non
         trace["first_choice"] = decision.first
         trace["second_choice"] = decision.second
     return trace
+
+
+def _refinement(decision: Decision, destination: str) -> dict[str, Any]:
+    """The owner refinement of an unknown → xlate hash-src cell, with its reason (docs/design-decision.md):
+    the TM that owns an xlate address chose it as a NAT source, so packets to it are replies that only
+    that TM has state for — whatever the hash would say."""
+    if decision.refinement == "owner":
+        why = (f"{decision.first} owns {destination}: packets to an xlate address are replies to the "
+               "connections its owner source-NATed, and only the owner has their state")
+        return {"rule": "owner", "applied": True, "from": HASH_SRC, "to": TO_DEST, "owner": decision.first, "why": why}
+    why = f"no TM owns {destination}: nobody source-NATed to it, so the cell's {HASH_SRC} stands"
+    return {"rule": "owner", "applied": False, "from": HASH_SRC, "to": HASH_SRC, "owner": None, "why": why}
 
 
 def _flow_fields(flow: Flow) -> dict[str, Any]:
@@ -67,7 +81,7 @@ def _flow_fields(flow: Flow) -> dict[str, Any]:
 def _verdict_fields(verdict: Verdict) -> dict[str, Any]:
     fields: dict[str, Any] = {"action": verdict.action, "tm": verdict.tm, "reason": verdict.reason, "cell": verdict.cell}
     if verdict.dest is not None:
-        fields["dest"] = f"{verdict.dest[0]}:{verdict.dest[1]}"
+        fields["dest"] = format_endpoint(*verdict.dest)
     if verdict.packet is not None:
         key = "encapsulated" if verdict.dest is not None else "output"
         fields[key] = verdict.packet.hex()
@@ -92,6 +106,11 @@ def render(trace: dict[str, Any]) -> str:
         lines.append(f"destination  {dst['address']:<24} roles: {', '.join(dst['roles']) or 'none'} -> column {dst['column']}")
         mark = " (overridden)" if trace.get("cell_overridden") else ""
         lines.append(f"cell         {src['row']} > {dst['column']} = {trace['cell_action']}{mark}")
+        refinement = trace.get("refinement")
+        if refinement is not None and refinement["applied"]:
+            lines.append(f"refinement   {refinement['from']} -> {refinement['to']}: {refinement['why']} (owner refinement)")
+        elif refinement is not None:
+            lines.append(f"refinement   none: {refinement['why']} (owner refinement)")
     if "hashed" in trace:
         lines.append(
             f"hash         {trace['hashed']} key {trace['hash_key']} -> {trace['hash']} -> row {trace['table_row']} of {trace['table_rows']}"

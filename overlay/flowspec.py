@@ -250,6 +250,12 @@ def _fix_checksum(packet: bytearray, offset: int, proto: int, src: bytes, dst: b
     struct.pack_into("!H", packet, offset + position, value)
 
 
+def format_endpoint(address: str, port: int) -> str:
+    """ADDRESS:PORT, IPv6 in brackets ([2001:db8::1]:80, never the ambiguous 2001:db8::1:80): the form
+    flow specs and `--from-peer` read back."""
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
 def describe(packet: bytes) -> str:
     """A one-line human description of an IP packet (for traces and errors)."""
     headline = _headline_problem(packet)
@@ -269,11 +275,11 @@ def describe(packet: bytes) -> str:
     except (dpkt.UnpackError, IndexError, struct.error, ValueError):
         return f"unparseable packet ({len(packet)} bytes)"
     names = {6: "TCP", 17: "UDP", 1: "ICMP", 58: "ICMPv6"}
-    text = f"{version} {names.get(proto, f'proto {proto}')} {src}"
+    text = f"{version} {names.get(proto, f'proto {proto}')} "
     if isinstance(payload, (dpkt.tcp.TCP, dpkt.udp.UDP)):
-        text += f":{payload.sport} > {dst}:{payload.dport}"
+        text += f"{format_endpoint(src, payload.sport)} > {format_endpoint(dst, payload.dport)}"
     else:
-        text += f" > {dst}"
+        text += f"{src} > {dst}"
     return f"{text} ({len(packet)} bytes)"
 
 

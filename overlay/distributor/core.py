@@ -82,6 +82,9 @@ class Decision:
     table_row: int | None = None
     first: str | None = None
     second: str | None = None
+    # Set where the owner refinement (unknown → xlate: the owner, else the hash) looked at a hash-src
+    # cell: "owner" when the destination's owner took the packet, "no-owner" when the hash stood.
+    refinement: str | None = None
 
     @property
     def cell_name(self) -> str | None:
@@ -255,8 +258,11 @@ class Distributor:
         dst_roles = self.roles(flow.version, flow.dst, flow.proto, flow.dport)
         row, column, cell = self._cells[(src_roles, dst_roles)]
         decision = Decision(ACTION_DROP, None, "", "table", src_roles, dst_roles, row, column, cell)
-        if cell == TO_DEST or (cell == HASH_SRC and row == "unknown" and dst_roles & XLATE):
+        refine = cell == HASH_SRC and row == "unknown" and bool(dst_roles & XLATE)
+        if cell == TO_DEST or refine:
             owner = self.owner(flow.version, flow.dst, flow.proto, flow.dport)
+            if refine:
+                decision.refinement = "no-owner" if owner is None else "owner"
             if owner is not None:
                 decision.first = owner
                 if owner in self._active:

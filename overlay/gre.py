@@ -20,33 +20,54 @@ checksum is not verified: UDP's own checksum already covers the payload.
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from dataclasses import dataclass
 
 UDP_PORT = 4754  # RFC 8086 "GRE-in-UDP"
 PROTO_IPV4 = 0x0800
 PROTO_IPV6 = 0x86DD
-# IEEE 802 "local experimental" EtherTypes. Keepalives: a TM agent echoes them unchanged. Second chance:
-# a TM that has no state for a packet the distributor marked (key, below) returns it under this type,
-# and the distributor hands it to the fallback TM named in the key (how a draining TM finishes its
-# connections while a new TM takes its rows — GLB Director's "second chance" in overlay terms).
+# IEEE 802 "local experimental" EtherTypes. Keepalives: a TM agent echoes them unchanged. Second chance
+# (how a draining TM finishes its connections while a new TM takes its rows — GLB Director's "second
+# chance" in overlay terms): a TM that has no state for a packet the distributor marked (key, below)
+# returns it under SECOND_CHANCE_PROTOCOL, and the distributor hands it to the draining TM the key names,
+# marked LAST_CHANCE. A draining TM that has no state for it either and would *open* one (UDP, ICMP
+# echo: nothing tells a new flow from an old one but state) declines it under DECLINED_PROTOCOL, and the
+# distributor sends it, unmarked, to the row's TM, which opens it there.
 KEEPALIVE_PROTOCOL = 0x88B5
 SECOND_CHANCE_PROTOCOL = 0x88B6
+DECLINED_PROTOCOL = 0x88B7
 
-# The 32-bit GRE key: high 16 bits an optional fleet id (`underlay.gre_key`), low 16 bits the
-# second-chance TM (index + 1 in the distributor's sorted TM names; 0 = none).
+# The 32-bit GRE key: high 16 bits an optional fleet id (`underlay.gre_key`), low 16 bits the mark:
+# 0 none, 1-0xFFFE the second-chance TM's stable id (`[[tm]] id`), LAST_CHANCE on the bounce's way to it.
 FLEET_ID_MAX = 0xFFFF
+TM_ID_MAX = 0xFFFE
+LAST_CHANCE = 0xFFFF
 
 
-def make_key(fleet_id: int | None, fallback: int) -> int | None:
-    """The GRE key to send: None (no key field at all) when there is neither a fleet id nor a fallback."""
-    if fleet_id is None and not fallback:
+def make_key(fleet_id: int | None, mark: int) -> int | None:
+    """The GRE key to send: None (no key field at all) when there is neither a fleet id nor a mark."""
+    if fleet_id is None and not mark:
         return None
-    return ((fleet_id or 0) << 16) | fallback
+    return ((fleet_id or 0) << 16) | mark
 
 
 def key_fallback(key: int | None) -> int:
+    """The mark in a received key (0 when there is no key)."""
     return 0 if key is None else key & 0xFFFF
+
+
+def key_fleet(key: int | None) -> int:
+    """The fleet id in a received key (0 when there is no key: the same as a fleet without an id)."""
+    return 0 if key is None else key >> 16
+
+
+def default_tm_id(name: str) -> int:
+    """A TM's id when its config gives none: derived from the name alone, so adding or removing other TMs
+    (a reload) never re-targets second-chance marks already in flight. Collisions are refused by the
+    config, which then asks for an explicit `id`."""
+    digest = hashlib.sha256(b"overlay-tm-id\0" + name.encode()).digest()
+    return int.from_bytes(digest[:4], "big") % TM_ID_MAX + 1
 
 FLAG_CHECKSUM = 0x8000
 FLAG_ROUTING = 0x4000

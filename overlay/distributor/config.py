@@ -15,7 +15,7 @@ from typing import Any
 from overlay.addrsets import AddressEntry, PortRange, parse_ports, parse_protocol
 from overlay.configlib import ConfigError, IPAddress, IPNetwork, Section, to_endpoint, to_network
 from overlay.decision import CELL_ACTIONS, COLUMNS, ROWS, DecisionTable
-from overlay.gre import UDP_PORT
+from overlay.gre import TM_ID_MAX, UDP_PORT, default_tm_id
 from overlay.health import ALL_DOWN_POLICIES, HealthConfig
 
 HASH_KEYS = ("addr", "addr+port")
@@ -29,6 +29,7 @@ class TMEntry:
     weight: int
     management: tuple[IPAddress, ...]
     xlate: tuple[AddressEntry, ...]
+    id: int = 0  # stable id in second-chance marks (gre.default_tm_id(name) unless configured)
 
 
 @dataclass(frozen=True)
@@ -201,6 +202,7 @@ def _parse_tms(root: Section, sets: dict[str, tuple[AddressEntry, ...]], underla
     tms: list[TMEntry] = []
     seen_names: dict[str, int] = {}
     seen_underlay: dict[tuple[IPAddress, int], str] = {}
+    seen_ids: dict[int, str] = {}
     management_owner: dict[IPAddress, str] = {}
     owned: list[tuple[AddressEntry, str, str]] = []  # (entry, owner, field)
     for index, section in enumerate(root.sections("tm")):
@@ -212,6 +214,11 @@ def _parse_tms(root: Section, sets: dict[str, tuple[AddressEntry, ...]], underla
         if name in seen_names:
             raise section.error("name", f"duplicate TM name {name!r} (also tm[{seen_names[name]}])")
         seen_names[name] = index
+        tm_id = section.int("id", default_tm_id(name), minimum=1, maximum=TM_ID_MAX)
+        if tm_id in seen_ids:
+            hint = "" if section.has("id") else " (derived from the name: give one of them an explicit id)"
+            raise section.error("id", f"TM id {tm_id} is already TM {seen_ids[tm_id]!r}'s{hint}")
+        seen_ids[tm_id] = name
         underlay = section.convert("underlay", lambda v: to_endpoint(v, UDP_PORT))
         if underlay in seen_underlay:
             raise section.error("underlay", f"{underlay[0]} port {underlay[1]} is already TM {seen_underlay[underlay]!r}")
@@ -242,7 +249,7 @@ def _parse_tms(root: Section, sets: dict[str, tuple[AddressEntry, ...]], underla
                     raise section.error(field_name, f"{entry} is also owned by TM {owner!r} ({other_field}): an address or port block has one owner")
             owned.append((entry, name, f"tm[{index}].{field_name}"))
         section.done()
-        tms.append(TMEntry(name, underlay, weight, management, xlate))
+        tms.append(TMEntry(name, underlay, weight, management, xlate, tm_id))
     return tms
 
 

@@ -155,8 +155,10 @@ class Distributor:
         self._edge_dest = edge_dests
         self._seed64 = int.from_bytes(config.seed[:8], "big")
         self._hash_ports = config.hash_key == "addr+port"
-        # Second-chance keys name TMs by their index in sorted order: stable across config order.
-        self._key_names = tuple(sorted(tm.name for tm in config.tms))
+        # Second-chance marks name TMs by their stable id: a reload that adds or removes TMs never
+        # re-targets marks already in flight.
+        self._tm_by_id = {tm.id: tm.name for tm in config.tms}
+        self._fleet_id = config.gre_key or 0
         self._admin = {tm.name: self._admin.get(tm.name, "enabled") for tm in config.tms}
         self._up = {tm.name: self._up.get(tm.name, True) for tm in config.tms}
         self.generation += 1
@@ -209,13 +211,13 @@ class Distributor:
         self._fallback: list[int] | None = None
         if draining:
             with_draining = build_table({**serving, **draining}, self.config.seed, self.config.rows_log2)
-            index = {name: i + 1 for i, name in enumerate(self._key_names)}
+            ids = {tm.name: tm.id for tm in self.config.tms}
             fallback = [0] * self._table.rows
             for row, winner in enumerate(with_draining.first):
                 if winner >= 0:
                     name = with_draining.names[winner]
                     if name in draining:
-                        fallback[row] = index[name]
+                        fallback[row] = ids[name]
             self._fallback = fallback
 
     @property
@@ -312,6 +314,8 @@ class Distributor:
         frame = gre.decapsulate(payload)
         if frame is None:
             return self._drop("malformed:gre")
+        if gre.key_fleet(frame.key) != self._fleet_id:
+            return self._drop("wrong-fleet-id")  # another fleet's overlay on the same underlay
         tm = self._tm_by_underlay.get(peer) or self._tm_by_address.get(peer[0])
         if frame.protocol == gre.KEEPALIVE_PROTOCOL:
             if tm is None:
@@ -321,6 +325,10 @@ class Distributor:
             if tm is None:
                 return self._drop("second-chance-from-unknown-peer")
             return self._second_chance(frame.inner, gre.key_fallback(frame.key))
+        if frame.protocol == gre.DECLINED_PROTOCOL:
+            if tm is None:
+                return self._drop("declined-from-unknown-peer")
+            return self._declined(frame.inner)
         if frame.protocol not in (gre.PROTO_IPV4, gre.PROTO_IPV6):
             return self._drop("unsupported-gre-protocol")
         if tm is not None:
@@ -333,7 +341,7 @@ class Distributor:
             return self._apply(flow, frame.inner, self.decide(flow))
         return self._drop("unknown-peer")
 
-    def _apply(self, flow: Flow, packet: bytes, decision: Decision) -> Verdict:
+    def _apply(self, flow: Flow, packet: bytes, decision: Decision, mark: bool = True) -> Verdict:
         cell = decision.cell_name
         if cell is not None:
             self.counters_cell[cell] += 1
@@ -347,7 +355,7 @@ class Distributor:
                     return too_big
             self.counters_tm[tm] += 1
             fallback = 0
-            if self._fallback is not None and decision.table_row is not None:
+            if mark and self._fallback is not None and decision.table_row is not None:
                 fallback = self._fallback[decision.table_row]
             flow_hash = decision.hash_value
             if flow_hash is None:
@@ -375,17 +383,27 @@ class Distributor:
         return Verdict(ACTION_FORWARD, tm, reason, cell, packet)
 
     def _second_chance(self, packet: bytes, fallback: int) -> Verdict:
-        """A TM returned a packet it has no state for; hand it to the fallback TM the key names. It goes
-        unmarked, so it can never bounce twice."""
-        if not 0 < fallback <= len(self._key_names):
+        """A TM returned a packet it has no state for; hand it to the fallback TM the key names, marked
+        LAST_CHANCE: that TM uses its state or declines (never bounces), so a packet bounces at most once."""
+        target = self._tm_by_id.get(fallback)
+        if target is None:
             return self._drop("second-chance-bad-key")
-        target = self._key_names[fallback - 1]
         if target not in self._active:
             return self._drop("second-chance-target-gone")
         self.counters_reason["second-chance"] += 1
         self.counters_tm[target] += 1
         return Verdict(ACTION_TM, target, "second-chance", None,
-                       gre.encapsulate(packet, key=gre.make_key(self.config.gre_key, 0)), self._tm_dest[target])
+                       gre.encapsulate(packet, key=gre.make_key(self.config.gre_key, gre.LAST_CHANCE)),
+                       self._tm_dest[target])
+
+    def _declined(self, packet: bytes) -> Verdict:
+        """The draining TM has no state for a bounced packet that opens a flow (UDP, ICMP echo): the flow
+        is new. Decide it again and send it unmarked, so the row's TM opens it and keeps it."""
+        flow = parse_flow(packet)
+        if isinstance(flow, str):
+            return self._drop(flow)
+        self.counters_reason["declined"] += 1
+        return self._apply(flow, packet, self.decide(flow), mark=False)
 
     def _drop(self, reason: str) -> Verdict:
         self.counters_reason[reason] += 1

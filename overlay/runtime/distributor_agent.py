@@ -110,7 +110,7 @@ class DistributorAgent(Agent):
         assert self.health is not None and self.loop is not None and self.udp is not None
         assert self.config.distributor is not None
         now = self.loop.time()
-        key = self.config.distributor.gre_key
+        key = gre.make_key(self.config.distributor.gre_key, 0)  # the fleet id, in the key's high half
         destinations = {tm.name: (str(tm.underlay[0]), tm.underlay[1]) for tm in self.config.distributor.tms}
         for tm, payload in self.health.due_probes(now):
             datagram = gre.encapsulate(payload, key=key, protocol=gre.KEEPALIVE_PROTOCOL)

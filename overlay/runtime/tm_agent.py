@@ -1,13 +1,11 @@
-"""The TM agent: GRE-in-UDP in, `overlay.tm.core.TrafficManager` in the middle, GRE-in-UDP back out.
+"""The TM agent: GRE-in-UDP in, `overlay.tm.node.TMNode` (the overlay protocol around the NAT core,
+`overlay.tm.core.TrafficManager`) in the middle, GRE-in-UDP back out.
 
-- Datagrams from addresses that are not a configured `[[distributor]]` are dropped and counted.
-- A keepalive (GRE protocol 0x88B5) is echoed to its sender unchanged, before anything else: it must
-  measure the tunnel and the agent, not the core.
-- Anything else is decapsulated and given to `receive(inner, now)`; an "overlay" result goes back,
-  encapsulated, to the distributor it came from; a "local" one (addressed to a management address) is
-  written into the TUN, where the host's own stack (the status service) answers it.
-- What that stack answers leaves by the TUN (netsetup's `from MGMT` rule) into `from_local(packet, now)`,
-  and goes to the distributor that last sent us something (else the first configured one).
+- Every datagram goes to `TMNode.from_overlay`, which refuses unknown peers and foreign fleet ids, echoes
+  keepalives, and runs the core; its output is sent to the distributor or written into the TUN, where
+  the host's own stack (the status service) answers what was addressed to a management address.
+- What that stack answers leaves by the TUN (netsetup's `from MGMT` rule) into `TMNode.from_tun`, and
+  goes to the distributor that last sent us something (else the first configured one).
 - Connection timeouts: one `loop.call_at` timer, re-armed to `next_deadline()` once per loop iteration
   in which packets were handled (not per packet).
 
@@ -18,15 +16,12 @@ port) — what the `[[tm]] underlay` of its config says — so a TM cannot sprea
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
 
-from overlay import gre
 from overlay.config import NodeConfig
 from overlay.runtime.agent import Agent
 from overlay.runtime.netsetup import NetPlan, tm_plan
-from overlay.tm.core import BOUNCE, LOCAL, OVERLAY, TMResult, TrafficManager
-
-_KEEPALIVE = gre.KEEPALIVE_PROTOCOL.to_bytes(2, "big")
+from overlay.tm.core import TrafficManager
+from overlay.tm.node import SEND, TUN, NodeOutput, TMNode
 
 
 class TMAgent(Agent):
@@ -37,19 +32,14 @@ class TMAgent(Agent):
             raise ValueError(f"{config.source}: not a TM config (node.role = {config.role!r})")
         super().__init__(config)
         self.core: TrafficManager | None = None
+        self.node: TMNode | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
         self._rearm_pending = False
-        self._distributors = self._configured_distributors(config)
-        self._last_distributor: tuple[str, int] = next(iter(self._distributors.values()))
-        # Per peer: packets received; per reason: what this agent itself dropped before the core saw it.
-        self.peers: Counter[tuple[str, int]] = Counter()
-        self.drops: Counter[str] = Counter()
-        self.keepalives_echoed = 0
 
     @staticmethod
-    def _configured_distributors(config: NodeConfig) -> dict[str, tuple[str, int]]:
-        return {str(address): (str(address), port) for address, port in config.distributors}
+    def _distributors(config: NodeConfig) -> list[tuple[str, int]]:
+        return [(str(address), port) for address, port in config.distributors]
 
     def source_ports(self) -> int:
         # Everything leaves from the well-known port (see the module docstring): no entropy sockets.
@@ -63,22 +53,23 @@ class TMAgent(Agent):
 
     def _open_role(self, loop: asyncio.AbstractEventLoop) -> None:
         assert self.config.tm is not None and self.tun is not None and self.udp is not None
-        self.core = core = TrafficManager(self.config.tm)
-        tun_write, udp_send, udp_reply = self.tun.write, self.udp.send, self.udp.reply
+        self.core = TrafficManager(self.config.tm)
+        # [underlay] (and so the fleet id) only changes with a restart.
+        self.node = node = TMNode(self.core, self._distributors(self.config), self.config.underlay.gre_key)
+        tun_write, udp_reply = self.tun.write, self.udp.reply
         clock, call_soon = loop.time, loop.call_soon
-        distributors, peers, drops = self._distributors, self.peers, self.drops
-        key = self.config.underlay.gre_key  # [underlay] only changes with a restart
-        decapsulate, encapsulate, ip_protocols = gre.decapsulate, gre.encapsulate, (gre.PROTO_IPV4, gre.PROTO_IPV6)
-        key_fallback, second_chance = gre.key_fallback, gre.SECOND_CHANCE_PROTOCOL
+        node_from_overlay, node_from_tun = node.from_overlay, node.from_tun
 
         # The per-packet path: closures over locals (no attribute lookups, no Optional checks per packet).
-        # `reconfigure` changes the core and `distributors` in place, so these stay valid across reloads.
-        def execute(result: TMResult, distributor: tuple[str, int]) -> None:
-            action = result.action
-            if action == OVERLAY:
-                udp_send(encapsulate(result.packet, key=key), distributor)  # type: ignore[arg-type]
-            elif action == LOCAL:
-                tun_write(result.packet)  # type: ignore[arg-type]
+        # `reconfigure` changes the node and core in place, so these stay valid across reloads.
+        def execute(output: NodeOutput) -> None:
+            action, data, peer = output
+            if action == SEND:
+                udp_reply(data, peer)  # type: ignore[arg-type]
+            elif action == TUN:
+                tun_write(data)  # type: ignore[arg-type]
+            else:
+                return
             if not self._rearm_pending:
                 # A new connection may need an earlier expiry than the armed one: check once per loop
                 # iteration, not per packet.
@@ -86,37 +77,10 @@ class TMAgent(Agent):
                 call_soon(self._rearm)
 
         def from_overlay(payload: bytes, peer: tuple[str, int]) -> None:
-            # Only configured distributors may use this TM: anyone else could inject packets into its
-            # connection table and management stack, or use the keepalive echo as a reflector.
-            distributor = distributors.get(peer[0])
-            if distributor is None:
-                drops["unknown-peer"] += 1
-                return
-            if payload[2:4] == _KEEPALIVE:
-                udp_reply(payload, peer)
-                self.keepalives_echoed += 1
-                return
-            frame = decapsulate(payload)
-            if frame is None:
-                drops["malformed:gre"] += 1
-                return
-            if frame.protocol not in ip_protocols:
-                drops["unsupported-gre-protocol"] += 1
-                return
-            # Answers go to the distributor's configured port, whichever of its source ports this came from.
-            self._last_distributor = distributor
-            peers[distributor] += 1
-            marked = key_fallback(frame.key) != 0
-            result = core.receive(frame.inner, clock(), marked)
-            if result.action == BOUNCE:
-                # Second chance: the same packet, the same key, back to the distributor under the
-                # bounce protocol; it forwards it to the draining TM the key names.
-                udp_send(encapsulate(frame.inner, key=frame.key, protocol=second_chance), distributor)
-                return
-            execute(result, distributor)
+            execute(node_from_overlay(payload, peer, clock()))
 
         def from_tun(packet: bytes) -> None:
-            execute(core.from_local(packet, clock()), self._last_distributor)
+            execute(node_from_tun(packet, clock()))
 
         self.tun.start(loop, from_tun, self.tun_lost)
         self.udp.start(loop, from_overlay)
@@ -156,12 +120,9 @@ class TMAgent(Agent):
             raise ValueError("tm.management changed: the TUN's addresses apply only at restart")
         # Dry run first: a config the core refuses raises here, before the running core changes at all.
         TrafficManager(new.tm)
+        assert self.node is not None
         self.core.reconfigure(new.tm)
-        # In place: the packet path holds this very dict.
-        self._distributors.clear()
-        self._distributors.update(self._configured_distributors(new))
-        if self._last_distributor[0] not in self._distributors:
-            self._last_distributor = next(iter(self._distributors.values()))
+        self.node.configure(self._distributors(new), new.underlay.gre_key)
         self._rearm()
 
     def _close_role(self) -> None:
@@ -172,18 +133,18 @@ class TMAgent(Agent):
     # -- status ---------------------------------------------------------------------------------------
 
     def _role_status(self) -> dict:
-        if self.core is None:
+        if self.core is None or self.node is None:
             return {}
         snapshot = dict(self.core.snapshot())
         counters = self.transport_counters()
         counters.update(self.core.counters())
-        counters["keepalives_echoed"] = self.keepalives_echoed
+        counters["keepalives_echoed"] = self.node.keepalives_echoed
         drops = dict(snapshot.pop("drops", {}) or {})
-        for reason, count in self.drops.items():
+        for reason, count in self.node.drops.items():
             drops[f"agent:{reason}"] = count
         return {
             **snapshot,
-            "peers": {f"{host}:{port}": {"packets": count} for (host, port), count in self.peers.items()},
+            "peers": {f"{host}:{port}": {"packets": count} for (host, port), count in self.node.peers.items()},
             "drops": drops,
             "counters": counters,
         }

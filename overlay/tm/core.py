@@ -34,7 +34,13 @@ from overlay.tm.states import (
 OVERLAY = "overlay"
 LOCAL = "local"
 DROP = "drop"
-BOUNCE = "bounce"  # no state here, but the distributor named a second-chance TM: hand the packet back
+BOUNCE = "bounce"    # no state here, but the distributor named a second-chance TM: hand the packet back
+DECLINE = "decline"  # a last-chance packet we have no state for would open a flow: it is new, not ours
+
+# How the distributor marked a packet (the GRE key's low half, decoded by the node core):
+UNMARKED = 0
+SECOND_CHANCE = 1  # we are a drained row's new TM: bounce what we have no state for, open only TCP SYNs
+LAST_CHANCE = 2    # we are the draining TM, handed a bounce: use our state, never open any
 
 _PROTOCOL_NAMES = {TCP: "tcp", UDP: "udp", ICMP: "icmp", ICMPV6: "icmpv6"}
 
@@ -47,11 +53,12 @@ class TMResult:
 
 
 _BOUNCED = TMResult(BOUNCE, None, R.SECOND_CHANCE)
+_DECLINED = TMResult(DECLINE, None, R.DECLINED)
 
 
 class TrafficManager:
     def __init__(self, config: TMConfig) -> None:
-        self._second_chance = False
+        self._mark = UNMARKED
         self._table = ConnTable(config.conntrack.max_entries, [])
         self._allocators: dict[tuple[bytes, int], PortAllocator] = {}
         self._counts = dict.fromkeys(R.ALL_REASONS, 0)
@@ -77,11 +84,6 @@ class TrafficManager:
             key = (protocol, service_config.virtual.packed, service_config.port.to_bytes(2, "big"))
             self._services[key] = Service(service_config)
         self._virtual = frozenset(vip for _, vip, _ in self._services)
-        # Pool members' service endpoints: a UDP packet from one without state is a reply, not an opener.
-        self._backends = frozenset(
-            (protocol, server.packed + server.port_bytes)
-            for (protocol, _, _), service in self._services.items() for server in service.servers
-        )
         self._rules = RuleList(config.firewall_rules)
         self._table.max_entries = config.conntrack.max_entries
         timeouts = config.conntrack.timeouts
@@ -126,12 +128,15 @@ class TrafficManager:
         return allocator
 
     # -- packets --------------------------------------------------------------------------------------
-    def receive(self, packet: bytes, now: float, second_chance: bool = False) -> TMResult:
-        """An inner packet the distributor sent to this TM. `second_chance`: the distributor marked it
-        (a draining TM may hold its connection), so a packet we would drop as invalid is bounced back
-        instead (action "bounce", packet None: the caller returns the packet it gave us)."""
+    def receive(self, packet: bytes, now: float, mark: int = UNMARKED) -> TMResult:
+        """An inner packet the distributor sent to this TM, with the distributor's mark:
+        - SECOND_CHANCE (a draining TM may hold its connection): a packet we have no state for is bounced
+          back (action "bounce", packet None: the caller returns the packet it gave us) — also a UDP or
+          ICMP echo packet that would open state, *before* opening it; only a TCP SYN opens here;
+        - LAST_CHANCE (we are that draining TM): state is used as always, but nothing opens: a packet
+          that would open a flow is declined (action "decline": the distributor opens it elsewhere)."""
         self._received += 1
-        self._second_chance = second_chance
+        self._mark = mark
         parsed = parse_ip(packet)
         if isinstance(parsed, str):
             return self._drop(parsed)
@@ -199,7 +204,7 @@ class TrafficManager:
     def _icmp_error(self, packet: bytes, version: int, l4: int, end: int, error: IcmpError, now: float) -> TMResult:
         half = self._table.lookup(error.inner_protocol, error.key, now)
         if half is None:
-            if self._second_chance:
+            if self._mark == SECOND_CHANCE:
                 return self._bounce()
             return self._drop(R.INVALID_ICMP_NO_STATE)
         if half.addresses is None:
@@ -221,12 +226,17 @@ class TrafficManager:
                     return self._drop(R.MALFORMED_TCP_FLAGS)
                 return self._invalid(version, protocol, key)
             state = TCP_SYN_SENT
-        elif protocol == UDP:
-            state = UDP_UNREPLIED
         else:
-            if info:     # an echo reply never opens
+            if protocol != UDP and info:     # an echo reply never opens
                 return self._invalid(version, protocol, key)
-            state = ICMP_ECHO
+            if self._mark == SECOND_CHANCE:
+                # UDP and echo requests carry no "new flow" flag: only the draining TM's state can tell an
+                # old flow from a new one, so ask it before opening anything here.
+                return self._bounce()
+            state = UDP_UNREPLIED if protocol == UDP else ICMP_ECHO
+        if self._mark == LAST_CHANCE:
+            self._counts[R.DECLINED] += 1
+            return _DECLINED
         if self._nat:
             return self._open_nat(packet, version, protocol, l4, end, key, state, now)
         return self._open_firewall(packet, version, protocol, end, key, state, now)
@@ -235,7 +245,7 @@ class TrafficManager:
         """No state and not an opener. To our xlate address but outside our port block, or to another
         TM's xlate address: the distributor sent another TM's traffic here (reported separately: it
         points at the distributor's owner map rather than at hashing)."""
-        if self._second_chance:
+        if self._mark == SECOND_CHANCE:
             return self._bounce()
         length = ADDRESS_LENGTH[version]
         destination = key[length:2 * length]
@@ -267,8 +277,6 @@ class TrafficManager:
                 return self._drop(R.NO_SERVICE)
         elif not natable:
             return self._drop(R.NO_RULE)
-        elif protocol == UDP and (UDP, src + tail[0:2]) in self._backends:
-            return self._drop(R.INVALID_NO_STATE)     # a service's reply whose connection is elsewhere
         xlate = self._xlate.get(version) if natable else None
         if natable and xlate is None:
             return self._drop(R.NO_XLATE_ADDRESS)

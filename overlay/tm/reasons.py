@@ -23,6 +23,8 @@ MANAGEMENT = "management"              # to/from a management address (action "l
 
 # -- action "bounce": back to the distributor for the second-chance TM named in the GRE key ------------
 SECOND_CHANCE = "second-chance"        # no state, but the distributor marked the packet: a draining TM has it
+# -- action "decline": back to the distributor, to be opened on the row's TM ---------------------------
+DECLINED = "declined"                  # a last-chance packet (we are draining) that would open a new flow
 
 # -- action "drop" ----------------------------------------------------------------------------------
 INVALID_NO_STATE = "invalid:no-state"                    # no connection and the packet does not open one
@@ -83,7 +85,7 @@ def counter_name(reason: str) -> str:
         return f"translated.{detail}"
     if reason in _FORWARDED:
         return f"forwarded.{detail}"
-    if reason == SECOND_CHANCE:
+    if reason == SECOND_CHANCE or reason == DECLINED:
         return f"bounced.{detail}"
     if reason == MANAGEMENT:
         # Counted separately per direction by the core (`local.management`, `forwarded.management`).

@@ -40,7 +40,8 @@ KEEPALIVE = struct.pack("!HH", 0, gre.KEEPALIVE_PROTOCOL) + b"OVKA" + bytes(28)
 OVERLAY_CASES = [
     # description, GRE payload, peer, (action, tm, reason, packet)
     ("from a TM: forward the inner packet, no hashing", gre.encapsulate(INNER), TM1, ("forward", "tm1", "from-tm", INNER)),
-    ("from a TM, keyed GRE: forward", gre.encapsulate(INNER, key=0x10000), TM1, ("forward", "tm1", "from-tm", INNER)),
+    ("from a TM, keyed GRE: forward", gre.encapsulate(INNER, key=0x5), TM1, ("forward", "tm1", "from-tm", INNER)),
+    ("from a TM, another fleet's id: drop", gre.encapsulate(INNER, key=0x10000), TM1, ("drop", None, "wrong-fleet-id", None)),
     ("from a TM with checksum+key+sequence flags: forward", struct.pack("!HH", 0xB000, 0x0800) + bytes(12) + INNER, TM1, ("forward", "tm1", "from-tm", INNER)),
     ("keepalive echo from a TM: local", KEEPALIVE, TM1, ("local", "tm1", "keepalive", KEEPALIVE[4:])),
     ("from a TM to an edge's prefix: encapsulated to the edge",

@@ -177,8 +177,14 @@ CONVERSATIONS = [
         "steps": [(udp(REMOTE, 123, XLATE, 2000), "drop", "invalid:no-state", None)],
     },
     {
-        "description": "invalid: a UDP reply from a server's service port without state is not an opener",
-        "steps": [(udp(SERVER1, 53, CLIENT, 5000), "drop", "invalid:no-state", None)],
+        # Decided by state, not by port: a pool member may talk UDP from its service port on its own (an
+        # NTP or DNS server querying upstream). A reply whose state is elsewhere is the distributor's to
+        # mark (second chance), not ours to guess.
+        "description": "a stateless UDP packet from a server's service port opens like any NAT-able source",
+        "steps": [
+            (udp(SERVER1, 53, REMOTE, 53), "overlay", "snat", Flow(U, XLATE, FIRST_PORT, REMOTE, 53)),
+            (udp(REMOTE, 53, XLATE, FIRST_PORT), "overlay", "reverse-snat", Flow(U, REMOTE, 53, SERVER1, 53)),
+        ],
     },
     {
         "description": "invalid: echo reply without state",

@@ -50,7 +50,10 @@ class Fleet:
                 self.checker.on_reply(payload, now)
             self.changes += [(now, tm, up) for tm, up in self.checker.tick(now)]
             wake = min([self.checker.next_deadline()] + [arrival for arrival, _ in self.in_flight])
-            now = max(wake, now + 1e-6)
+            # Exactly at the next deadline, as the adapter wakes: the detection bound assumes it (a clock that
+            # stepped at least 1 µs ticked late, past the bound). A deadline that stays put would spin.
+            assert wake > now, f"next_deadline() {wake} is not after now {now}"
+            now = wake
         raise AssertionError("simulation did not reach its end time")
 
 

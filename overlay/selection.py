@@ -11,41 +11,46 @@ Why rendezvous: each row ranks every TM by a score that depends only on (seed, T
   each TM wins a row with probability w / Σw exactly. The realised share deviates from the ideal by
   sampling noise only (≈ sqrt(share·rows)/rows; measured and documented in docs/design-selection.md).
 
-Building is done with C-level primitives (shake_256 streams, bytearray slice assignment, `map(max)`),
-so a 65,536-row table for 3 TMs costs a few milliseconds and for 1,000 TMs about a second.
+The scores are shake_256 streams; numpy turns each stream into one 64-bit score per row and keeps the
+running best and runner-up per row (whole-array max/min), so the build costs one shake_256 stream plus a
+few vector passes per replica (measured in docs/design-selection.md).
 """
 
 from __future__ import annotations
 
 import hashlib
-import sys
-from array import array
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+import numpy as np
 
 MIN_ROWS_LOG2 = 16
 MAX_WEIGHT = 1000
 MAX_TMS = 65535  # the low 16 bits of a score carry the TM's index
 
 _NONE = -1
+_RANDOM_BYTES = 6  # 48 random bits per row and replica, above the 16-bit index
+_RANDOM_MASK = np.uint64(0xFFFF_FFFF_FFFF_0000)
 
 
-def _scores(seed: bytes, name: str, replica: int, rows: int, index: int) -> list[int]:
+def _scores(seed: bytes, name: str, replica: int, rows: int, index: int) -> np.ndarray:
     """One replica's score per row: 48 random bits from shake_256(seed, name, replica), then the TM's
     16-bit index in the low bits, so `max` over scores also says who won (ties are impossible between
     different TMs)."""
     stream = hashlib.shake_256(b"overlay-rendezvous\0" + seed + b"\0" + name.encode() + b"\0" + str(replica).encode())
-    random_bytes = stream.digest(rows * 6)
-    packed = bytearray(rows * 8)
-    for byte in range(6):
-        packed[byte::8] = random_bytes[byte::6]
-    packed[6::8] = bytes([index >> 8]) * rows
-    packed[7::8] = bytes([index & 0xFF]) * rows
-    scores = array("Q")
-    scores.frombytes(bytes(packed))
-    if sys.byteorder == "little":
-        scores.byteswap()
-    return scores.tolist()
+    # Row i's word is the 8 big-endian bytes from offset 6·i: its own 6 random bytes, then 2 of the next
+    # row's, which the mask swaps for the index (2 bytes of padding let the last row read its word).
+    random_bytes = stream.digest(rows * _RANDOM_BYTES) + b"\0\0"
+    words = np.ndarray((rows,), dtype=">u8", buffer=random_bytes, strides=(_RANDOM_BYTES,))
+    score = words.astype(np.uint64)
+    score &= _RANDOM_MASK
+    score |= np.uint64(index)
+    return score
+
+
+def _choices(scores: np.ndarray) -> list[int]:
+    """Winning scores → TM indexes, -1 where no TM scored (the score 0 stands for "none")."""
+    return np.where(scores != 0, (scores & np.uint64(0xFFFF)).astype(np.int64), _NONE).tolist()
 
 
 @dataclass(frozen=True)
@@ -82,8 +87,8 @@ def build_table(weights: Mapping[str, int], seed: bytes, rows_log2: int = MIN_RO
     rows = 1 << rows_log2
     # Sorted names give indexes that do not depend on the caller's order; the scores never did.
     names = tuple(sorted(weights))
-    best = [0] * rows
-    runner_up = [0] * rows
+    best = np.zeros(rows, dtype=np.uint64)
+    runner_up = np.zeros(rows, dtype=np.uint64)
     for index, name in enumerate(names):
         weight = weights[name]
         if weight <= 0:
@@ -92,9 +97,9 @@ def build_table(weights: Mapping[str, int], seed: bytes, rows_log2: int = MIN_RO
             raise ValueError(f"weight of {name} exceeds {MAX_WEIGHT}")
         score = _scores(seed, name, 0, rows, index)
         for replica in range(1, weight):
-            score = list(map(max, score, _scores(seed, name, replica, rows, index)))
-        runner_up = list(map(max, runner_up, map(min, best, score)))
-        best = list(map(max, best, score))
-    first = [(value & 0xFFFF) if value else _NONE for value in best]
-    second = [(value & 0xFFFF) if value else _NONE for value in runner_up]
-    return SelectionTable(names, first, second)
+            np.maximum(score, _scores(seed, name, replica, rows, index), out=score)
+        # The runner-up is the best of: the old runner-up, and whichever of (old best, this TM) lost.
+        np.maximum(runner_up, np.minimum(best, score), out=runner_up)
+        np.maximum(best, score, out=best)
+    # Lists, not arrays: the distributor indexes them once per packet, and a list index is the faster one.
+    return SelectionTable(names, _choices(best), _choices(runner_up))

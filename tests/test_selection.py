@@ -1,12 +1,15 @@
 """overlay.selection: the weighted rendezvous table — determinism, minimal disruption, weights, second
-choice. Share deviations measured here are the numbers in docs/design-selection.md."""
+choice, and the build itself: bit for bit the table of a pure-Python reference build. Share deviations
+measured here are the numbers in docs/design-selection.md."""
 
 from __future__ import annotations
 
+import hashlib
 import random
+from collections.abc import Mapping
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from overlay.selection import MIN_ROWS_LOG2, SelectionTable, build_table
@@ -30,6 +33,11 @@ def firsts(table: SelectionTable) -> list[str | None]:
 
 def seconds(table: SelectionTable) -> list[str | None]:
     return [table.names[i] if i >= 0 else None for i in table.second]
+
+
+def fingerprint(table: SelectionTable) -> str:
+    """A short digest of every row's first and second choice: pins the tables that shipped distributors build."""
+    return hashlib.sha256(repr((table.first, table.second)).encode()).hexdigest()[:16]
 
 
 fleets = st.dictionaries(st.text("abcdefghij0123456789-", min_size=1, max_size=8), st.integers(1, 3), min_size=1, max_size=5)
@@ -113,13 +121,15 @@ def test_weights_honoured_within_one_percent(size: int, max_weight: int) -> None
 
 
 def test_weights_honoured_for_a_thousand_tms() -> None:
-    """The one 1,000-TM build (~20-30 s on the CI machine): equal weights, the largest fleet promised."""
+    """The one 1,000-TM build (about a second): equal weights, the largest fleet promised, and the very
+    table the pure-Python build gave (a minute of it: fingerprint only)."""
     weights = {f"tm{i:04d}": 1 for i in range(1000)}
     table = build_table(weights, SEED)
     absolute, relative = deviation(table, weights)
     print(f"1000 TMs: max |share - ideal| = {absolute:.6f} of all rows, max relative {relative:.2%}")
     assert absolute <= 0.01
     assert len(set(table.first)) == 1000  # every TM holds rows
+    assert fingerprint(table) == "1dfb49d12a34e3b2"
 
 
 def test_weights_are_ratios() -> None:
@@ -127,6 +137,63 @@ def test_weights_are_ratios() -> None:
     table = build_table({"big": 3, "small": 1}, SEED)
     share = table.share()
     assert share["big"] == pytest.approx(0.75, abs=0.02) and share["small"] == pytest.approx(0.25, abs=0.02)
+
+
+# -- the build is exact: every row as the reference computes it ------------------------------------------------------
+def reference_scores(seed: bytes, name: str, replica: int, rows: int, index: int) -> list[int]:
+    """The score definition, row by row: 6 bytes per row from shake_256, big-endian, above the TM's index."""
+    stream = hashlib.shake_256(b"overlay-rendezvous\0" + seed + b"\0" + name.encode() + b"\0" + str(replica).encode())
+    random_bytes = stream.digest(rows * 6)
+    return [int.from_bytes(random_bytes[6 * row:6 * row + 6], "big") << 16 | index for row in range(rows)]
+
+
+def reference_build(weights: Mapping[str, int], seed: bytes, rows_log2: int) -> tuple[list[int], list[int]]:
+    """The oracle: (first, second) per row in plain Python, the algorithm distributors ran before numpy
+    built the table. A fleet mixing both versions must decide every row alike."""
+    rows = 1 << rows_log2
+    best, runner_up = [0] * rows, [0] * rows
+    for index, name in enumerate(sorted(weights)):
+        if weights[name] <= 0:
+            continue
+        replicas = [reference_scores(seed, name, replica, rows, index) for replica in range(weights[name])]
+        score = [max(row) for row in zip(*replicas)]
+        runner_up = [max(second, min(first, mine)) for first, second, mine in zip(best, runner_up, score)]
+        best = [max(first, mine) for first, mine in zip(best, score)]
+    return [v & 0xFFFF if v else -1 for v in best], [v & 0xFFFF if v else -1 for v in runner_up]
+
+
+@settings(max_examples=6)
+@given(
+    st.dictionaries(st.text("abé-01", min_size=1, max_size=6), st.integers(0, 5), max_size=5),
+    st.binary(max_size=24),
+)
+@example({"tm1": 0, "tm2": 0}, SEED)  # no choices at all: -1 in every row
+@example({"only": 5}, b"")  # one TM: no second choice
+def test_build_equals_the_reference_build_bit_for_bit(weights: dict[str, int], seed: bytes) -> None:
+    table = build_table(weights, seed)
+    assert (table.first, table.second) == reference_build(weights, seed, MIN_ROWS_LOG2)
+    assert all(type(value) is int for value in table.first[:8] + table.second[:8])  # lists of ints, per packet
+
+
+def test_a_larger_table_equals_the_reference_build() -> None:
+    table = build_table({"a": 2, "b": 1, "c": 0}, SEED, MIN_ROWS_LOG2 + 1)
+    assert (table.first, table.second) == reference_build({"a": 2, "b": 1, "c": 0}, SEED, MIN_ROWS_LOG2 + 1)
+
+
+@pytest.mark.parametrize(
+    ("weights", "rows_log2", "expected"),
+    [
+        ({"tm1": 1, "tm2": 1, "tm3": 1}, 16, "20d8a7eee5bb9544"),
+        ({"a": 5, "b": 1}, 16, "f34769fadca60a89"),
+        ({f"tm{i}": 1 + i % 3 for i in range(7)}, 16, "2ce24dad571e5644"),
+        ({"tm1": 1, "tm2": 0, "tm3": 2}, 16, "8f5c467d2b62d586"),
+        ({"a": 2, "b": 1}, 17, "890a8ee2cafe880a"),
+    ],
+)
+def test_tables_are_those_shipped_distributors_build(weights: dict[str, int], rows_log2: int, expected: str) -> None:
+    """Fingerprints taken from the pure-Python build before numpy replaced it: a change to the score
+    definition (or to the reference above along with it) fails here."""
+    assert fingerprint(build_table(weights, SEED, rows_log2)) == expected
 
 
 # -- refusals --------------------------------------------------------------------------------------------------------

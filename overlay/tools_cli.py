@@ -127,4 +127,7 @@ def run_replay(args: argparse.Namespace) -> int:
         print(f"error: {args.pcap}: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2))
-    return 0
+    for warning in summary["warnings"]:
+        print(f"warning: {args.pcap}: {warning}", file=sys.stderr)
+    # A cut-short file is replayed as far as it goes, but a script must not take that for the whole capture.
+    return 1 if summary["truncated"] else 0

@@ -14,6 +14,7 @@ replayed), and a file that ends inside a record (`truncated`: what came before i
 
 from __future__ import annotations
 
+import io
 import json
 import socket
 import struct
@@ -69,20 +70,24 @@ class Capture:
 
 
 def _open(handle: BinaryIO) -> Iterator[Frame]:
+    # Lengths in a cut or corrupt file can be anything up to 4 GiB: they are checked against the file's
+    # size before anything is read, so that no read allocates for bytes that are not there.
+    size = handle.seek(0, io.SEEK_END)
+    handle.seek(0)
     start = handle.read(12)
     handle.seek(0)
     if start[:4] == _PCAPNG_MAGIC:
         if start[8:] not in _PCAPNG_BYTE_ORDERS:
             raise ReplayError("not a pcap or pcapng file: no byte-order magic in the pcapng section header")
-        return _pcapng_frames(handle)
+        return _pcapng_frames(handle, size)
     try:
         reader = dpkt.pcap.Reader(handle)  # reads and checks the 24-byte file header, nothing more
     except (ValueError, dpkt.UnpackError) as exc:
         raise ReplayError(f"not a pcap or pcapng file: {exc}") from None
-    return _pcap_frames(handle, int.from_bytes(start[:4], "big"), reader.datalink())
+    return _pcap_frames(handle, size, int.from_bytes(start[:4], "big"), reader.datalink())
 
 
-def _pcap_frames(handle: BinaryIO, magic: int, datalink: int) -> Iterator[Frame]:
+def _pcap_frames(handle: BinaryIO, size: int, magic: int, datalink: int) -> Iterator[Frame]:
     # dpkt's own iterator hides each record's original length and yields a cut record as if whole.
     record_header = dpkt.pcap.MAGIC_TO_PKT_HDR[magic]
     divisor = 1e9 if magic in _NANOSECOND_MAGICS else 1e6
@@ -91,9 +96,9 @@ def _pcap_frames(handle: BinaryIO, magic: int, datalink: int) -> Iterator[Frame]
         if len(header_bytes) < record_header.__hdr_len__:
             raise _Truncated(f"the file ends inside a record header at byte {handle.tell()}")
         header = record_header(header_bytes)
-        data = handle.read(header.caplen)
-        if len(data) < header.caplen:
+        if handle.tell() + header.caplen > size:
             raise _Truncated(f"the file ends inside a {header.caplen}-byte record at byte {handle.tell()}")
+        data = handle.read(header.caplen)
         yield Frame(header.tv_sec + header.tv_usec / divisor, linktype, data, header.len)
 
 
@@ -105,7 +110,7 @@ class _Interface:
     offset: int  # seconds added to every timestamp
 
 
-def _pcapng_frames(handle: BinaryIO) -> Iterator[Frame]:
+def _pcapng_frames(handle: BinaryIO, size: int) -> Iterator[Frame]:
     """Block by block: dpkt's pcapng reader applies the first interface's link type and timestamp
     resolution to every frame and raises NeedData on a cut block. Blocks are still parsed by dpkt."""
     little = True
@@ -121,9 +126,11 @@ def _pcapng_frames(handle: BinaryIO) -> Iterator[Frame]:
         if len(head) < 8:
             raise _Truncated(f"the file ends inside a block header at byte {start}")
         kind, length = struct.unpack("<II" if little else ">II", head[:8])
-        body = head + handle.read(length - len(head)) if length >= 12 else head
-        if length < 12 or len(body) < length:
+        if length < 12 or length % 4:
+            raise _Truncated(f"a block at byte {start} claims {length} bytes, no pcapng block length")
+        if start + length > size:
             raise _Truncated(f"the file ends inside a {length}-byte block at byte {start}")
+        body = head + handle.read(length - len(head))
         try:
             frame = _pcapng_block(kind, body, little, interfaces)
         except (dpkt.UnpackError, struct.error, IndexError, ValueError) as exc:

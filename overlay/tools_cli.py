@@ -19,7 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     explain = subparsers.add_parser(
         "explain",
         help="show how the distributor decides one packet",
-        description="PACKET is hex bytes of an IP packet or a flow spec, e.g. "
+        description="PACKET is the hex bytes of an IP packet (nothing but hex digits, spaces and one leading 0x; "
+        "any length) or else a flow spec, e.g. "
         "'tcp 198.51.100.100:40000 > 203.0.113.80:80' or "
         "'icmp 192.0.2.1 > 198.51.100.100 frag-needed mtu 1400 quoting tcp 198.51.100.100:40000 > 203.0.113.10:80'.",
     )
@@ -129,5 +130,6 @@ def run_replay(args: argparse.Namespace) -> int:
     print(json.dumps(summary, indent=2))
     for warning in summary["warnings"]:
         print(f"warning: {args.pcap}: {warning}", file=sys.stderr)
-    # A cut-short file is replayed as far as it goes, but a script must not take that for the whole capture.
-    return 1 if summary["truncated"] else 0
+    # A cut-short file is replayed as far as it goes, but a script must not take that for the whole capture;
+    # 3, not 1 (config error) or 2 (usage), so that it can tell "replayed, input incomplete" apart.
+    return 3 if summary["truncated"] else 0

@@ -117,7 +117,7 @@ def test_a_truncated_pcapng_replays_what_is_there_and_says_so(tmp_path: Path, ca
     blocks = [epb(0, BASE + i, packet) for i, packet in enumerate(sent)]
     capture = shb() + idb(RAW) + b"".join(blocks[:6]) + blocks[6][:cut]
     code, summary, err = replay(tmp_path, capsys, capture)
-    assert code == 1
+    assert code == 3
     assert summary["truncated"] is True and summary["packets"] == 6 and summary["actions"] == {"tm": 6}
     assert any("truncated" in warning for warning in summary["warnings"])
     assert "warning:" in err and "truncated" in err
@@ -129,21 +129,21 @@ def test_a_block_length_that_cannot_be_is_where_reading_stops(tmp_path: Path, ca
     sent = packets(3)
     capture = shb() + idb(RAW) + b"".join(epb(0, BASE + i, p) for i, p in enumerate(sent)) + struct.pack("<II", 6, length) + bytes(80)
     code, summary, _ = replay(tmp_path, capsys, capture)
-    assert code == 1 and summary["truncated"] is True and summary["actions"] == {"tm": 3}
+    assert code == 3 and summary["truncated"] is True and summary["actions"] == {"tm": 3}
 
 
 def test_a_pcap_record_longer_than_the_file_is_where_reading_stops(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     sent = packets(2)
     capture = pcap(RAW, [(BASE + i, p, len(p)) for i, p in enumerate(sent)]) + struct.pack("<IIII", BASE, 0, 0xFFFFFFF0, 0xFFFFFFF0)
     code, summary, _ = replay(tmp_path, capsys, capture)
-    assert code == 1 and summary["truncated"] is True and summary["actions"] == {"tm": 2}
+    assert code == 3 and summary["truncated"] is True and summary["actions"] == {"tm": 2}
 
 
 def test_a_truncated_pcap_replays_what_is_there_and_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     sent = packets(5)
     capture = pcap(RAW, [(BASE + i, packet, len(packet)) for i, packet in enumerate(sent)])[:-10]
     code, summary, err = replay(tmp_path, capsys, capture)
-    assert code == 1 and summary["truncated"] is True
+    assert code == 3 and summary["truncated"] is True
     assert summary["packets"] == 4 and summary["actions"] == {"tm": 4}
     assert "truncated" in err
 

@@ -35,7 +35,7 @@ _HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
 _WITH_VALUE = ("flags", "size", "mtu", "id", "ttl")
 _BOUNDS = {"mtu": 65535, "id": 65535, "ttl": 255}  # the width of the header field each one fills
 _TRANSPORT_HEADER = {"tcp": 20, "udp": 8, "icmp": 8, "icmpv6": 8}  # ICMP: the echo header before the payload
-_MAX_QUOTING = 8  # errors quoting errors: deeper than any real packet, and no recursion limit for any input
+_MAX_QUOTING = 8  # errors quoting errors: deeper than any real packet, and no input reaches the recursion limit
 
 
 class FlowSpecError(ValueError):

@@ -21,7 +21,7 @@ from overlay.config import NodeConfig
 from overlay.runtime.agent import Agent
 from overlay.runtime.netsetup import NetPlan, tm_plan
 from overlay.tm.core import TrafficManager
-from overlay.tm.node import SEND, TUN, NodeOutput, TMNode
+from overlay.tm.node import SEND, SEND_ALL, TUN, NodeOutput, TMNode
 
 
 class TMAgent(Agent):
@@ -68,6 +68,9 @@ class TMAgent(Agent):
                 udp_reply(data, peer)  # type: ignore[arg-type]
             elif action == TUN:
                 tun_write(data)  # type: ignore[arg-type]
+            elif action == SEND_ALL:
+                for datagram in data:  # type: ignore[union-attr]
+                    udp_reply(datagram, peer)  # type: ignore[arg-type]
             else:
                 return
             if not self._rearm_pending:

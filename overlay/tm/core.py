@@ -21,11 +21,13 @@ from overlay.tm.balancer import Server, Service
 from overlay.tm.config import DEFAULT_TIMEOUTS, TMConfig
 from overlay.tm.conntrack import Conn, ConnTable, Half
 from overlay.tm.firewall import RuleList, compile_prefixes, in_prefixes
+from overlay.tm.fragments import FragmentTracker
 from overlay.tm.packet import (
-    ADDRESS_LENGTH, ECHO_REPLY_MARK, ICMP, ICMPV6, TCP, UDP, IcmpError, parse_ip, parse_transport,
+    ADDRESS_LENGTH, ECHO_REPLY_MARK, ICMP, ICMPV6, TCP, UDP, IcmpError, parse_first_fragment, parse_fragment, parse_ip,
+    parse_transport,
 )
 from overlay.tm.ports import PortAllocator
-from overlay.tm.rewrite import rewrite, translate_icmp_error
+from overlay.tm.rewrite import rewrite, rewrite_addresses, translate_icmp_error
 from overlay.tm.states import (
     FIN, ICMP_ECHO, RST, STATE_NAMES, SYN, TCP_ESTABLISHED, TCP_SYN_SENT, UDP_REPLIED, UDP_UNREPLIED, tcp_next,
     tcp_opens,
@@ -36,6 +38,7 @@ LOCAL = "local"
 DROP = "drop"
 BOUNCE = "bounce"    # no state here, but the distributor named a second-chance TM: hand the packet back
 DECLINE = "decline"  # a last-chance packet we have no state for would open a flow: it is new, not ours
+HOLD = "hold"        # a fragment that came before its first fragment: nothing to send yet
 
 # How the distributor marked a packet (the GRE key's low half, decoded by the node core):
 UNMARKED = 0
@@ -47,19 +50,23 @@ _PROTOCOL_NAMES = {TCP: "tcp", UDP: "udp", ICMP: "icmp", ICMPV6: "icmpv6"}
 
 @dataclass(frozen=True, slots=True)
 class TMResult:
-    action: str           # "overlay" | "local" | "drop" | "bounce"
+    action: str           # "overlay" | "local" | "drop" | "bounce" | "decline" | "hold"
     packet: bytes | None
     reason: str
+    # "overlay" only: fragments held for this first fragment, translated, to send after `packet`.
+    released: tuple[bytes, ...] = ()
 
 
 _BOUNCED = TMResult(BOUNCE, None, R.SECOND_CHANCE)
 _DECLINED = TMResult(DECLINE, None, R.DECLINED)
+_HELD = TMResult(HOLD, None, R.FRAGMENT_HELD)
 
 
 class TrafficManager:
     def __init__(self, config: TMConfig) -> None:
         self._mark = UNMARKED
         self._table = ConnTable(config.conntrack.max_entries, [])
+        self._fragments = FragmentTracker()
         self._allocators: dict[tuple[bytes, int], PortAllocator] = {}
         self._counts = dict.fromkeys(R.ALL_REASONS, 0)
         self._local_counts = dict.fromkeys(R.ALL_REASONS, 0)
@@ -139,6 +146,8 @@ class TrafficManager:
         self._mark = mark
         parsed = parse_ip(packet)
         if isinstance(parsed, str):
+            if parsed == R.FRAGMENT:
+                return self._fragment(packet, now)
             return self._drop(parsed)
         version, protocol, l4, end = parsed
         if (packet[16:20] if version == 4 else packet[24:40]) in self._management:
@@ -146,38 +155,89 @@ class TrafficManager:
             return TMResult(LOCAL, packet if end == len(packet) else packet[:end], R.MANAGEMENT)
         flow = parse_transport(packet, version, protocol, l4, end)
         if isinstance(flow, tuple):
-            key, info = flow
-            # The established path, with the table's lookup and touch inlined: each call costs ~100 ns
-            # here, a third of the work (tests/tm/bench_tm.py).
-            table = self._table
-            half = table.tables[protocol].get(key)
-            if half is None:
-                return self._open(packet, version, protocol, l4, end, key, info, now)
-            conn = half.conn
-            state = conn.state
-            if conn.last_seen + table.timeouts[state] <= now:
-                table.remove(conn)
-                table.expired += 1
-                return self._open(packet, version, protocol, l4, end, key, info, now)
-            if protocol == TCP:
-                if state != TCP_ESTABLISHED or info & (SYN | RST | FIN):
-                    state, conn.closer = tcp_next(state, half.direction, info, conn.closer)
-            elif protocol == UDP:
-                if half.direction:
-                    state = UDP_REPLIED
-            if state == conn.state:
-                conn.last_seen = now
-                table.by_state[state].move_to_end(conn)
-            else:
-                table.touch(conn, state, now)
-            reason = half.reason
-            self._counts[reason] += 1
-            if half.addresses is None:
-                return TMResult(OVERLAY, packet if end == len(packet) else packet[:end], reason)
-            return TMResult(OVERLAY, rewrite(packet, version, protocol, l4, end, half), reason)
+            return self._flow(packet, version, protocol, l4, end, flow[0], flow[1], now)
         if isinstance(flow, str):
             return self._drop(flow)
         return self._icmp_error(packet, version, l4, end, flow, now)
+
+    def _flow(self, packet: bytes, version: int, protocol: int, l4: int, end: int, key: bytes, info: int,
+              now: float) -> TMResult:
+        """A TCP, UDP or echo packet: its connection's rewrite, or open one."""
+        # The established path, with the table's lookup and touch inlined: each call costs ~100 ns
+        # here, a third of the work (tests/tm/bench_tm.py).
+        table = self._table
+        half = table.tables[protocol].get(key)
+        if half is None:
+            return self._open(packet, version, protocol, l4, end, key, info, now)
+        conn = half.conn
+        state = conn.state
+        if conn.last_seen + table.timeouts[state] <= now:
+            table.remove(conn)
+            table.expired += 1
+            return self._open(packet, version, protocol, l4, end, key, info, now)
+        if protocol == TCP:
+            if state != TCP_ESTABLISHED or info & (SYN | RST | FIN):
+                state, conn.closer = tcp_next(state, half.direction, info, conn.closer)
+        elif protocol == UDP:
+            if half.direction:
+                state = UDP_REPLIED
+        if state == conn.state:
+            conn.last_seen = now
+            table.by_state[state].move_to_end(conn)
+        else:
+            table.touch(conn, state, now)
+        reason = half.reason
+        self._counts[reason] += 1
+        if half.addresses is None:
+            return TMResult(OVERLAY, packet if end == len(packet) else packet[:end], reason)
+        return TMResult(OVERLAY, rewrite(packet, version, protocol, l4, end, half), reason)
+
+    # -- fragments ------------------------------------------------------------------------------------
+    def _fragment(self, packet: bytes, now: float) -> TMResult:
+        """A fragment: the first one finds or opens its connection like any packet, and the translation it
+        got is remembered for the rest of the datagram (overlay/tm/fragments.py)."""
+        parsed = parse_fragment(packet)
+        if isinstance(parsed, str):
+            return self._drop(parsed)
+        version, protocol, l4, end, datagram, first = parsed
+        if (packet[16:20] if version == 4 else packet[24:40]) in self._management:
+            self._counts[R.MANAGEMENT] += 1
+            return TMResult(LOCAL, packet[:end], R.MANAGEMENT)   # the host's own stack reassembles
+        if first:
+            flow = parse_first_fragment(packet, version, protocol, l4, end)
+            if isinstance(flow, str):
+                self._fragments.release(datagram)
+                return self._drop(flow)
+            result = self._flow(packet, version, protocol, l4, end, flow[0], flow[1], now)
+            if not datagram:
+                return result    # an IPv6 atomic fragment: a whole packet
+            half = self._table.tables[protocol].get(flow[0]) if result.action == OVERLAY else None
+            if half is None:
+                orphans = self._fragments.release(datagram)
+                self._counts[R.FRAGMENT_ORPHAN] += len(orphans)
+                return result
+            held = self._fragments.remember(datagram, half, now)
+            if not held:
+                return result
+            reason = R.FRAGMENT_TRANSLATED if half.addresses is not None else R.FRAGMENT_FORWARDED
+            self._counts[reason] += len(held)
+            if half.addresses is not None:
+                held = [rewrite_addresses(fragment, version, half) for fragment in held]
+            return TMResult(OVERLAY, result.packet, result.reason, tuple(held))
+        half = self._fragments.lookup(datagram, now)
+        if half is not None and self._table.tables[protocol].get(half.key) is half:
+            if half.addresses is None:
+                self._counts[R.FRAGMENT_FORWARDED] += 1
+                return TMResult(OVERLAY, packet[:end], R.FRAGMENT_FORWARDED)
+            self._counts[R.FRAGMENT_TRANSLATED] += 1
+            return TMResult(OVERLAY, rewrite_addresses(packet[:end], version, half), R.FRAGMENT_TRANSLATED)
+        if self._mark == SECOND_CHANCE:
+            return self._bounce()        # its first fragment may have reached the draining TM
+        source = packet[12:16] if version == 4 else packet[8:24]
+        if self._fragments.hold(datagram, source, packet[:end], now):
+            self._counts[R.FRAGMENT_HELD] += 1
+            return _HELD
+        return self._drop(R.FRAGMENT_LIMIT)
 
     def from_local(self, packet: bytes, now: float) -> TMResult:
         """A packet the TM host's own stack sent: only from a management address, unmodified."""
@@ -350,12 +410,15 @@ class TrafficManager:
 
     # -- time -----------------------------------------------------------------------------------------
     def expire(self, now: float) -> int:
-        """Remove every connection whose idle timeout has passed at `now`; how many were removed."""
+        """Remove every connection whose idle timeout has passed at `now` (and fragment state past its
+        time); how many connections were removed."""
+        self._counts[R.FRAGMENT_TIMEOUT] += self._fragments.expire(now)
         return self._table.expire(now)
 
     def next_deadline(self) -> float | None:
-        """When `expire` next has work (None: no connections)."""
-        return self._table.next_deadline()
+        """When `expire` next has work (None: nothing will expire)."""
+        deadlines = [d for d in (self._table.next_deadline(), self._fragments.next_deadline()) if d is not None]
+        return min(deadlines) if deadlines else None
 
     # -- status ---------------------------------------------------------------------------------------
     def counters(self) -> dict[str, int]:
@@ -394,6 +457,7 @@ class TrafficManager:
             },
             "ports": {"range": list(self.config.port_range), "by_address": ports},
             "services": [service.status() for service in self._services.values()],
+            "fragments": self._fragments.status(),
             # Dropped packets by reason, the non-zero ones: the status page's "why" at a glance.
             "drops": {reason: self._counts[reason] + self._local_counts[reason] for reason in R.ALL_REASONS
                       if reason not in R.PASSING and self._counts[reason] + self._local_counts[reason]},

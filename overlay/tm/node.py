@@ -23,11 +23,13 @@ from overlay.tm.core import TMResult
 
 Peer = tuple[str, int]
 
-# What the runtime does with a result: (SEND, datagram, peer) | (TUN, packet, None) | (NOTHING, None, None).
+# What the runtime does with a result: (SEND, datagram, peer) | (TUN, packet, None) | (NOTHING, None, None)
+# | (SEND_ALL, [datagram, ...], peer) — a first fragment and the fragments that were held for it.
 SEND = 1
 TUN = 2
+SEND_ALL = 3
 NOTHING = 0
-NodeOutput = tuple[int, bytes | None, Peer | None]
+NodeOutput = tuple[int, bytes | list[bytes] | None, Peer | None]
 _NOTHING: NodeOutput = (NOTHING, None, None)
 
 _KEEPALIVE = gre.KEEPALIVE_PROTOCOL.to_bytes(2, "big")
@@ -96,6 +98,9 @@ class TMNode:
 
     def _output(self, result: TMResult, distributor: Peer) -> NodeOutput:
         if result.action == OVERLAY:
+            if result.released:
+                packets = (result.packet, *result.released)
+                return (SEND_ALL, [gre.encapsulate(packet, key=self._key) for packet in packets], distributor)  # type: ignore[arg-type]
             return (SEND, gre.encapsulate(result.packet, key=self._key), distributor)  # type: ignore[arg-type]
         if result.action == LOCAL:
             return (TUN, result.packet, None)

@@ -44,7 +44,8 @@ def parse_ip(packet: bytes) -> tuple[int, int, int, int] | str:
     """(version, protocol, transport offset, end of the IP packet) or a malformed/unsupported reason.
 
     `end` may be less than `len(packet)`: bytes after the IP total length are not part of the packet.
-    Fragments are refused: a non-first fragment carries no ports to find its connection with.
+    A fragment (IPv4 MF or offset, an IPv6 fragment header) returns `R.FRAGMENT`: `parse_fragment` has it,
+    off the hot path.
     """
     size = len(packet)
     if not size:
@@ -61,8 +62,8 @@ def parse_ip(packet: bytes) -> tuple[int, int, int, int] | str:
             return R.MALFORMED_IPV4_TOTAL_LENGTH
         if total > size:
             return R.MALFORMED_TRUNCATED_IPV4
-        if packet[6] & 0x3F or packet[7]:     # MF flag or a fragment offset
-            return R.UNSUPPORTED_FRAGMENT
+        if packet[6] & 0x3F or packet[7]:     # MF flag or a fragment offset: `parse_fragment` has it
+            return R.FRAGMENT
         return 4, packet[9], header, total
     if version == 6:
         if size < 40:
@@ -80,13 +81,67 @@ def parse_ip(packet: bytes) -> tuple[int, int, int, int] | str:
                 if offset > end:
                     return R.MALFORMED_IPV6_EXTENSION
             elif next_header == _IPV6_FRAGMENT:
-                return R.UNSUPPORTED_FRAGMENT
+                return R.FRAGMENT
             elif next_header in _IPV6_REFUSED:
                 return R.UNSUPPORTED_IPV6_EXTENSION
             else:
                 return 6, next_header, offset, end
         return R.UNSUPPORTED_IPV6_EXTENSION
     return R.MALFORMED_VERSION
+
+
+def parse_fragment(packet: bytes) -> tuple[int, int, int, int, bytes, bool] | str:
+    """A packet `parse_ip` called a fragment: (version, protocol, transport offset, end, datagram key,
+    first) or a reason. The datagram key is what every fragment of one datagram repeats — addresses,
+    protocol, identification. `first` is offset 0 (its transport header follows); an IPv6 atomic fragment
+    (offset 0, no more fragments) comes back with an empty key: it is a whole packet.
+    """
+    if packet[0] >> 4 == 4:
+        header = (packet[0] & 0x0F) << 2
+        end = packet[2] << 8 | packet[3]
+        first = not ((packet[6] & 0x1F) or packet[7])
+        return 4, packet[9], header, end, packet[12:20] + packet[9:10] + packet[4:6], first
+    end = 40 + (packet[4] << 8 | packet[5])
+    next_header, offset = packet[6], 40
+    while next_header in _IPV6_SKIPPABLE:      # parse_ip checked these fit
+        next_header, offset = packet[offset], offset + ((packet[offset + 1] + 1) << 3)
+    if offset + 8 > end:
+        return R.MALFORMED_IPV6_FRAGMENT
+    protocol = packet[offset]
+    fragment_offset = (packet[offset + 2] << 8 | packet[offset + 3]) >> 3
+    more = packet[offset + 3] & 1
+    l4 = offset + 8
+    first = fragment_offset == 0
+    if first:
+        for _ in range(_MAX_IPV6_EXTENSIONS):
+            if protocol not in _IPV6_SKIPPABLE:
+                break
+            if l4 + 8 > end:
+                return R.MALFORMED_IPV6_EXTENSION
+            protocol, l4 = packet[l4], l4 + ((packet[l4 + 1] + 1) << 3)
+            if l4 > end:
+                return R.MALFORMED_IPV6_EXTENSION
+        if protocol == _IPV6_FRAGMENT or protocol in _IPV6_REFUSED or protocol in _IPV6_SKIPPABLE:
+            return R.UNSUPPORTED_IPV6_EXTENSION
+    key = b"" if first and not more else packet[8:40] + bytes((protocol,)) + packet[offset + 4:offset + 8]
+    return 6, protocol, l4, end, key, first
+
+
+def parse_first_fragment(packet: bytes, version: int, protocol: int, l4: int,
+                         end: int) -> tuple[bytes, int] | str:
+    """`parse_transport` for a first fragment: the transport header is whole, the rest of the datagram is
+    not here (so a UDP length cannot be checked against this packet). ICMP errors are never fragmented
+    by a sane sender: refused."""
+    if protocol == UDP:
+        if l4 + 8 > end:
+            return R.MALFORMED_TRUNCATED_UDP
+        if (packet[l4 + 4] << 8 | packet[l4 + 5]) < 8:
+            return R.MALFORMED_UDP_LENGTH
+        return (packet[12:20] if version == 4 else packet[8:40]) + packet[l4:l4 + 4], 0
+    flow = parse_transport(packet, version, protocol, l4, end)
+    if isinstance(flow, IcmpError):
+        return R.UNSUPPORTED_FRAGMENT
+    return flow
 
 
 class IcmpError:

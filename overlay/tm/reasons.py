@@ -20,6 +20,11 @@ FIREWALL_ALLOW = "firewall-allow"      # firewall mode: packet of an allowed con
 FIREWALL_REPLY = "firewall-reply"      # firewall mode: packet of an allowed connection, reply direction
 FIREWALL_RELATED = "firewall-related"  # firewall mode: ICMP error about a tracked connection
 MANAGEMENT = "management"              # to/from a management address (action "local" inbound, "overlay" outbound)
+FRAGMENT_TRANSLATED = "fragment"       # a non-first fragment, given the translation its first fragment got
+FRAGMENT_FORWARDED = "firewall-fragment"  # firewall mode: a non-first fragment of an allowed datagram
+
+# -- action "hold": nothing to send yet --------------------------------------------------------------
+FRAGMENT_HELD = "fragment-held"        # a non-first fragment before its first: held until it comes
 
 # -- action "bounce": back to the distributor for the second-chance TM named in the GRE key ------------
 SECOND_CHANCE = "second-chance"        # no state, but the distributor marked the packet: a draining TM has it
@@ -59,19 +64,28 @@ MALFORMED_ICMP_INNER = "malformed:bad-icmp-error-inner"
 MALFORMED_ICMP_MISMATCH = "malformed:icmp-error-mismatch"   # ICMP error not addressed to the quoted sender
 MALFORMED_TCP_FLAGS = "malformed:tcp-flags"                 # SYN with RST or FIN: never a valid opener
 
-UNSUPPORTED_FRAGMENT = "unsupported:fragment"
+FRAGMENT_LIMIT = "fragment-limit"                        # an early fragment no limit lets us hold
+FRAGMENT_ORPHAN = "fragment-orphan"                      # held for a first fragment that was itself dropped
+FRAGMENT_TIMEOUT = "fragment-timeout"                    # held, and its first fragment never came
+MALFORMED_IPV6_FRAGMENT = "malformed:truncated-ipv6-fragment-header"
+UNSUPPORTED_FRAGMENT = "unsupported:fragment"            # a fragmented ICMP error
 UNSUPPORTED_PROTOCOL = "unsupported:protocol"
 UNSUPPORTED_IPV6_EXTENSION = "unsupported:ipv6-extension"
 UNSUPPORTED_ICMP_TYPE = "unsupported:icmp-type"
 
+# `parse_ip`'s word for a fragment, handled by the core's fragment path: never a result's reason.
+FRAGMENT = "fragment?"
+
 ALL_REASONS: tuple[str, ...] = tuple(
-    value for name, value in sorted(globals().items()) if name.isupper() and isinstance(value, str)
+    value for name, value in sorted(globals().items())
+    if name.isupper() and isinstance(value, str) and name != "FRAGMENT"
 )
 
-_FORWARDED = frozenset({FIREWALL_ALLOW, FIREWALL_REPLY, FIREWALL_RELATED})
-_TRANSLATED = frozenset({DNAT, REVERSE_DNAT, SNAT, REVERSE_SNAT, HAIRPIN, REVERSE_HAIRPIN, ICMP_RELATED})
+_FORWARDED = frozenset({FIREWALL_ALLOW, FIREWALL_REPLY, FIREWALL_RELATED, FRAGMENT_FORWARDED})
+_TRANSLATED = frozenset({DNAT, REVERSE_DNAT, SNAT, REVERSE_SNAT, HAIRPIN, REVERSE_HAIRPIN, ICMP_RELATED,
+                         FRAGMENT_TRANSLATED})
 # Reasons of packets that are passed on (actions "overlay" and "local"); every other reason is a drop.
-PASSING = _FORWARDED | _TRANSLATED | {MANAGEMENT}
+PASSING = _FORWARDED | _TRANSLATED | {MANAGEMENT, FRAGMENT_HELD}  # held fragments leave later
 
 
 def counter_name(reason: str) -> str:
@@ -87,6 +101,8 @@ def counter_name(reason: str) -> str:
         return f"forwarded.{detail}"
     if reason == SECOND_CHANCE or reason == DECLINED:
         return f"bounced.{detail}"
+    if reason == FRAGMENT_HELD:
+        return "held.fragment"
     if reason == MANAGEMENT:
         # Counted separately per direction by the core (`local.management`, `forwarded.management`).
         return f"local.{detail}"

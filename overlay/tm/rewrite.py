@@ -51,6 +51,17 @@ def rewrite(packet: bytes, version: int, protocol: int, l4: int, end: int, half:
     return head + ports + packet[l4 + 4:at] + checksum.to_bytes(2, "big") + packet[at + 2:]
 
 
+def rewrite_addresses(packet: bytes, version: int, half: Half) -> bytes:
+    """A non-first fragment of a translated datagram: only the addresses change (the ports and the
+    transport checksum live in the first fragment), and with them the IPv4 header checksum."""
+    addresses: bytes = half.addresses  # type: ignore[assignment]   # a NAT half: never None here
+    if version == 4:
+        total = ((packet[10] << 8 | packet[11]) ^ 0xFFFF) + half.ip_delta
+        checksum = ~((total & 0xFFFF) + (total >> 16)) & 0xFFFF
+        return packet[:10] + checksum.to_bytes(2, "big") + addresses + packet[20:]
+    return packet[:8] + addresses + packet[40:]
+
+
 def _replace(buf: bytearray, at: int, new: bytes) -> int:
     """Write `new` at `at` and return its checksum delta."""
     end = at + len(new)

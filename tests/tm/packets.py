@@ -161,3 +161,67 @@ def checksum_problems(packet: bytes, quoted_packet: bool = False) -> list[str]:
     if protocol in (1, 58) and body[0] in ((3, 11, 12) if version == 4 else (1, 2, 3, 4)):
         problems += [f"quoted {problem}" for problem in checksum_problems(body[8:], quoted_packet=True)]
     return problems
+
+
+# -- fragments: made and put back together independently of the core ---------------------------------------
+
+def fragments(packet: bytes, size: int, ident: int = 0x4242) -> list[bytes]:
+    """`packet` fragmented into pieces of at most `size` bytes of IP packet each, as a sender would
+    (IPv4: MF and 8-byte offsets, header checksums; IPv6: a fragment header with identification `ident`)."""
+    if packet[0] >> 4 == 4:
+        header, body = packet[:20], packet[20:]
+        step = (size - 20) // 8 * 8
+        pieces = []
+        for start in range(0, len(body), step):
+            chunk = body[start:start + step]
+            more = start + step < len(body)
+            fragment = bytearray(header + chunk)
+            fragment[2:4] = (20 + len(chunk)).to_bytes(2, "big")
+            fragment[6:8] = ((0x2000 if more else 0) | start // 8).to_bytes(2, "big")
+            fragment[10:12] = b"\x00\x00"
+            fragment[10:12] = (~_sum(bytes(fragment[:20])) & 0xFFFF).to_bytes(2, "big")
+            pieces.append(bytes(fragment))
+        return pieces
+    header, next_header, body = packet[:40], packet[6], packet[40:]
+    step = (size - 48) // 8 * 8
+    pieces = []
+    for start in range(0, len(body), step):
+        chunk = body[start:start + step]
+        more = start + step < len(body)
+        fragment_header = bytes([next_header, 0]) + ((start | more)).to_bytes(2, "big") + ident.to_bytes(4, "big")
+        fixed = bytearray(header)
+        fixed[4:6] = (8 + len(chunk)).to_bytes(2, "big")
+        fixed[6] = 44
+        pieces.append(bytes(fixed) + fragment_header + chunk)
+    return pieces
+
+
+def reassemble(pieces: list[bytes]) -> bytes:
+    """The datagram the receiver rebuilds from `pieces` (any order); AssertionError when they do not
+    make exactly one whole datagram."""
+    if pieces[0][0] >> 4 == 4:
+        keyed = {int.from_bytes(p[6:8], "big") & 0x1FFF: p for p in pieces}
+        assert len(keyed) == len(pieces) and len({p[12:20] + p[4:6] + p[9:10] for p in pieces}) == 1
+        body = b""
+        for offset in sorted(keyed):
+            piece = keyed[offset]
+            assert offset * 8 == len(body), "a hole or an overlap"
+            body += piece[20:int.from_bytes(piece[2:4], "big")]
+        assert not int.from_bytes(keyed[max(keyed)][6:8], "big") & 0x2000, "the last fragment has MF"
+        header = bytearray(keyed[0][:20])
+        header[2:4] = (20 + len(body)).to_bytes(2, "big")
+        header[6:8] = b"\x00\x00"
+        header[10:12] = b"\x00\x00"
+        header[10:12] = (~_sum(bytes(header)) & 0xFFFF).to_bytes(2, "big")
+        return bytes(header) + body
+    keyed6 = {int.from_bytes(p[42:44], "big") & 0xFFF8: p for p in pieces}
+    assert len(keyed6) == len(pieces) and len({p[8:40] + p[44:48] for p in pieces}) == 1
+    body = b""
+    for offset in sorted(keyed6):
+        assert offset == len(body), "a hole or an overlap"
+        body += keyed6[offset][48:]
+    assert not keyed6[max(keyed6)][43] & 1, "the last fragment has M"
+    header = bytearray(keyed6[0][:40])
+    header[4:6] = len(body).to_bytes(2, "big")
+    header[6] = keyed6[0][40]
+    return bytes(header) + body

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,8 +34,17 @@ class LiveServer:
         self._thread.start()
         start = start_status_server(self.provider, "127.0.0.1", 0, sample_interval=0.05, **self._kwargs)  # type: ignore[arg-type]
         self._server = asyncio.run_coroutine_threadsafe(start, self._loop).result(timeout=10)
-        asyncio.run_coroutine_threadsafe(asyncio.sleep(0.3), self._loop).result(timeout=10)  # a few history samples
+        self._await_history(self._server.url)
         return self._server.url
+
+    @staticmethod
+    def _await_history(url: str, seconds: float = 10.0) -> None:
+        """Until /api/history holds a rate (two samples): the sampler runs on the wall clock, so waiting
+        for it, not a fixed sleep, keeps the share columns filled on a loaded machine. Bounded."""
+        deadline = time.monotonic() + seconds
+        while not json.load(urllib.request.urlopen(f"{url}/api/history", timeout=seconds))["samples"]:
+            assert time.monotonic() < deadline, f"no history sample within {seconds} s"
+            time.sleep(0.01)
 
     def __exit__(self, *exc: object) -> None:
         if self._server is not None:

@@ -127,9 +127,19 @@ async def test_metrics_of_a_tm_expose_its_connection_table(make_client: MakeClie
     assert samples[("overlay_peer_packets_total", (("peer", "dist1"),))] >= 10
 
 
+async def history_once(client: TestClient, ready: Callable[[dict], bool], seconds: float = 10.0) -> dict:
+    """/api/history as soon as `ready(body)`: the sampler runs on the wall clock, so wait for what the
+    test needs instead of sleeping a fixed time (bounded: a sampler that stopped fails the test)."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while True:
+        body = await (await client.get("/api/history")).json()
+        if ready(body) or asyncio.get_running_loop().time() > deadline:
+            return body
+        await asyncio.sleep(0.01)
+
+
 async def test_history_has_per_tm_rates_and_shares(dist_client: TestClient) -> None:
-    await asyncio.sleep(0.2)  # ~10 samples at 20 ms
-    body = await (await dist_client.get("/api/history")).json()
+    body = await history_once(dist_client, lambda body: len(body["samples"]) >= 3)
     assert body["series"] == ["tm1", "tm2", "tm3"]
     assert body["errors"] == 0
     assert len(body["samples"]) >= 3
@@ -150,8 +160,7 @@ async def test_history_survives_a_failing_provider(make_client: MakeClient, dist
             return super().status()
 
     client = await make_client(build_app(Flaky(), sample_interval=0.02))
-    await asyncio.sleep(0.2)
-    body = await (await client.get("/api/history")).json()
+    body = await history_once(client, lambda body: body["errors"] >= 2 and len(body["samples"]) >= 1)
     assert body["errors"] >= 2
     assert body["samples"], "the sampler kept going after errors"
 

@@ -243,10 +243,12 @@ class TrafficManager:
         """A packet the TM host's own stack sent: only from a management address, unmodified."""
         self._from_local += 1
         parsed = parse_ip(packet)
+        if parsed == R.FRAGMENT:
+            parsed = parse_fragment(packet)   # the host's own fragments pass unmodified, like its packets
         if isinstance(parsed, str):
             self._local_counts[parsed] += 1
             return self._drops[parsed]
-        version, _, _, end = parsed
+        version, end = parsed[0], parsed[3]
         if (packet[12:16] if version == 4 else packet[8:24]) not in self._management:
             self._local_counts[R.NOT_MANAGEMENT_SOURCE] += 1
             return self._drops[R.NOT_MANAGEMENT_SOURCE]

@@ -88,8 +88,7 @@ def through_ip_targets(packet: bytes) -> None:
         tm.receive(opener, 0.0)
     for mark in (UNMARKED, SECOND_CHANCE, LAST_CHANCE):
         check_tm_result(tm.receive(packet, NOW, mark))
-    if parse_ip(packet) != R.FRAGMENT:  # a known crash, test_from_local_on_a_fragment_never_raises
-        check_tm_result(tm.from_local(packet, NOW))
+    check_tm_result(tm.from_local(packet, NOW))
 
 
 def through_overlay_targets(payload: bytes) -> None:
@@ -183,9 +182,6 @@ def test_corpus_seeds_reach_deep() -> None:
             assert isinstance(parse_flow(packet), Flow) and not isinstance(parse_ip(packet), str), name
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError, reason="from_local counts parse_ip's fragment signal as a "
-                   "reason it has no counter for; when the TM core fixes it, drop this mark and the guard in "
-                   "through_ip_targets")
 @pytest.mark.parametrize("name", [name for name in sorted(IP_CORPUS) if "fragment" in name])
 def test_from_local_on_a_fragment_never_raises(name: str) -> None:
     check_tm_result(TrafficManager(TM_CONFIG).from_local(IP_CORPUS[name], NOW))

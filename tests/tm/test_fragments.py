@@ -12,7 +12,9 @@ import pytest
 from overlay.tm.config import ConntrackConfig
 from overlay.tm.core import SECOND_CHANCE, TrafficManager
 
-from .addresses import CLIENT, CLIENT6, FIRST_PORT, REMOTE, REMOTE6, SERVER1, SERVER1_6, VIP, VIP6, XLATE, XLATE6
+from .addresses import (
+    CLIENT, CLIENT6, FIRST_PORT, MANAGEMENT, REMOTE, REMOTE6, SERVER1, SERVER1_6, VIP, VIP6, XLATE, XLATE6,
+)
 from .conftest import lab_config_with_dns
 from .packets import checksum_problems, flow, fragments, reassemble, udp
 
@@ -145,3 +147,11 @@ def test_a_fragment_of_a_datagram_whose_connection_ended_is_not_translated() -> 
     tm.expire(6.0)     # the UDP connection timed out before the datagram's 30 s: no translation outlives it
     assert tm.snapshot()["fragments"]["datagrams"] == 1
     assert tm.receive(second, 6.5).action == "hold"
+
+
+def test_the_hosts_own_fragments_pass_from_a_management_address_only() -> None:
+    tm = TrafficManager(lab_config_with_dns())
+    first, second = fragments(udp(MANAGEMENT, 8080, CLIENT, 5000, DNS_SIZED), 1480)[:2]
+    assert [tm.from_local(piece, 1.0).action for piece in (first, second)] == ["overlay", "overlay"]
+    stray = fragments(udp(SERVER1, 8080, CLIENT, 5000, DNS_SIZED), 1480)[1]
+    assert tm.from_local(stray, 1.0).reason == "not-management-source"

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from overlay.configlib import (
-    ConfigError,
     IPAddress,
     IPNetwork,
     Section,
     parse_toml,
+    read_text,
     to_address,
     to_endpoint,
     to_network,
@@ -85,11 +85,7 @@ class NodeConfig:
 
 def load_node_config(path: str | Path) -> NodeConfig:
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError("", f"cannot read config: {exc.strerror}", None, str(path)) from None
-    return parse_node_config(text, str(path), base=path.parent)
+    return parse_node_config(read_text(path), str(path), base=path.parent)
 
 
 def parse_node_config(text: str, source: str = "config", base: Path | None = None) -> NodeConfig:

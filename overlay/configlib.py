@@ -40,6 +40,12 @@ class ConfigError(ValueError):
         return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
 
 
+# The deepest tables and arrays accepted; a node config needs a handful (`[[tm.service]]`, address-entry
+# tables in a list). Refused before anything recurses over the data, and with a short error instead of a
+# RecursionError from tomllib, which recurses once per array level.
+MAX_NESTING = 32
+_TOO_DEEP = f"nested deeper than {MAX_NESTING} levels of tables and arrays"
+
 _HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
 _KEY = re.compile(r"""^\s*("[^"]*"|'[^']*'|[A-Za-z0-9_\-.]+(?:\s*\.\s*(?:"[^"]*"|[A-Za-z0-9_\-]+))*)\s*=""")
 
@@ -91,8 +97,10 @@ class KeyLocator:
         """`path` and the tables it implicitly creates (`desicion` of `[desicion.overrides]`): a typo in a
         parent's name must be reported at the line that wrote it."""
         parts = path.split(".")
-        for end in range(1, len(parts) + 1):
+        # Capped at the nesting accepted: a 10,000-name header must not cost 10,000 prefixes.
+        for end in range(1, min(len(parts), MAX_NESTING + 1) + 1):
             self._lines.setdefault(".".join(parts[:end]), number)
+        self._lines.setdefault(path, number)
 
     @staticmethod
     def _resolve(name: str, array_counts: dict[str, int]) -> str:
@@ -286,16 +294,74 @@ def parse_toml(text: str, source: str | None = None) -> Section:
     except tomllib.TOMLDecodeError as exc:
         match = re.search(r"\(at line (\d+)", str(exc))
         raise ConfigError("", f"invalid TOML: {exc}", int(match.group(1)) if match else None, source) from None
-    return Section(data, "", KeyLocator(text), source)
+    except RecursionError:
+        # tomllib recurses once per array or inline-table level: only far deeper than MAX_NESTING.
+        raise ConfigError("", _TOO_DEEP, _deep_bracket_line(text), source) from None
+    locator = KeyLocator(text)
+    deep = _too_deep(data)
+    if deep is not None:
+        raise ConfigError(deep, _TOO_DEEP, locator.line(deep), source)
+    return Section(data, "", locator, source)
+
+
+def _too_deep(data: dict[str, Any]) -> str | None:
+    """The field path of the first table or array nested deeper than MAX_NESTING, or None."""
+    stack: list[tuple[Any, str, int]] = [(data, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > MAX_NESTING:
+            return path
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        children = [(child, _child_path(path, key), depth + 1) for key, child in items if isinstance(child, (dict, list))]
+        stack.extend(reversed(children))  # the first child on top: the first deep field in file order
+    return None
+
+
+def _child_path(path: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else key
+
+
+# Brackets outside strings and comments, for the line where arrays and inline tables got too deep.
+_BRACKETS = re.compile(r'"""[\s\S]*?"""|\'\'\'[\s\S]*?\'\'\'|"(?:[^"\\\n]|\\.)*"|\'[^\'\n]*\'|#[^\n]*|[\[\]{}]')
+
+
+def _deep_bracket_line(text: str) -> int | None:
+    depth = 0
+    for match in _BRACKETS.finditer(text):
+        token = match.group()
+        if token in "[{":
+            depth += 1
+            if depth > MAX_NESTING:
+                return text.count("\n", 0, match.start()) + 1
+        elif token in "]}":
+            depth -= 1
+    return None
+
+
+def read_text(path: Path, what: str = "config") -> str:
+    """A config file's text. Unreadable, non-UTF-8 and binary files are `ConfigError`s naming the file
+    and where it stops being text: an operator who passes the wrong file must not get a traceback."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError("", f"cannot read {what}: {exc.strerror}", None, str(path)) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        message = f"not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})"
+        raise ConfigError("", message, data.count(b"\n", 0, exc.start) + 1, str(path)) from None
+    nul = data.find(b"\0")
+    if nul >= 0:
+        message = f"a NUL byte at offset {nul}: a binary file, not text"
+        raise ConfigError("", message, data.count(b"\n", 0, nul) + 1, str(path))
+    return text
 
 
 def load_toml(path: str | Path) -> Section:
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError("", f"cannot read config: {exc.strerror}", None, str(path)) from None
-    return parse_toml(text, str(path))
+    return parse_toml(read_text(path), str(path))
 
 
 # -- value converters shared by all roles ------------------------------------------------------------

@@ -7,7 +7,16 @@ import ipaddress
 
 import pytest
 
-from overlay.configlib import ConfigError, KeyLocator, load_toml, parse_toml, to_address, to_endpoint, to_network
+from overlay.configlib import (
+    MAX_NESTING,
+    ConfigError,
+    KeyLocator,
+    load_toml,
+    parse_toml,
+    to_address,
+    to_endpoint,
+    to_network,
+)
 
 TEXT = """\
 # comment
@@ -123,6 +132,56 @@ def test_syntax_error_has_a_line() -> None:
     with pytest.raises(ConfigError) as caught:
         parse_toml('a = 1\nb = "unterminated\n', "bad.toml")
     assert caught.value.line == 2 and "invalid TOML" in caught.value.message
+
+
+ELF = b"\x7fELF\x02\x01\x01\x00" + bytes(8) + b"\x03\x00\x3e\x00\x01\x00\x00\x00\x10\x6b\x00\x00"
+
+
+# {description, file bytes, what the message must say, line}
+UNREADABLE = [
+    ("Latin-1 text", b'[node]\nname = "d\xe9p\xf4t"\n', "not UTF-8 text (byte 0xe9 at offset 16)", 2),
+    ("a UTF-16 byte-order mark", b"\xff\xfe[\x00n\x00", "not UTF-8 text (byte 0xff at offset 0)", 1),
+    ("random bytes", bytes(range(256)) * 4, "not UTF-8 text (byte 0x80 at offset 128)", 2),  # 0x0a ends line 1
+    ("an ELF header (valid UTF-8)", ELF, "a NUL byte at offset 7: a binary file, not text", 1),
+]
+
+
+@pytest.mark.parametrize(("data", "fragment", "line"), [pytest.param(*c[1:], id=c[0]) for c in UNREADABLE])
+def test_a_file_that_is_not_text_is_a_clean_config_error(tmp_path, data: bytes, fragment: str, line: int) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_bytes(data)
+    with pytest.raises(ConfigError) as caught:
+        load_toml(path)
+    assert (caught.value.source, caught.value.line) == (str(path), line)
+    assert fragment in caught.value.message
+
+
+# {description, text, field, line}: nesting beyond MAX_NESTING, written every way TOML allows. Brackets
+# thousands deep stop tomllib itself (it recurses per level) before any field exists: only the line is known.
+TOO_DEEP = [
+    ("arrays 10,000 deep", "x = 1\na = " + "[" * 10000 + "]" * 10000 + "\n", "", 2),
+    ("inline tables 10,000 deep", 'x = "[[[{{{"  # [[[\na = ' + "{ b = " * 10000 + "1" + " }" * 10000 + "\n", "", 2),
+    ("inline tables 40 deep", "a = " + "{ b = " * 40 + "1" + " }" * 40 + "\n", "a" + ".b" * 32, 1),
+    ("a table header of 10,000 names", "x = 1\n\n[" + ".".join(["t"] * 10000) + "]\ny = 1\n", ".".join(["t"] * 33), 3),
+    ("a dotted key of 10,000 names", "[s]\n" + ".".join(["k"] * 10000) + " = 1\n", "s" + ".k" * 32, 2),
+    ("one level too many", "a = " + "[" * 33 + "]" * 33 + "\n", "a" + "[0]" * 32, 1),
+]
+
+
+@pytest.mark.parametrize(("text", "field", "line"), [pytest.param(*c[1:], id=c[0]) for c in TOO_DEEP])
+def test_nesting_is_bounded_with_a_short_error(text: str, field: str, line: int) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_toml(text, "deep.toml")
+    assert (caught.value.field, caught.value.line) == (field, line)
+    assert caught.value.message == f"nested deeper than {MAX_NESTING} levels of tables and arrays"
+    assert len(str(caught.value)) < 300
+
+
+def test_nesting_up_to_the_bound_is_accepted() -> None:
+    value = parse_toml("a = " + "[" * 32 + "]" * 32 + "\n").list("a")
+    for _ in range(31):
+        value = value[0]
+    assert value == []
 
 
 def test_missing_file(tmp_path) -> None:

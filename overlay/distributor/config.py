@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from overlay.addrsets import AddressEntry, PortRange, parse_ports, parse_protocol
-from overlay.configlib import ConfigError, IPAddress, IPNetwork, Section, to_endpoint, to_network
+from overlay.configlib import ConfigError, IPAddress, IPNetwork, Section, read_text, to_endpoint, to_network
 from overlay.decision import CELL_ACTIONS, COLUMNS, ROWS, DecisionTable
 from overlay.gre import TM_ID_MAX, UDP_PORT, default_tm_id
 from overlay.health import ALL_DOWN_POLICIES, HealthConfig
@@ -92,9 +92,9 @@ def _parse_seed(hash_section: Section, base: Path | None) -> bytes:
         if base is not None and not path.is_absolute():
             path = base / path
         try:
-            text = path.read_text().strip()
-        except OSError as exc:
-            raise hash_section.error("seed_file", f"cannot read {path}: {exc.strerror}") from None
+            text = read_text(path, "seed file").strip()
+        except ConfigError as exc:
+            raise hash_section.error("seed_file", f"{path}: {exc.message}") from None
     else:
         text = hash_section.str("seed")
     field_name = "seed_file" if hash_section.has("seed_file") else "seed"

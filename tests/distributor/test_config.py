@@ -173,6 +173,15 @@ def test_seed_file_is_read_relative_to_the_config(tmp_path) -> None:
     assert from_file is not None and inline is not None and from_file.seed == inline.seed
 
 
+def test_a_seed_file_that_is_not_text_names_the_field(tmp_path) -> None:
+    (tmp_path / "seed.bin").write_bytes(b"\x8f" * 32)
+    text = BASE.replace('seed = "0123456789abcdef0123"', 'seed_file = "seed.bin"')
+    with pytest.raises(ConfigError) as caught:
+        parse_node_config(text, "dist.toml", base=tmp_path)
+    assert caught.value.field == "hash.seed_file" and caught.value.line == text.splitlines().index('seed_file = "seed.bin"') + 1
+    assert f"{tmp_path / 'seed.bin'}: not UTF-8 text (byte 0x8f at offset 0)" in caught.value.message
+
+
 def test_reference_config_matches_the_lab_plan() -> None:
     """config/distributor.toml against docs/reference-lab.md: TMs, underlay, xlate and management."""
     config = load_node_config(REFERENCE)

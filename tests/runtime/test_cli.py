@@ -53,3 +53,23 @@ def test_config_failures_exit_2_with_one_line(case: dict, tmp_path: Path, capsys
     assert main(["tm", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert case["expected"] in err and "Traceback" not in err
+
+
+# {description, file bytes, text the operator must read}: files that are no TOML text at all
+NOT_TOML = [
+    {"description": "a file that is not UTF-8", "content": b"[node]\nrole = \"tm\xff\"\n", "expected": "node.toml:2: not UTF-8 text"},
+    {"description": "an ELF binary", "content": b"\x7fELF\x02\x01\x01\x00" + bytes(8), "expected": "node.toml:1: a NUL byte"},
+    {"description": "arrays nested 10,000 deep", "content": b"a = " + b"[" * 10000 + b"]" * 10000 + b"\n",
+     "expected": "node.toml:1: nested deeper than"},
+]
+
+
+@pytest.mark.parametrize("role", ["tm", "distributor"])
+@pytest.mark.parametrize("case", NOT_TOML, ids=[case["description"] for case in NOT_TOML])
+def test_a_file_that_is_no_toml_text_exits_2_with_one_short_line(
+        case: dict, role: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "node.toml"
+    path.write_bytes(case["content"])
+    assert main([role, "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert case["expected"] in err and err.count("\n") == 1 and len(err) < 400, err[-400:]

@@ -36,3 +36,26 @@ def test_restart_only_changes(case: dict) -> None:
     old = parse_node_config(BASE, "d.toml", base=Path("."))
     new = parse_node_config(BASE.replace(case["old"], case["new"], 1), "d.toml", base=Path("."))
     assert restart_only_changes(old, new) == case["blocked"]
+
+
+# {description, what replaces the config file, text the reload error must carry}
+UNLOADABLE = [
+    {"description": "bytes that are not UTF-8", "content": b"\xff\xfe[\x00n\x00", "expected": "d.toml:1: not UTF-8 text"},
+    {"description": "an ELF binary", "content": b"\x7fELF\x02\x01\x01\x00" + bytes(8), "expected": "d.toml:1: a NUL byte"},
+    {"description": "arrays nested 10,000 deep", "content": b"a = " + b"[" * 10000 + b"]" * 10000,
+     "expected": "d.toml:1: nested deeper than"},
+]
+
+
+@pytest.mark.parametrize("case", UNLOADABLE, ids=[case["description"] for case in UNLOADABLE])
+def test_a_reload_of_a_file_that_is_no_toml_text_keeps_the_running_config(case: dict, tmp_path: Path) -> None:
+    from overlay.runtime.distributor_agent import DistributorAgent
+
+    path = tmp_path / "d.toml"
+    path.write_text(BASE)
+    agent = DistributorAgent(parse_node_config(BASE, str(path), base=tmp_path))
+    running = agent.config
+    path.write_bytes(case["content"])
+    result = agent.reload()
+    assert result["ok"] is False and result["error"].startswith(f"{tmp_path}/{case['expected']}"), result["error"][:300]
+    assert agent.config is running and agent.reloads["failed"] == 1

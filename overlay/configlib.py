@@ -11,6 +11,7 @@ from __future__ import annotations
 import builtins
 import difflib
 import ipaddress
+import math
 import re
 import tomllib
 from collections.abc import Callable, Collection, Iterator
@@ -229,6 +230,9 @@ class Section:
             return value
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self.error(key, f"must be a number, not {type(value).__name__}")
+        # TOML has nan and inf; both pass every `<` check, so they are refused here, at their own line.
+        if not math.isfinite(value):
+            raise self.error(key, f"must be a finite number, not {value}")
         if minimum is not None and value < minimum:
             raise self.error(key, f"must be >= {minimum}; got {value}")
         return float(value)

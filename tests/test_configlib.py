@@ -98,6 +98,8 @@ GETTER_CASES = [
     ("int minimum", "[s]\nn = -1\n", lambda s: s.int("n", minimum=0), "s.n", "must be >= 0"),
     ("int maximum", "[s]\nn = 9\n", lambda s: s.int("n", maximum=8), "s.n", "must be <= 8"),
     ("float minimum", "[s]\nf = 0.0\n", lambda s: s.float("f", minimum=0.5), "s.f", "must be >= 0.5"),
+    ("nan is not a number", "[s]\nf = nan\n", lambda s: s.float("f"), "s.f", "must be a finite number, not nan"),
+    ("inf is not a number", "[s]\nf = inf\n", lambda s: s.float("f", minimum=0.5), "s.f", "must be a finite number, not inf"),
     ("bool expected", '[s]\nb = "yes"\n', lambda s: s.bool("b"), "s.b", "must be true or false"),
     ("list expected", "[s]\nl = 1\n", lambda s: s.list("l"), "s.l", "must be a list"),
     ("each element converted", '[s]\nl = ["192.0.2.0/24", "nope"]\n', lambda s: s.each("l", to_network), "s.l[1]", "not a valid"),

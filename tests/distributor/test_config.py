@@ -109,6 +109,8 @@ REJECTIONS = [
     ("override of a cell that does not exist", BASE + '[decision.overrides]\n"unknown>vip" = "route" ' + MARK + "\n", "decision.overrides.unknown>vip"),
     ("override without '>'", BASE + '[decision.overrides]\n"unknown" = "route" ' + MARK + "\n", "decision.overrides.unknown"),
     ("override with an unknown action", BASE + '[decision.overrides]\n"node>unknown" = "hash-both" ' + MARK + "\n", "decision.overrides.node>unknown"),
+    ("nan health interval: its own line, not [health]'s", edited('all_down = "drop"', 'all_down = "drop"\ninterval = nan ' + MARK), "health.interval"),
+    ("infinite health timeout", edited('all_down = "drop"', 'all_down = "drop"\nrise = 2\ntimeout = inf ' + MARK), "health.timeout"),
     ("bad all-down policy", edited('all_down = "drop"', 'all_down = "panic" ' + MARK), "health.all_down"),
     ("edge without prefixes", BASE + '[[edge]] ' + MARK + '\nname = "e1"\nunderlay = "192.0.2.130"\n', "edge[0].prefixes"),
     ("capture containing the underlay address", edited('capture = ["203.0.113.64/27", "203.0.113.96/27"]', 'capture = ["192.0.2.0/24"] ' + MARK), "tun.capture[0]"),

@@ -48,6 +48,8 @@ BAD = [
     ("two IPv4 xlate addresses", '[tm]\nxlate = ["203.0.113.101", "203.0.113.102"]\n', "tm.xlate", 2),
     ("unknown timeout", '[tm]\n[tm.conntrack.timeouts]\ntcp_establised = 10\n',
      "tm.conntrack.timeouts.tcp_establised", 3),
+    ("nan timeout", '[tm]\n[tm.conntrack.timeouts]\ntcp_close = 5\nudp_replied = nan\n', "tm.conntrack.timeouts.udp_replied", 4),
+    ("infinite timeout", '[tm]\n[tm.conntrack.timeouts]\nicmp = inf\n', "tm.conntrack.timeouts.icmp", 3),
     ("zero max entries", '[tm]\n[tm.conntrack]\nmax_entries = 0\n', "tm.conntrack.max_entries", 3),
     ("service without servers",
      '[tm]\n[[tm.service]]\nname = "web"\nvirtual = "203.0.113.80"\nport = 80\nservers = []\n',

@@ -19,6 +19,7 @@ from overlay.configlib import (
     Section,
     parse_toml,
     read_text,
+    refuse_other_family,
     to_address,
     to_endpoint,
     to_network,
@@ -116,7 +117,9 @@ def parse_node_config(text: str, source: str = "config", base: Path | None = Non
 
         peers = []
         for section in root.sections("distributor"):
-            peers.append(section.convert("underlay", lambda v: to_endpoint(v, UDP_PORT)))
+            peer = section.convert("underlay", lambda v: to_endpoint(v, UDP_PORT))
+            refuse_other_family(section, "underlay", peer[0], underlay.address)
+            peers.append(peer)
             section.done()
         distributors = tuple(peers)
         if not distributors:

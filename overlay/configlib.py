@@ -413,6 +413,15 @@ def to_endpoint(value: Any, default_port: int) -> tuple[IPAddress, int]:
     return address, port
 
 
+def refuse_other_family(section: Section, key: str, peer: IPAddress, own: IPAddress) -> None:
+    """A node's tunnels run over UDP sockets bound to its `underlay.address`: a peer of the other address
+    family is unreachable from them (and offline tools would build packets no socket can send)."""
+    if peer.version != own.version:
+        raise section.error(
+            key, f"{peer} is IPv{peer.version}, but underlay.address {own} is IPv{own.version}: a node's tunnels use one address family"
+        )
+
+
 def _port(text: str, whole: str) -> int:
     if not text.isdigit() or not 0 < int(text) < 65536:
         raise ValueError(f"{whole!r}: port must be 1-65535")

@@ -13,7 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from overlay.addrsets import AddressEntry, PortRange, parse_ports, parse_protocol
-from overlay.configlib import ConfigError, IPAddress, IPNetwork, Section, read_text, to_endpoint, to_network
+from overlay.configlib import (
+    ConfigError,
+    IPAddress,
+    IPNetwork,
+    Section,
+    read_text,
+    refuse_other_family,
+    to_endpoint,
+    to_network,
+)
 from overlay.decision import CELL_ACTIONS, COLUMNS, ROWS, DecisionTable
 from overlay.gre import TM_ID_MAX, UDP_PORT, default_tm_id
 from overlay.health import ALL_DOWN_POLICIES, HealthConfig
@@ -126,7 +135,7 @@ def parse_distributor(root: Section, name: str, underlay_address: IPAddress, und
     if all(tm.weight == 0 for tm in tms):
         raise root.error("tm", "all TM weights are zero: no TM could ever be chosen")
 
-    edges = tuple(_parse_edges(root))
+    edges = tuple(_parse_edges(root, underlay_address))
 
     decision_section = root.section("decision")
     overrides_section = decision_section.section("overrides")
@@ -225,6 +234,7 @@ def _parse_tms(root: Section, sets: dict[str, tuple[AddressEntry, ...]], underla
         seen_underlay[underlay] = name
         if underlay[0] == underlay_address:
             raise section.error("underlay", "is the distributor's own underlay address")
+        refuse_other_family(section, "underlay", underlay[0], underlay_address)
         for prefix in capture + capture_from:
             if underlay[0] in prefix:
                 raise section.error(
@@ -253,7 +263,7 @@ def _parse_tms(root: Section, sets: dict[str, tuple[AddressEntry, ...]], underla
     return tms
 
 
-def _parse_edges(root: Section) -> list[EdgeEntry]:
+def _parse_edges(root: Section, underlay_address: IPAddress) -> list[EdgeEntry]:
     edges: list[EdgeEntry] = []
     names: set[str] = set()
     for section in root.sections("edge"):
@@ -262,6 +272,7 @@ def _parse_edges(root: Section) -> list[EdgeEntry]:
             raise section.error("name", f"duplicate edge name {name!r}")
         names.add(name)
         underlay = section.convert("underlay", lambda v: to_endpoint(v, UDP_PORT))
+        refuse_other_family(section, "underlay", underlay[0], underlay_address)
         prefixes = tuple(section.each("prefixes", to_network, default=()))
         if not prefixes:
             raise section.error("prefixes", "an edge needs at least one prefix")

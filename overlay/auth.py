@@ -1,0 +1,245 @@
+"""Authentication (and, optionally, encryption) of every datagram between overlay nodes. Sans-I/O: bytes
+and key material in, bytes or a named reason out; the caller passes the counter's start.
+
+Why: without it anyone who can reach UDP 4754 injects packets — a TM accepts by source address, which
+anyone on the path can forge, and the distributor writes what it is handed into the protected network.
+
+Keys (pyca `cryptography`: maintained, audited bindings to OpenSSL's constant-time primitives). Every node
+has an X25519 key pair (`overlay keygen`); configs name their peers' public keys. Each ordered pair of
+nodes derives its own key from the static-static X25519 secret with HKDF-SHA256 (info: sender's and
+receiver's public keys), so no secret is shared by more than two nodes and a leaked node key exposes only
+that node's traffic. Datagrams are sealed with ChaCha20-Poly1305 (WireGuard's AEAD):
+
+    0       1       2               6               10                      18
+    +-------+-------+---------------+---------------+-----------------------+---------------+------+
+    | 0x4F  | flags | sender key id | receiver kid  | counter (64 bit)      | GRE payload   | tag  |
+    +-------+-------+---------------+---------------+-----------------------+---------------+------+
+      flags bit 0: payload encrypted (else only authenticated: header and payload are the AEAD's
+      associated data, the tag covers both). Key ids: the first 4 bytes of SHA-256 of the public key.
+
+The first byte is never a GRE header we accept (0x40 is GRE's deprecated routing bit), so a node tells a
+sealed datagram from a plain one by its first byte, and one that requires authentication drops plain GRE.
+
+Replay: the nonce is the counter, which starts at the wall clock in nanoseconds (so it keeps rising across
+restarts: a restarted node never reuses a nonce, and its peers' windows accept it at once) and counts up
+per datagram. One sending process per key: a second process sealing with the same key would reuse nonces,
+so multi-process workers must each hold their own key or split the counter space. Each receiver keeps,
+per sender key, the highest counter seen and a window of the WINDOW below it: a counter seen before, or
+older than the window, is dropped — but only after the tag verified, so forgeries cannot move the window.
+
+Rotation without loss: a node lists several private keys (the first signs, all are accepted) and several
+public keys per peer (the first is sealed to, all are accepted), so old and new keys overlap while
+configs change one node at a time (docs/clouds.md, "Key rotation").
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+MARKER = 0x4F
+FLAG_ENCRYPTED = 0x01
+_HEADER = struct.Struct("!BBIIQ")
+HEADER_SIZE = _HEADER.size   # 18
+TAG_SIZE = 16
+OVERHEAD = HEADER_SIZE + TAG_SIZE   # bytes a sealed datagram adds (MTU arithmetic)
+WINDOW = 4096
+_NONCE_PAD = bytes(4)   # ChaCha20-Poly1305 takes 96-bit nonces: 32 zero bits, then the 64-bit counter
+MODES = ("off", "authenticate", "encrypt")
+
+# Reasons a datagram is refused (counted by the node cores under `auth:...`).
+UNAUTHENTICATED = "auth:unauthenticated"   # plain GRE where authentication is required
+MALFORMED = "auth:malformed"               # shorter than header and tag, or an unknown version
+UNKNOWN_KEY = "auth:unknown-key"           # sealed by a key no peer has, or to a key we do not hold
+BAD_TAG = "auth:bad-tag"                   # forged, corrupted, or sealed with another key
+REPLAYED = "auth:replayed"                 # a counter already seen from that key
+TOO_OLD = "auth:too-old"                   # a counter below the replay window
+REASONS = (UNAUTHENTICATED, MALFORMED, UNKNOWN_KEY, BAD_TAG, REPLAYED, TOO_OLD)
+
+
+def key_id(public_key: bytes) -> int:
+    return int.from_bytes(hashlib.sha256(b"overlay-key-id\0" + public_key).digest()[:4], "big")
+
+
+def generate_private_key() -> bytes:
+    return X25519PrivateKey.generate().private_bytes_raw()
+
+
+def public_key_of(private_key: bytes) -> bytes:
+    return X25519PrivateKey.from_private_bytes(private_key).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def encode_key(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+def decode_key(text: str) -> bytes:
+    """A base64 32-byte key; ValueError naming what is wrong."""
+    try:
+        raw = base64.b64decode(text.strip(), validate=True)
+    except ValueError:
+        raise ValueError("not base64") from None
+    if len(raw) != 32:
+        raise ValueError(f"a key is 32 bytes, this is {len(raw)}")
+    return raw
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """`private_keys`: ours, the first seals; `peers`: name → public keys, the first is sealed to."""
+
+    mode: str = "off"
+    private_keys: tuple[bytes, ...] = ()
+    peers: Mapping[str, tuple[bytes, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}")
+        if self.mode != "off" and not self.private_keys:
+            raise ValueError("authentication needs a private key")
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off"
+
+
+class _ReplayWindow:
+    __slots__ = ("highest", "seen")
+
+    def __init__(self) -> None:
+        self.highest = -1
+        self.seen = 0   # bit i: counter `highest - i` was accepted
+
+    def check_and_set(self, counter: int) -> str | None:
+        if counter > self.highest:
+            shift = counter - self.highest
+            self.seen = ((self.seen << shift) | 1) & ((1 << WINDOW) - 1) if shift < WINDOW else 1
+            self.highest = counter
+            return None
+        back = self.highest - counter
+        if back >= WINDOW:
+            return TOO_OLD
+        if self.seen >> back & 1:
+            return REPLAYED
+        self.seen |= 1 << back
+        return None
+
+
+class Authenticator:
+    """Seals datagrams to peers and opens datagrams from them. `counter_start`: the wall clock in ns at
+    start (the caller's clock)."""
+
+    def __init__(self, config: AuthConfig, counter_start: int) -> None:
+        self.config = config
+        self.mode = config.mode
+        self._flags = FLAG_ENCRYPTED if config.mode == "encrypt" else 0
+        self._counter = counter_start
+        self._private = [X25519PrivateKey.from_private_bytes(raw) for raw in config.private_keys]
+        self._own_public = [public_key_of(raw) for raw in config.private_keys]
+        self._own_by_id = {key_id(public): (private, public) for private, public in zip(self._private, self._own_public)}
+        self._peer_by_id: dict[int, tuple[str, bytes]] = {}
+        for name, keys in config.peers.items():
+            for public in keys:
+                self._peer_by_id[key_id(public)] = (name, public)
+        self._send: dict[str, tuple[bytes, ChaCha20Poly1305]] = {}   # peer → (header prefix, AEAD)
+        self._receive: dict[tuple[int, int], ChaCha20Poly1305] = {}
+        self._windows: dict[int, _ReplayWindow] = {}
+        self.refused = dict.fromkeys(REASONS, 0)
+
+    def reconfigure(self, config: AuthConfig) -> Authenticator:
+        """The same node with new keys (a reload): the counter keeps rising and the replay windows of
+        senders whose keys stay are kept, so a reload neither reuses a nonce nor reopens a replay."""
+        new = Authenticator(config, self._counter)
+        new._windows = {sender: window for sender, window in self._windows.items() if sender in new._peer_by_id}
+        new.refused = self.refused
+        return new
+
+    def peer_of(self, datagram: bytes) -> str | None:
+        """Which peer's key a sealed datagram claims (before any check: for logs, never for trust)."""
+        if len(datagram) < HEADER_SIZE or datagram[0] != MARKER:
+            return None
+        found = self._peer_by_id.get(int.from_bytes(datagram[2:6], "big"))
+        return found[0] if found else None
+
+    # -- sealing ----------------------------------------------------------------------------------------
+    def seal(self, payload: bytes, peer: str) -> bytes:
+        """`payload` sealed to `peer` (KeyError for a peer without a key)."""
+        prefix_aead = self._send.get(peer)
+        if prefix_aead is None:
+            prefix_aead = self._send[peer] = self._sender(peer)
+        prefix, aead = prefix_aead
+        self._counter += 1
+        counter = self._counter.to_bytes(8, "big")
+        header = prefix + counter
+        nonce = _NONCE_PAD + counter
+        if self._flags:
+            return header + aead.encrypt(nonce, payload, header)
+        return header + payload + aead.encrypt(nonce, b"", header + payload)
+
+    def _sender(self, peer: str) -> tuple[bytes, ChaCha20Poly1305]:
+        their_public = self.config.peers[peer][0]
+        own_private, own_public = self._private[0], self._own_public[0]
+        prefix = bytes((MARKER, self._flags)) + key_id(own_public).to_bytes(4, "big") + key_id(their_public).to_bytes(4, "big")
+        return prefix, _aead(own_private, own_public, their_public, sending=True)
+
+    # -- opening ----------------------------------------------------------------------------------------
+    def open(self, datagram: bytes) -> tuple[str, bytes] | str:
+        """(peer name, GRE payload) of a sealed datagram, or the reason it is refused."""
+        if not datagram or datagram[0] != MARKER:
+            return self._refuse(UNAUTHENTICATED)
+        if len(datagram) < OVERHEAD:
+            return self._refuse(MALFORMED)
+        _, flags, sender_id, receiver_id, counter = _HEADER.unpack_from(datagram, 0)
+        if flags & ~FLAG_ENCRYPTED:
+            return self._refuse(MALFORMED)
+        aead = self._receive.get((sender_id, receiver_id))
+        if aead is None:
+            sender = self._peer_by_id.get(sender_id)
+            own = self._own_by_id.get(receiver_id)
+            if sender is None or own is None:
+                return self._refuse(UNKNOWN_KEY)
+            aead = self._receive[(sender_id, receiver_id)] = _aead(own[0], own[1], sender[1], sending=False)
+        header = datagram[:HEADER_SIZE]
+        nonce = _NONCE_PAD + datagram[10:HEADER_SIZE]
+        try:
+            if flags & FLAG_ENCRYPTED:
+                payload = aead.decrypt(nonce, datagram[HEADER_SIZE:], header)
+            else:
+                aead.decrypt(nonce, datagram[-TAG_SIZE:], datagram[:-TAG_SIZE])
+                payload = datagram[HEADER_SIZE:-TAG_SIZE]
+        except InvalidTag:
+            return self._refuse(BAD_TAG)
+        window = self._windows.get(sender_id)
+        if window is None:
+            window = self._windows[sender_id] = _ReplayWindow()
+        refused = window.check_and_set(counter)
+        if refused is not None:
+            return self._refuse(refused)
+        return self._peer_by_id[sender_id][0], payload
+
+    def _refuse(self, reason: str) -> str:
+        self.refused[reason] += 1
+        return reason
+
+
+def _aead(own_private: X25519PrivateKey, own_public: bytes, their_public: bytes, sending: bool) -> ChaCha20Poly1305:
+    """The key of one direction of one pair: HKDF over the X25519 secret, bound to both public keys in
+    the direction's order (sender first), so the two directions never share a key."""
+    shared = own_private.exchange(X25519PublicKey.from_public_bytes(their_public))
+    order = own_public + their_public if sending else their_public + own_public
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=b"overlay-auth-v1", info=order).derive(shared)
+    return ChaCha20Poly1305(key)
+
+
+__all__ = ["AuthConfig", "Authenticator", "OVERHEAD", "MODES", "REASONS", "decode_key", "encode_key",
+           "generate_private_key", "public_key_of", "key_id"]

@@ -1,0 +1,128 @@
+"""overlay.auth: sealed datagrams between nodes — round trips, forgeries, replays, wrong keys, rotation."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from overlay import auth, gre
+from overlay.auth import AuthConfig, Authenticator
+
+KEYS = {name: auth.generate_private_key() for name in ("dist", "tm1", "tm2", "attacker")}
+PUBLIC = {name: auth.public_key_of(key) for name, key in KEYS.items()}
+PAYLOAD = gre.encapsulate(bytes.fromhex("4500001c000100004011f9c0c6336464cb007150") + bytes(8))
+T0 = 1_700_000_000_000_000_000
+
+
+def node(name: str, peers: tuple[str, ...], mode: str = "authenticate", start: int = T0,
+         private: tuple[bytes, ...] | None = None, public: dict[str, tuple[bytes, ...]] | None = None) -> Authenticator:
+    keys = {peer: (PUBLIC[peer],) for peer in peers} | (public or {})
+    return Authenticator(AuthConfig(mode, private or (KEYS[name],), keys), start)
+
+
+@pytest.mark.parametrize("mode", ["authenticate", "encrypt"])
+def test_a_sealed_datagram_opens_at_its_peer_only(mode: str) -> None:
+    dist, tm1, tm2 = node("dist", ("tm1", "tm2"), mode), node("tm1", ("dist",), mode), node("tm2", ("dist",), mode)
+    sealed = dist.seal(PAYLOAD, "tm1")
+    assert len(sealed) == len(PAYLOAD) + auth.OVERHEAD
+    assert (PAYLOAD in sealed) == (mode == "authenticate")
+    assert tm1.open(sealed) == ("dist", PAYLOAD)
+    assert tm2.open(sealed) == auth.UNKNOWN_KEY, "sealed to tm1's key: tm2 holds no such key"
+    assert dist.open(tm1.seal(PAYLOAD, "dist")) == ("tm1", PAYLOAD)
+
+
+@pytest.mark.parametrize("mode", ["authenticate", "encrypt"])
+def test_every_changed_byte_is_refused(mode: str) -> None:
+    dist, tm1 = node("dist", ("tm1",), mode), node("tm1", ("dist",), mode)
+    sealed = dist.seal(PAYLOAD, "tm1")
+    for at in range(len(sealed)):
+        forged = bytearray(sealed)
+        forged[at] ^= 0x01
+        assert tm1.open(bytes(forged)) in (auth.BAD_TAG, auth.UNKNOWN_KEY, auth.MALFORMED, auth.UNAUTHENTICATED), at
+    assert tm1.open(sealed) == ("dist", PAYLOAD), "forgeries never moved the replay window"
+
+
+def test_plain_gre_and_short_datagrams_are_refused() -> None:
+    tm1 = node("tm1", ("dist",))
+    assert tm1.open(PAYLOAD) == auth.UNAUTHENTICATED
+    assert tm1.open(b"") == auth.UNAUTHENTICATED
+    assert tm1.open(bytes([auth.MARKER]) + bytes(20)) == auth.MALFORMED
+    assert tm1.refused[auth.UNAUTHENTICATED] == 2 and tm1.refused[auth.MALFORMED] == 1
+
+
+def test_a_replayed_datagram_is_refused_and_reordering_within_the_window_is_not() -> None:
+    dist, tm1 = node("dist", ("tm1",)), node("tm1", ("dist",))
+    sealed = [dist.seal(PAYLOAD, "tm1") for _ in range(5)]
+    assert [tm1.open(d)[0] for d in (sealed[0], sealed[3], sealed[1], sealed[2], sealed[4])] == ["dist"] * 5
+    assert tm1.open(sealed[2]) == auth.REPLAYED
+    for _ in range(auth.WINDOW - 1):   # sealed[4] is now the oldest counter the window still holds
+        tm1.open(dist.seal(PAYLOAD, "tm1"))
+    assert tm1.open(sealed[4]) == auth.REPLAYED
+    assert tm1.open(sealed[0]) == auth.TOO_OLD
+
+
+def test_a_node_with_the_wrong_key_cannot_join() -> None:
+    """The attacker knows everyone's public key and claims to be dist: its key id is unknown; with dist's
+    key id copied into the header, the tag is wrong."""
+    tm1 = node("tm1", ("dist",))
+    impostor = node("attacker", ("tm1",))
+    sealed = impostor.seal(PAYLOAD, "tm1")
+    assert tm1.open(sealed) == auth.UNKNOWN_KEY
+    claimed = sealed[:2] + auth.key_id(PUBLIC["dist"]).to_bytes(4, "big") + sealed[6:]
+    assert tm1.open(claimed) == auth.BAD_TAG
+
+
+def test_a_restarted_sender_is_accepted_at_once() -> None:
+    first, later = node("dist", ("tm1",), start=T0), node("dist", ("tm1",), start=T0 + 10**9)
+    tm1 = node("tm1", ("dist",))
+    assert tm1.open(first.seal(PAYLOAD, "tm1"))[0] == "dist"
+    assert tm1.open(later.seal(PAYLOAD, "tm1"))[0] == "dist", "a restart one second later starts above the window"
+
+
+def test_key_rotation_loses_nothing() -> None:
+    """dist rotates its key: tm1 first accepts both public keys, then dist seals with the new one while
+    still holding the old (tm1 seals to the old until its config names the new key first)."""
+    new = auth.generate_private_key()
+    new_public = auth.public_key_of(new)
+    dist = node("dist", ("tm1",))
+    tm1 = node("tm1", (), public={"dist": (PUBLIC["dist"], new_public)})
+    assert tm1.open(dist.seal(PAYLOAD, "tm1"))[0] == "dist"
+    rotated = node("dist", ("tm1",), private=(new, KEYS["dist"]), start=T0 + 10**6)
+    assert tm1.open(rotated.seal(PAYLOAD, "tm1"))[0] == "dist", "the new key is accepted"
+    assert rotated.open(tm1.seal(PAYLOAD, "dist"))[0] == "tm1", "tm1 still seals to the old key: accepted"
+    tm1_updated = node("tm1", (), public={"dist": (new_public,)}, start=T0 + 10**6)  # a reload keeps counting
+    assert rotated.open(tm1_updated.seal(PAYLOAD, "dist"))[0] == "tm1"
+    assert tm1_updated.open(dist.seal(PAYLOAD, "tm1")) == auth.UNKNOWN_KEY, "once removed, the old key is refused"
+
+
+@settings(max_examples=50)
+@given(st.lists(st.integers(0, 3 * auth.WINDOW), min_size=1, max_size=200))
+def test_replay_window_accepts_each_counter_once_and_nothing_below_the_window(counters: list[int]) -> None:
+    window = auth._ReplayWindow()
+    accepted: set[int] = set()
+    for counter in counters:
+        highest = max(accepted, default=-1)
+        expected = None if counter not in accepted and counter > highest - auth.WINDOW else "refused"
+        got = window.check_and_set(counter)
+        assert (got is None) == (expected is None), (counter, highest)
+        if got is None:
+            accepted.add(counter)
+
+
+def test_keys_round_trip_through_base64_and_bad_ones_are_named() -> None:
+    assert auth.decode_key(auth.encode_key(KEYS["dist"])) == KEYS["dist"]
+    with pytest.raises(ValueError, match="not base64"):
+        auth.decode_key("not a key!")
+    with pytest.raises(ValueError, match="32 bytes, this is 3"):
+        auth.decode_key("AAAA")
+
+
+def test_a_reload_keeps_counting_and_keeps_the_replay_windows() -> None:
+    dist, tm1 = node("dist", ("tm1",)), node("tm1", ("dist",))
+    old = dist.seal(PAYLOAD, "tm1")
+    assert tm1.open(old)[0] == "dist"
+    tm1 = tm1.reconfigure(tm1.config)
+    assert tm1.open(old) == auth.REPLAYED, "a reload must not reopen a replay"
+    dist = dist.reconfigure(dist.config)
+    assert tm1.open(dist.seal(PAYLOAD, "tm1"))[0] == "dist", "nor reuse a counter"

@@ -1,13 +1,16 @@
-"""The distributor's packet view: one pass over an IPv4/IPv6 packet that yields exactly what a decision
-needs — version, addresses, protocol, ports, fragment and ICMP-error facts — or a named reason why the
-packet is malformed. Never raises on any input.
+"""The distributor's packet view: what a decision needs of an IPv4/IPv6 packet — version, addresses,
+protocol, ports, fragment and ICMP-error facts — or the reason it is refused. Never raises on any input.
 
-Hot path: `struct.unpack_from` on the buffer and plain integer tests (ENVIRONMENT.md measured dpkt at
-~20x the cost). `tests/test_packet.py` checks this parser against dpkt on the same packets.
+It reads the packet through the checked views of `overlay.wire`, the ones the TM reads it through, so a
+packet is malformed, an ICMP error about a flow, or a flow with ports for both roles alike
+(tests/test_wire_agreement.py). The flow's addresses and ports are its flow key unpacked. Hot path: one
+`struct` unpack of the key and plain integer tests (ENVIRONMENT.md measured dpkt at ~20x the cost);
+`tests/test_packet.py` checks this view against dpkt on the same packets.
 
-ICMP errors are turned around here: an error travels in the reverse direction of the packet it quotes,
-so the returned flow is the *quoted* flow with source and destination swapped (and ports swapped). That
-is the flow the error belongs to, and deciding on it sends the error to the TM that holds the state.
+ICMP errors are turned around: an error travels in the reverse direction of the packet it quotes, so the
+returned flow is the *quoted* flow with source and destination swapped (and ports swapped) — the quoted
+key turned around, as the TM looks it up. That is the flow the error belongs to, and deciding on it sends
+the error to the TM that holds the state.
 """
 
 from __future__ import annotations
@@ -15,22 +18,20 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from overlay.wire import reasons as R
+from overlay.wire.icmp import WHOLE, quote
+from overlay.wire.views import IcmpError, parse_first_fragment, parse_fragment, parse_ip, parse_transport
+
 PROTO_ICMP = 1
 PROTO_TCP = 6
 PROTO_UDP = 17
 PROTO_ICMPV6 = 58
 
-_IPV6_EXTENSIONS = {0, 43, 44, 60, 51, 135, 139, 140}  # hop-by-hop, routing, fragment, dest opts, AH, ...
-_MAX_EXTENSIONS = 8  # bound the walk: a chain longer than this is refused, not followed
-
-ICMP4_ERRORS = {3, 4, 5, 11, 12}
-ICMP4_ECHO = {0, 8}
-ICMP6_ERRORS = {1, 2, 3, 4}
-ICMP6_ECHO = {128, 129}
-
-_V4 = struct.Struct("!BBHHHBBH4s4s")
-_PORTS = struct.Struct("!HH")
-_V6 = struct.Struct("!IHBB16s16s")
+# Flow keys (overlay.wire.views) unpacked: addresses, then ports or the echo mark and identifier.
+_PORTS_KEY4, _PORTS_KEY6 = struct.Struct("!4s4sHH").unpack, struct.Struct("!16s16sHH").unpack
+_ECHO_KEY = {4: struct.Struct("!4s4sxH").unpack, 6: struct.Struct("!16s16sxH").unpack}
+# Refusals of the transport view that still leave a flow to decide on, by its addresses (no ports).
+_PORTLESS = frozenset({R.UNSUPPORTED_PROTOCOL, R.UNSUPPORTED_IPV6_EXTENSION, R.UNSUPPORTED_ICMP_TYPE})
 
 
 @dataclass(slots=True)
@@ -49,124 +50,70 @@ class Flow:  # not frozen: frozen dataclasses cost ~1 µs more to build, and thi
     icmp_type: int | None = None
 
 
-class Malformed(Exception):
-    """Internal signal; `parse_flow` converts it to a reason string."""
-
-
 def parse_flow(packet: bytes) -> Flow | str:
-    """The packet's flow, or a reason string (`malformed:...`) for anything we refuse to decide on."""
-    try:
-        return _parse(packet, quoted=False)
-    except Malformed as exc:
-        return f"malformed:{exc}"
-    except (struct.error, IndexError):
-        return "malformed:truncated"
-
-
-def _parse(packet: bytes, quoted: bool) -> Flow:
-    if not packet:
-        raise Malformed("empty")
-    version = packet[0] >> 4
-    if version == 4:
-        return _parse_v4(packet, quoted)
-    if version == 6:
-        return _parse_v6(packet, quoted)
-    raise Malformed(f"ip-version-{version}")
-
-
-def _parse_v4(packet: bytes, quoted: bool) -> Flow:
-    if len(packet) < 20:
-        raise Malformed("truncated-ipv4")
-    vihl, _tos, total, _ident, frag, _ttl, proto, _csum, src, dst = _V4.unpack_from(packet, 0)
-    ihl = (vihl & 0x0F) * 4
-    if ihl < 20:
-        raise Malformed("bad-ipv4-header-length")
-    if len(packet) < ihl:
-        raise Malformed("truncated-ipv4")
-    if not quoted:
-        # A quoted header is often cut short by the router that quoted it; only a live packet must be whole.
-        if total < ihl:
-            raise Malformed("bad-ipv4-total-length")
-        if total > len(packet):
-            raise Malformed("truncated-ipv4")
-    offset = frag & 0x1FFF
-    more = bool(frag & 0x2000)
-    fragment = more or offset != 0
-    if offset != 0:
-        return Flow(4, src, dst, proto, None, None, True, False)
-    end = len(packet) if quoted else total
-    return _transport(4, src, dst, proto, packet, ihl, end, fragment, quoted)
-
-
-def _parse_v6(packet: bytes, quoted: bool) -> Flow:
-    if len(packet) < 40:
-        raise Malformed("truncated-ipv6")
-    _vtf, payload_length, next_header, _hops, src, dst = _V6.unpack_from(packet, 0)
-    end = 40 + payload_length
-    if not quoted and end > len(packet):
-        raise Malformed("truncated-ipv6")
-    if quoted:
-        end = len(packet)
-    offset = 40
-    fragment = False
-    for _ in range(_MAX_EXTENSIONS):
-        if next_header not in _IPV6_EXTENSIONS:
-            break
-        if offset + 8 > end:
-            raise Malformed("truncated-ipv6-extension")
-        if next_header == 44:  # fragment header: fixed 8 bytes
-            fragment_offset = int.from_bytes(packet[offset + 2 : offset + 4], "big") >> 3
-            fragment = True
-            if fragment_offset != 0:
-                return Flow(6, src, dst, packet[offset], None, None, True, False)
-            next_header = packet[offset]
-            offset += 8
-        elif next_header == 51:  # AH counts its length in 4-octet units, minus 2
-            length = (packet[offset + 1] + 2) * 4
-            next_header = packet[offset]
-            offset += length
+    """The packet's flow, or the reason (`overlay.wire.reasons`) we refuse to decide on it."""
+    parsed = parse_ip(packet)
+    if isinstance(parsed, str):
+        return _fragment(packet) if parsed == R.FRAGMENT else parsed
+    version, protocol, l4, end = parsed
+    found = parse_transport(packet, version, protocol, l4, end)
+    if isinstance(found, tuple):
+        if protocol == PROTO_TCP or protocol == PROTO_UDP:
+            src, dst, sport, dport = (_PORTS_KEY4 if version == 4 else _PORTS_KEY6)(found[0])
+            return Flow(version, src, dst, protocol, sport, dport, False, False)
+        src, dst, ident = _ECHO_KEY[version](found[0])
+        return Flow(version, src, dst, protocol, ident, ident, False, False, packet[l4])
+    if isinstance(found, IcmpError):    # about a flow with ports or an echo identifier: that flow, turned around
+        inner = found.inner_protocol
+        if inner == PROTO_TCP or inner == PROTO_UDP:
+            src, dst, sport, dport = (_PORTS_KEY4 if version == 4 else _PORTS_KEY6)(found.key)
         else:
-            length = (packet[offset + 1] + 1) * 8
-            next_header = packet[offset]
-            offset += length
-    else:
-        raise Malformed("ipv6-extension-chain-too-long")
-    if offset > end:
-        raise Malformed("truncated-ipv6-extension")
-    return _transport(6, src, dst, next_header, packet, offset, end, fragment, quoted)
+            src, dst, sport = _ECHO_KEY[version](found.key)
+            dport = sport
+        return Flow(version, src, dst, inner, sport, dport, found.inner_fragment, True, packet[l4])
+    return _without_ports(packet, version, protocol, l4, end, found, False)
 
 
-def _transport(
-    version: int, src: bytes, dst: bytes, proto: int, packet: bytes, offset: int, end: int, fragment: bool, quoted: bool
-) -> Flow:
-    available = end - offset
-    if proto == PROTO_TCP or proto == PROTO_UDP:
-        # Quoted headers only promise the first 8 bytes (RFC 792); the ports are in the first 4.
-        need = 4 if quoted else (20 if proto == PROTO_TCP else 8)
-        if available < need:
-            raise Malformed("truncated-tcp" if proto == PROTO_TCP else "truncated-udp")
-        if proto == PROTO_TCP and not quoted and packet[offset + 12] >> 4 < 5:
-            raise Malformed("bad-tcp-data-offset")
-        sport, dport = _PORTS.unpack_from(packet, offset)
-        return Flow(version, src, dst, proto, sport, dport, fragment, False)
-    if (proto == PROTO_ICMP and version == 4) or (proto == PROTO_ICMPV6 and version == 6):
-        if available < (4 if quoted else 8):
-            raise Malformed("truncated-icmp")
-        icmp_type = packet[offset]
-        errors = ICMP4_ERRORS if version == 4 else ICMP6_ERRORS
-        if icmp_type in errors and not quoted:
-            if fragment:
-                # A fragmented ICMP error cannot be turned around reliably; decide by its own addresses.
-                return Flow(version, src, dst, proto, None, None, True, False, icmp_type)
-            inner = _parse(packet[offset + 8 : end], quoted=True)
-            if inner.version != version:
-                raise Malformed("icmp-quotes-other-ip-version")
-            return Flow(
-                version, inner.dst, inner.src, inner.proto, inner.dport, inner.sport, inner.fragment, True, icmp_type
-            )
-        echo = ICMP4_ECHO if version == 4 else ICMP6_ECHO
-        if icmp_type in echo and available >= 8:
-            ident = int.from_bytes(packet[offset + 4 : offset + 6], "big")
-            return Flow(version, src, dst, proto, ident, ident, fragment, False, icmp_type)
-        return Flow(version, src, dst, proto, None, None, fragment, False, icmp_type)
-    return Flow(version, src, dst, proto, None, None, fragment, False)
+def _without_ports(packet: bytes, version: int, protocol: int, l4: int, end: int, reason: str,
+                   fragment: bool) -> Flow | str:
+    """A packet the transport view found no flow key in: still a flow on its addresses when it is well
+    formed — a protocol without ports, ICMP neither echo nor an error, a fragmented ICMP error, or an error
+    whose quote has no ports (then the quoted addresses, turned around)."""
+    if reason == R.INVALID_ICMP_NO_STATE:
+        quoted = quote(packet, version, l4 + 8, end)
+        assert not isinstance(quoted, str)    # the transport view accepted this quote
+        inner_protocol, _, inner_fragment = quoted
+        src, dst = _addresses(packet, version, l4 + 8)
+        return Flow(version, dst, src, inner_protocol, None, None, inner_fragment != WHOLE, True, packet[l4])
+    if reason in _PORTLESS or reason == R.UNSUPPORTED_FRAGMENT:
+        src, dst = _addresses(packet, version, 0)
+        icmp_type = packet[l4] if reason == R.UNSUPPORTED_ICMP_TYPE or reason == R.UNSUPPORTED_FRAGMENT else None
+        return Flow(version, src, dst, protocol, None, None, fragment, False, icmp_type)
+    return reason
+
+
+def _fragment(packet: bytes) -> Flow | str:
+    """A fragment: ports from the first one (a fragmented ICMP error is decided on its own addresses, it
+    cannot be turned around reliably); a later one carries none."""
+    parsed = parse_fragment(packet)
+    if isinstance(parsed, str):
+        return parsed
+    version, protocol, l4, end, _datagram, first = parsed
+    if not first:
+        src, dst = _addresses(packet, version, 0)
+        return Flow(version, src, dst, protocol, None, None, True, False)
+    found = parse_first_fragment(packet, version, protocol, l4, end)
+    if isinstance(found, str):
+        return _without_ports(packet, version, protocol, l4, end, found, True)
+    if protocol == PROTO_TCP or protocol == PROTO_UDP:
+        src, dst, sport, dport = (_PORTS_KEY4 if version == 4 else _PORTS_KEY6)(found[0])
+        return Flow(version, src, dst, protocol, sport, dport, True, False)
+    src, dst, ident = _ECHO_KEY[version](found[0])
+    return Flow(version, src, dst, protocol, ident, ident, True, False, packet[l4])
+
+
+def _addresses(packet: bytes, version: int, ip: int) -> tuple[bytes, bytes]:
+    """Source and destination of the IP header at `ip`."""
+    if version == 4:
+        return packet[ip + 12:ip + 16], packet[ip + 16:ip + 20]
+    return packet[ip + 8:ip + 24], packet[ip + 24:ip + 40]

@@ -116,14 +116,14 @@ def test_flow_specs_are_not_hex(text: str) -> None:
 
 
 @pytest.mark.parametrize(("text", "reason"), [("45", "malformed:truncated-ipv4"), ("4500001400", "malformed:truncated-ipv4"),
-                                              ("60" + "00" * 18, "malformed:truncated-ipv6"), ("10", "malformed:ip-version-1")])
+                                              ("60" + "00" * 18, "malformed:truncated-ipv6"), ("10", "malformed:bad-ip-version")])
 def test_short_hex_is_explained_as_the_too_short_packet_it_is(capsys: pytest.CaptureFixture[str], text: str, reason: str) -> None:
     code, out, err = explain(capsys, "--json", text)
     assert code == 0, err
     trace = json.loads(out)
     assert trace["length"] == len(bytes.fromhex(text))
     assert trace["action"] == "drop" and trace["reason"] == reason
-    assert "too short" in trace["packet"] or reason.endswith("ip-version-1")
+    assert "too short" in trace["packet"] or reason.endswith("bad-ip-version")
 
 
 def test_odd_hex_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:

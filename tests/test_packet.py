@@ -44,37 +44,46 @@ CASES = [
     ("v4 echo reply", P.echo(V4, C4, 7, request=False), flow(4, V4, C4, 1, 7, 7, icmp_type=0)),
     ("v4 frag-needed about TCP: the quoted flow, reversed", P.icmp_error(R4, P.tcp(C4, 40000, V4, 80)), flow(4, V4, C4, 6, 80, 40000, icmp_error=True, icmp_type=3)),
     ("v4 time exceeded about UDP", P.icmp_error(R4, P.udp(C4, 33434, V4, 33435), kind="time-exceeded"), flow(4, V4, C4, 17, 33435, 33434, icmp_error=True, icmp_type=11)),
-    ("v4 unreachable quoting only 4 transport bytes", P.icmp_error(R4, P.tcp(C4, 1, V4, 2), kind="unreachable", quote=24), flow(4, V4, C4, 6, 2, 1, icmp_error=True, icmp_type=3)),
+    ("v4 unreachable quoting exactly 8 transport bytes", P.icmp_error(R4, P.tcp(C4, 1, V4, 2), kind="unreachable", quote=28), flow(4, V4, C4, 6, 2, 1, icmp_error=True, icmp_type=3)),
+    ("v4 error about a 4-byte GRE datagram, quoted whole", P.icmp_error(R4, P.ipv4(C4, V4, 47, b"\0\0\x08\0")), flow(4, V4, C4, 47, None, None, icmp_error=True, icmp_type=3)),
+    ("v4 source quench: not an error about a flow (RFC 6633)", P.ipv4(R4, C4, 1, bytes([4, 0]) + bytes(6) + P.tcp(C4, 1, V4, 2)[:28]), flow(4, R4, C4, 1, None, None, icmp_type=4)),
+    ("v4 redirect: not an error about a flow", P.ipv4(R4, C4, 1, bytes([5, 1, 0, 0]) + P.packed(R4) + P.tcp(C4, 1, V4, 2)[:28]), flow(4, R4, C4, 1, None, None, icmp_type=5)),
     ("v4 error about an echo request: identifier both ways", P.icmp_error(R4, P.echo(C4, V4, 99)), flow(4, V4, C4, 1, 99, 99, icmp_error=True, icmp_type=3)),
     ("v4 error about a non-first fragment", P.icmp_error(R4, P.ipv4(C4, V4, 17, b"q" * 16, offset_units=9)), flow(4, V4, C4, 17, None, None, True, True, 3)),
     ("v4 error quoting a header with options", P.icmp_error(R4, P.tcp(C4, 5, V4, 6, options=b"\x01" * 8)), flow(4, V4, C4, 6, 6, 5, icmp_error=True, icmp_type=3)),
     ("v4 fragmented ICMP error: own addresses, no turn-around", P.ipv4(R4, C4, 1, bytes([3, 4, 0, 0, 0, 0, 5, 0xDC]) + P.tcp(C4, 1, V4, 2)[:28], mf=True), flow(4, R4, C4, 1, None, None, True, False, 3)),
     ("v4 other ICMP (timestamp)", P.ipv4(C4, V4, 1, bytes([13, 0]) + bytes(18)), flow(4, C4, V4, 1, None, None, icmp_type=13)),
     ("v6 TCP", P.tcp(C6, 40000, V6, 80), flow(6, C6, V6, 6, 40000, 80)),
-    ("v6 UDP behind hop-by-hop, routing, dest opts", P.ipv6(C6, V6, 17, P.transport(17, 7, 8), extensions=(HOP, ROUTE, DEST)), flow(6, C6, V6, 17, 7, 8)),
+    ("v6 UDP behind hop-by-hop and dest opts", P.ipv6(C6, V6, 17, P.transport(17, 7, 8), extensions=(HOP, DEST)), flow(6, C6, V6, 17, 7, 8)),
+    ("v6 routing header: decided on addresses, no ports", P.ipv6(C6, V6, 17, P.transport(17, 7, 8), extensions=(HOP, ROUTE, DEST)), flow(6, C6, V6, 43, None, None)),
     ("v6 first fragment keeps ports", P.ipv6(C6, V6, 6, P.transport(6, 1, 2), extensions=(HOP, (P.FRAGMENT, P.fragment_body(0, True)))), flow(6, C6, V6, 6, 1, 2, True)),
     ("v6 non-first fragment: no ports", P.ipv6(C6, V6, 17, b"x" * 16, extensions=((P.FRAGMENT, P.fragment_body(2, False)),)), flow(6, C6, V6, 17, None, None, True)),
-    ("v6 AH then TCP", P.ipv6(C6, V6, 51, bytes([6, 1, 0, 0]) + bytes(8) + bytes(P.transport(6, 3, 4))), flow(6, C6, V6, 6, 3, 4)),
+    ("v6 AH then TCP: decided on addresses, no ports", P.ipv6(C6, V6, 51, bytes([6, 1, 0, 0]) + bytes(8) + bytes(P.transport(6, 3, 4))), flow(6, C6, V6, 51, None, None)),
     ("v6 echo request", P.echo(C6, V6, 0xBEEF), flow(6, C6, V6, 58, 0xBEEF, 0xBEEF, icmp_type=128)),
     ("v6 packet too big about TCP: reversed", P.icmp_error(R6, P.tcp(C6, 40000, V6, 443, payload=b"p" * 1300)), flow(6, V6, C6, 6, 443, 40000, icmp_error=True, icmp_type=2)),
+    ("v6 packet too big about TCP behind hop-by-hop and a first fragment header", P.icmp_error(R6, P.ipv6(C6, V6, 6, P.transport(6, 1, 2), extensions=(HOP, (P.FRAGMENT, P.fragment_body(0, True))))), flow(6, V6, C6, 6, 2, 1, True, icmp_error=True, icmp_type=2)),
     ("v6 time exceeded about UDP behind extensions", P.icmp_error(R6, P.ipv6(C6, V6, 17, P.transport(17, 9, 10), extensions=(HOP, DEST)), kind="time-exceeded"), flow(6, V6, C6, 17, 10, 9, icmp_error=True, icmp_type=3)),
     ("v6 no next header (59)", P.ipv6(C6, V6, 59, b""), flow(6, C6, V6, 59, None, None)),
     # Negative cases.
     ("empty", b"", "malformed:empty"),
-    ("version 0", bytes(40), "malformed:ip-version-0"),
+    ("version 0", bytes(40), "malformed:bad-ip-version"),
     ("v4 shorter than a header", P.tcp(C4, 1, V4, 2)[:12], "malformed:truncated-ipv4"),
     ("v4 IHL 3", b"\x43" + P.tcp(C4, 1, V4, 2)[1:], "malformed:bad-ipv4-header-length"),
-    ("v4 IHL beyond the packet", b"\x4f" + P.ipv4(C4, V4, 59, b"")[1:], "malformed:truncated-ipv4"),
+    ("v4 IHL beyond the packet", b"\x4f" + P.ipv4(C4, V4, 59, b"")[1:], "malformed:bad-ipv4-total-length"),
     ("v4 total length < IHL", (lambda p: p[:2] + b"\0\x10" + p[4:])(P.tcp(C4, 1, V4, 2)), "malformed:bad-ipv4-total-length"),
     ("v4 TCP header cut to 19 bytes", P.ipv4(C4, V4, 6, bytes(bytes(P.transport(6, 1, 2))[:19])), "malformed:truncated-tcp"),
     ("v4 ICMP of 7 bytes", P.ipv4(C4, V4, 1, bytes([8, 0]) + bytes(5)), "malformed:truncated-icmp"),
-    ("v4 error quoting 3 bytes of UDP", P.icmp_error(R4, P.udp(C4, 1, V4, 2), quote=23), "malformed:truncated-udp"),
-    ("v4 error quoting v6", P.ipv4(R4, C4, 1, bytes([3, 4]) + bytes(6) + P.udp(C6, 1, V6, 2)), "malformed:icmp-quotes-other-ip-version"),
+    ("v4 error quoting 3 bytes of UDP", P.icmp_error(R4, P.udp(C4, 1, V4, 2), quote=23), "malformed:bad-icmp-error-inner"),
+    ("v4 error quoting 4 bytes of TCP (RFC 792: 8)", P.icmp_error(R4, P.tcp(C4, 1, V4, 2), quote=24), "malformed:bad-icmp-error-inner"),
+    ("v4 TCP data offset past the packet", P.ipv4(C4, V4, 6, bytes(12) + b"\xf0" + bytes(7)), "malformed:bad-tcp-data-offset"),
+    ("v4 UDP length below 8", P.ipv4(C4, V4, 17, b"\0\1\0\2\0\4\0\0"), "malformed:bad-udp-length"),
+    ("v4 error quoting v6", P.ipv4(R4, C4, 1, bytes([3, 4]) + bytes(6) + P.udp(C6, 1, V6, 2)), "malformed:bad-icmp-error-inner"),
     ("v6 shorter than a header", P.tcp(C6, 1, V6, 2)[:39], "malformed:truncated-ipv6"),
     ("v6 payload length beyond the packet", P.tcp(C6, 1, V6, 2)[:-1], "malformed:truncated-ipv6"),
     ("v6 extension header length beyond the packet", P.ipv6(C6, V6, 0, bytes([17, 200]) + bytes(6)), "malformed:truncated-ipv6-extension"),
     ("v6 nine hop-by-hop headers", P.ipv6(C6, V6, 17, P.transport(17, 1, 2), extensions=(HOP,) * 9), "malformed:ipv6-extension-chain-too-long"),
-    ("v6 error quoting v4", P.ipv6(R6, C6, 58, bytes([1, 0]) + bytes(6) + P.udp(C4, 1, V4, 2)), "malformed:icmp-quotes-other-ip-version"),
+    ("v6 error quoting v4", P.ipv6(R6, C6, 58, bytes([1, 0]) + bytes(6) + P.udp(C4, 1, V4, 2)), "malformed:bad-icmp-error-inner"),
+    ("v6 error quoting 4 bytes of UDP behind dest opts", P.icmp_error(R6, P.ipv6(C6, V6, 17, P.transport(17, 1, 2), extensions=(DEST,)), quote=60), "malformed:bad-icmp-error-inner"),
 ]
 
 
@@ -89,7 +98,8 @@ def test_fixture_agrees_with_dpkt(packet: bytes, expected: Flow) -> None:
 
 
 # -- the dpkt oracle -------------------------------------------------------------------------------------------
-V4_ERRORS, V6_ERRORS = {3, 4, 5, 11, 12}, {1, 2, 3, 4}
+V4_ERRORS, V6_ERRORS = {3, 11, 12}, {1, 2, 3, 4}  # errors about a flow: not source quench (4), not redirect (5)
+WALKED = {0, 60}  # IPv6 extension headers looked past (hop-by-hop, destination options) besides the fragment header
 V4_ECHO, V6_ECHO = {0, 8}, {128, 129}
 
 
@@ -110,11 +120,16 @@ def dpkt_flow(packet: bytes, quoted: bool = False) -> Flow:
         payload = bytes(ip.data)
     else:
         ip = dpkt.ip6.IP6(packet)
-        src, dst, proto = ip.src, ip.dst, ip.p
-        fragment_header = ip.extension_hdrs.get(44)
-        fragment = fragment_header is not None
-        if fragment and fragment_header.frag_off:
-            return Flow(6, src, dst, fragment_header.nxt, None, None, True, False)
+        src, dst = ip.src, ip.dst
+        proto, fragment = ip.nxt, False
+        for header in ip.all_extension_headers:  # in order; `proto` is the type of `header`
+            if proto == P.FRAGMENT:
+                fragment = True
+                if header.frag_off:
+                    return Flow(6, src, dst, header.nxt, None, None, True, False)
+            elif proto not in WALKED:  # routing, AH, ...: no ports looked for past it
+                return Flow(6, src, dst, proto, None, None, fragment, False)
+            proto = header.nxt
         payload = bytes(ip.data)
     if proto in (6, 17):
         sport, dport = _ports(ip.data)

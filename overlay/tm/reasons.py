@@ -8,6 +8,31 @@ management pass-through under `forwarded.`; plain drops under `dropped.`.
 
 from __future__ import annotations
 
+# What the packet views refuse a packet with (the distributor counts the same words): shared, not repeated.
+from overlay.wire.reasons import (  # noqa: F401   (re-exported: every reason is an attribute of this module)
+    FRAGMENT,
+    INVALID_ICMP_NO_STATE,
+    MALFORMED_EMPTY,
+    MALFORMED_ICMP_INNER,
+    MALFORMED_IPV4_HEADER_LENGTH,
+    MALFORMED_IPV4_TOTAL_LENGTH,
+    MALFORMED_IPV6_CHAIN,
+    MALFORMED_IPV6_EXTENSION,
+    MALFORMED_IPV6_FRAGMENT,
+    MALFORMED_TCP_OFFSET,
+    MALFORMED_TRUNCATED_ICMP,
+    MALFORMED_TRUNCATED_IPV4,
+    MALFORMED_TRUNCATED_IPV6,
+    MALFORMED_TRUNCATED_TCP,
+    MALFORMED_TRUNCATED_UDP,
+    MALFORMED_UDP_LENGTH,
+    MALFORMED_VERSION,
+    UNSUPPORTED_FRAGMENT,
+    UNSUPPORTED_ICMP_TYPE,
+    UNSUPPORTED_IPV6_EXTENSION,
+    UNSUPPORTED_PROTOCOL,
+)
+
 # -- action "overlay": the packet goes back to the distributor ------------------------------------------
 DNAT = "dnat"                          # client → virtual service, rewritten to a server
 REVERSE_DNAT = "reverse-dnat"          # server → client reply, source rewritten back to the virtual address
@@ -35,7 +60,6 @@ DECLINED = "declined"                  # a last-chance packet (we are draining) 
 INVALID_NO_STATE = "invalid:no-state"                    # no connection and the packet does not open one
 INVALID_FOREIGN_PORT = "invalid:foreign-port-block"      # to our xlate address, port outside our block
 INVALID_FOREIGN_XLATE = "invalid:foreign-xlate"          # no state, to another TM's xlate address (fleet_xlate)
-INVALID_ICMP_NO_STATE = "invalid:icmp-error-no-state"    # ICMP error quoting a flow we do not track
 CONNTRACK_FULL = "conntrack-full"                        # table at max_entries and nothing may be evicted
 CONNTRACK_CLASH = "conntrack-clash"                      # the reply tuple is already used by another connection
 PORTS_EXHAUSTED = "ports-exhausted"                      # no free port in the xlate address's port block
@@ -48,37 +72,17 @@ FIREWALL_DENY = "firewall-deny"                          # firewall mode: opener
 # MLD reports of the TUN...). Host noise, not a symmetry failure: deliberately not an `invalid:` reason.
 NOT_MANAGEMENT_SOURCE = "not-management-source"
 
-MALFORMED_EMPTY = "malformed:empty"
-MALFORMED_VERSION = "malformed:bad-ip-version"
-MALFORMED_TRUNCATED_IPV4 = "malformed:truncated-ipv4"
-MALFORMED_IPV4_HEADER_LENGTH = "malformed:bad-ipv4-header-length"
-MALFORMED_IPV4_TOTAL_LENGTH = "malformed:bad-ipv4-total-length"
-MALFORMED_TRUNCATED_IPV6 = "malformed:truncated-ipv6"
-MALFORMED_IPV6_EXTENSION = "malformed:truncated-ipv6-extension"
-MALFORMED_TRUNCATED_TCP = "malformed:truncated-tcp"
-MALFORMED_TCP_OFFSET = "malformed:bad-tcp-data-offset"
-MALFORMED_TRUNCATED_UDP = "malformed:truncated-udp"
-MALFORMED_UDP_LENGTH = "malformed:bad-udp-length"
-MALFORMED_TRUNCATED_ICMP = "malformed:truncated-icmp"
-MALFORMED_ICMP_INNER = "malformed:bad-icmp-error-inner"
 MALFORMED_ICMP_MISMATCH = "malformed:icmp-error-mismatch"   # ICMP error not addressed to the quoted sender
 MALFORMED_TCP_FLAGS = "malformed:tcp-flags"                 # SYN with RST or FIN: never a valid opener
 
 FRAGMENT_LIMIT = "fragment-limit"                        # an early fragment no limit lets us hold
 FRAGMENT_ORPHAN = "fragment-orphan"                      # held for a first fragment that was itself dropped
 FRAGMENT_TIMEOUT = "fragment-timeout"                    # held, and its first fragment never came
-MALFORMED_IPV6_FRAGMENT = "malformed:truncated-ipv6-fragment-header"
-UNSUPPORTED_FRAGMENT = "unsupported:fragment"            # a fragmented ICMP error
-UNSUPPORTED_PROTOCOL = "unsupported:protocol"
-UNSUPPORTED_IPV6_EXTENSION = "unsupported:ipv6-extension"
-UNSUPPORTED_ICMP_TYPE = "unsupported:icmp-type"
 
-# `parse_ip`'s word for a fragment, handled by the core's fragment path: never a result's reason.
-FRAGMENT = "fragment?"
 
 ALL_REASONS: tuple[str, ...] = tuple(
     value for name, value in sorted(globals().items())
-    if name.isupper() and isinstance(value, str) and name != "FRAGMENT"
+    if name.isupper() and isinstance(value, str) and name != "FRAGMENT"   # FRAGMENT: a signal, never a result
 )
 
 _FORWARDED = frozenset({FIREWALL_ALLOW, FIREWALL_REPLY, FIREWALL_RELATED, FRAGMENT_FORWARDED})

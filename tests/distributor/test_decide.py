@@ -115,17 +115,17 @@ TABLE_CASES = [
 
 MALFORMED_CASES = [
     case("empty packet", b"", Expect("drop", "malformed:empty", None)),
-    case("IP version 5", b"\x50" + bytes(39), Expect("drop", "malformed:ip-version-5", None)),
+    case("IP version 5", b"\x50" + bytes(39), Expect("drop", "malformed:bad-ip-version", None)),
     case("truncated IPv4 header", P.tcp(CLIENT, 1, VIP, 80)[:19], Expect("drop", "malformed:truncated-ipv4", None)),
     case("IPv4 total length beyond the packet", P.tcp(CLIENT, 1, VIP, 80)[:-1], Expect("drop", "malformed:truncated-ipv4", None)),
     case("IPv4 header length 4 words", b"\x44" + P.tcp(CLIENT, 1, VIP, 80)[1:], Expect("drop", "malformed:bad-ipv4-header-length", None)),
     case("TCP data offset 4", P.ipv4(CLIENT, VIP, 6, bytes(12) + b"\x40" + bytes(7)), Expect("drop", "malformed:bad-tcp-data-offset", None)),
     case("UDP header cut short", P.ipv4(CLIENT, VIP, 17, b"\0\1\0"), Expect("drop", "malformed:truncated-udp", None)),
-    case("ICMP error quoting nothing", P.ipv4("198.51.100.1", CLIENT, 1, bytes([3, 4]) + bytes(6)), Expect("drop", "malformed:empty", None)),
+    case("ICMP error quoting nothing", P.ipv4("198.51.100.1", CLIENT, 1, bytes([3, 4]) + bytes(6)), Expect("drop", "malformed:bad-icmp-error-inner", None)),
     case(
         "ICMPv4 error quoting an IPv6 packet",
         P.ipv4("198.51.100.1", CLIENT, 1, bytes([3, 4]) + bytes(6) + P.udp("2001:db8:1::10", 1, "2001:db8:80::80", 2)),
-        Expect("drop", "malformed:icmp-quotes-other-ip-version", None),
+        Expect("drop", "malformed:bad-icmp-error-inner", None),
     ),
 ]
 

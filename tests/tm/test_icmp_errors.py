@@ -3,6 +3,8 @@ every checksum (outer IPv4, quoted IPv4, quoted transport, ICMP / ICMPv6) verifi
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 
 from overlay.tm.core import TrafficManager
@@ -12,6 +14,8 @@ from .addresses import (
     XLATE6,
 )
 from .conftest import lab_config_with_dns
+from tests.distributor import packets as P
+
 from .packets import ACK, SYN, Flow, checksum_problems, echo, flow, icmp_error, quoted, tcp, udp
 
 T, U, I = "tcp", "udp", "icmp"
@@ -134,3 +138,24 @@ def test_icmp_errors_do_not_keep_a_connection_alive() -> None:
     deadline = tm.next_deadline()
     tm.receive(icmp_error(REMOTE, XLATE, udp(XLATE, FIRST_PORT, REMOTE, 9)), 10.0)
     assert tm.next_deadline() == deadline
+
+
+@pytest.mark.parametrize("extensions", [((0, b"\x01\x04\0\0\0\0"),), ((0, b"\x01\x04\0\0\0\0"), (60, b"\x01\x0c" + bytes(12))),
+                                        ((44, P.fragment_body(0, True)),)], ids=["hop-by-hop", "hop-by-hop, dest opts", "first fragment"])
+def test_icmpv6_error_quoting_extension_headers_is_translated(extensions: tuple[tuple[int, bytes], ...]) -> None:
+    """The quoted packet's extension headers are walked like a packet's (docs/wire-format.md): the error
+    about a DNATed connection goes back to the client quoting what it sent, every checksum still valid."""
+    tm = TrafficManager(lab_config_with_dns())
+    assert tm.receive(tcp(CLIENT6, 40000, VIP6, 80, SYN), 1.0).action == "overlay"
+    about = P.ipv6(CLIENT6, SERVER1_6, 6, P.transport(6, 40000, 80), extensions=extensions)
+    error = P.icmp_error(ROUTER6, about)
+    result = tm.receive(error, 2.0)
+    assert (result.action, result.reason) == ("overlay", "icmp-related")
+    assert result.packet is not None and len(result.packet) == len(error)
+    inner = result.packet[48:]
+    l4 = len(inner) - len(bytes(P.transport(6, 40000, 80)))
+    assert (inner[8:24], inner[24:40]) == (P.packed(CLIENT6), P.packed(VIP6))
+    assert (int.from_bytes(inner[l4:l4 + 2], "big"), int.from_bytes(inner[l4 + 2:l4 + 4], "big")) == (40000, 80)
+    pseudo = inner[8:40] + struct.pack("!IxxxB", len(inner) - l4, 6)
+    assert P.rfc1071(pseudo + inner[l4:]) == 0      # the quoted TCP checksum, with the VIP as destination
+    assert P.verify_icmp(result.packet)

@@ -19,9 +19,10 @@ import json
 import socket
 import struct
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 import dpkt
 from dpkt import pcapng

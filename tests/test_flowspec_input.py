@@ -40,10 +40,10 @@ def explain(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, s
         pytest.param(f"{TCP} size {'9' * 5000}", ["size", "0..65495"], id="5000 digits"),  # past int()'s digit limit
         ("tcp 198.51.100.1:99999 > 203.0.113.80:80", ["198.51.100.1:99999", "0..65535"]),
         ("tcp 198.51.100.1:² > 203.0.113.80:80", ["198.51.100.1:²", "0..65535"]),
-        (f"udp 198.51.100.1:1 > 203.0.113.80:2 flags S", ["flags", "tcp"]),
+        ("udp 198.51.100.1:1 > 203.0.113.80:2 flags S", ["flags", "tcp"]),
         (f"{TCP} id 5", ["id", "icmp echo"]),
         (f"{TCP} mtu 1400", ["mtu", "icmp error"]),
-        (f"icmp 192.0.2.1 > 198.51.100.1 reply mtu 1400", ["mtu", "icmp error"]),
+        ("icmp 192.0.2.1 > 198.51.100.1 reply mtu 1400", ["mtu", "icmp error"]),
         (f"{ERROR} size 10 quoting {TCP}", ["size", "not of an icmp error"]),
         ("icmp 192.0.2.1 > 198.51.100.1 echo unreachable quoting " + TCP, ["echo", "icmp error"]),
     ],

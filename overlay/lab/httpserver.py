@@ -46,7 +46,7 @@ def build_app(name: str) -> web.Application:
                 async with session.get(url) as response:
                     body = await response.text()
                     status = response.status
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
+        except (TimeoutError, aiohttp.ClientError, OSError) as error:
             return web.json_response({"server": name, "error": f"{type(error).__name__}: {error}"}, status=502)
         try:
             remote = json.loads(body)

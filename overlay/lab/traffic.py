@@ -127,7 +127,7 @@ async def generate(plan: TrafficPlan) -> TrafficReport:
                 if response.status != 200:
                     failures[f"http-{response.status}"] += 1
                     return
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
+        except (TimeoutError, aiohttp.ClientError, OSError) as error:
             failures[failure_kind(error)] += 1
             return
         latencies.append((loop.time() - begun) * 1000.0)

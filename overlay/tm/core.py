@@ -242,7 +242,7 @@ class TrafficManager:
     def from_local(self, packet: bytes, now: float) -> TMResult:
         """A packet the TM host's own stack sent: only from a management address, unmodified."""
         self._from_local += 1
-        parsed = parse_ip(packet)
+        parsed: tuple[int, int, int, int] | tuple[int, int, int, int, bytes, bool] | str = parse_ip(packet)
         if parsed == R.FRAGMENT:
             parsed = parse_fragment(packet)   # the host's own fragments pass unmodified, like its packets
         if isinstance(parsed, str):

@@ -81,7 +81,7 @@ class Plan:
             size = 60000 // len(self.weights)
             low = 1024 + index * size
             return ("203.0.113.100" if version == 4 else "2001:db8:ee::100", low, low + size - 1)
-        return ("203.0.113.%d" % (104 + index) if version == 4 else "2001:db8:ee::%x" % (0x104 + index), 1024, 65535)
+        return (f"203.0.113.{104 + index}" if version == 4 else f"2001:db8:ee::{0x104 + index:x}", 1024, 65535)
 
     def toml(self) -> str:
         def strings(items: list[str]) -> str:

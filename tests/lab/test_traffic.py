@@ -89,7 +89,7 @@ def test_no_sources_is_refused() -> None:
 
 
 FAILURE_KINDS = [
-    {"description": "timeout", "error": asyncio.TimeoutError(), "kind": "timeout"},
+    {"description": "timeout", "error": TimeoutError(), "kind": "timeout"},
     {"description": "server closed the connection", "error": aiohttp.ServerDisconnectedError(), "kind": "server-disconnected"},
     {"description": "connection reset", "error": ConnectionResetError(errno.ECONNRESET, "reset"), "kind": "econnreset"},
     {"description": "no route", "error": OSError(errno.EHOSTUNREACH, "unreachable"), "kind": "ehostunreach"},

@@ -72,7 +72,7 @@ class FakeHandle:
     def __init__(self, loop: FakeLoop, when: float, callback) -> None:
         self.loop, self.when, self.callback, self.cancelled = loop, when, callback, False
 
-    def __lt__(self, other: "FakeHandle") -> bool:
+    def __lt__(self, other: FakeHandle) -> bool:
         return id(self) < id(other)
 
     def cancel(self) -> None:

@@ -188,7 +188,7 @@ def fragments(packet: bytes, size: int, ident: int = 0x4242) -> list[bytes]:
     for start in range(0, len(body), step):
         chunk = body[start:start + step]
         more = start + step < len(body)
-        fragment_header = bytes([next_header, 0]) + ((start | more)).to_bytes(2, "big") + ident.to_bytes(4, "big")
+        fragment_header = bytes([next_header, 0]) + (start | more).to_bytes(2, "big") + ident.to_bytes(4, "big")
         fixed = bytearray(header)
         fixed[4:6] = (8 + len(chunk)).to_bytes(2, "big")
         fixed[6] = 44

@@ -12,7 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from overlay.addrsets import AddressEntry, PortRange, parse_ports, parse_protocol
+from overlay.addrsets import (
+    AddressEntry,
+    PortRange,
+    SortedEntries,
+    first_overlap_between,
+    first_overlap_within,
+    parse_ports,
+    parse_protocol,
+)
 from overlay.configlib import (
     ConfigError,
     IPAddress,
@@ -194,16 +202,19 @@ _CONTRADICTIONS = (
 
 
 def _check_sets(section: Section, sets: dict[str, tuple[AddressEntry, ...]]) -> None:
+    # Sets of 100,000s of entries are checked in O(n log n); the first offender is the one comparing
+    # every pair in file order would name (overlay/addrsets.py).
+    indexed = {set_name: SortedEntries(entries) for set_name, entries in sets.items()}
     for set_name, entries in sets.items():
-        for i, entry in enumerate(entries):
-            for j in range(i):
-                if entries[j].overlaps(entry):
-                    raise section.error(f"{set_name}[{i}]", f"{entry} overlaps {set_name}[{j}] ({entries[j]})")
+        found = first_overlap_within(indexed[set_name])
+        if found is not None:
+            i, j = found
+            raise section.error(f"{set_name}[{i}]", f"{entries[i]} overlaps {set_name}[{j}] ({entries[j]})")
     for left, right, why in _CONTRADICTIONS:
-        for i, entry in enumerate(sets[left]):
-            for j, other in enumerate(sets[right]):
-                if entry.overlaps(other):
-                    raise section.error(f"{left}[{i}]", f"{entry} overlaps {right}[{j}] ({other}): {why}")
+        found = first_overlap_between(indexed[left], indexed[right])
+        if found is not None:
+            i, j = found
+            raise section.error(f"{left}[{i}]", f"{sets[left][i]} overlaps {right}[{j}] ({sets[right][j]}): {why}")
 
 
 def _parse_tms(root: Section, sets: dict[str, tuple[AddressEntry, ...]], underlay_address: IPAddress,

@@ -40,6 +40,10 @@ class ConfigError(ValueError):
             where = f"{where}:{self.line}"
         return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
 
+    def as_dict(self) -> dict[str, Any]:
+        """The form `overlay check --json` prints (docs/config.md, "Checking configs")."""
+        return {"file": self.source, "line": self.line, "field": self.field or None, "message": self.message}
+
 
 # The deepest tables and arrays accepted; a node config needs a handful (`[[tm.service]]`, address-entry
 # tables in a list). Refused before anything recurses over the data, and with a short error instead of a

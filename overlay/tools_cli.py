@@ -5,15 +5,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from overlay.configlib import ConfigError
 
+if TYPE_CHECKING:
+    from overlay.fleet import Disagreement
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    check = subparsers.add_parser("check", help="validate a node config (any role) and summarise it")
-    check.add_argument("config", help="node config file (TOML)")
-    check.add_argument("--json", action="store_true", help="print the summary as JSON")
+    check = subparsers.add_parser("check", help="validate a node config (any role) and summarise it, or a whole fleet's")
+    check.add_argument("config", nargs="?", help="node config file (TOML)")
+    check.add_argument("--fleet", metavar="DIR", type=Path, help="check every *.toml node config in DIR, and that they agree")
+    check.add_argument("--json", action="store_true", help="print the summary, or the errors, as JSON")
     check.set_defaults(func=run_check)
 
     explain = subparsers.add_parser(
@@ -50,12 +56,17 @@ def _distributor_config(path: str):  # type: ignore[no-untyped-def]
 def run_check(args: argparse.Namespace) -> int:
     from overlay.config import load_node_config
 
+    if (args.config is None) == (args.fleet is None):
+        print("error: give a CONFIG file or --fleet DIR", file=sys.stderr)
+        return 2
+    if args.fleet is not None:
+        return _check_fleet(args.fleet, args.json)
     try:
         node = load_node_config(args.config)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    summary: dict[str, object] = {"ok": True, "role": node.role, "name": node.name, "digest": node.digest}
+        return _check_failed({"file": args.config}, [exc], args.json)
+    summary: dict[str, object] = {"ok": True, "file": args.config, "errors": [], "role": node.role, "name": node.name,
+                                  "digest": node.digest}
     if node.distributor is not None:
         from overlay.distributor.core import Distributor
 
@@ -75,6 +86,36 @@ def run_check(args: argparse.Namespace) -> int:
         print(f"table: {distributor.table.rows} rows, hash key {node.distributor.hash_key}; share {shares}")
         print(node.distributor.decision.render())
     return 0
+
+
+def _check_failed(head: dict[str, object], errors: Sequence[ConfigError | Disagreement], as_json: bool) -> int:
+    """Errors as `error: FILE:LINE: FIELD: MESSAGE` lines on stderr, or as the documented JSON on stdout."""
+    if as_json:
+        print(json.dumps({"ok": False, **head, "errors": [error.as_dict() for error in errors]}, indent=2))
+    else:
+        for error in errors:
+            print(f"error: {error}", file=sys.stderr)
+    return 1
+
+
+def _check_fleet(directory: Path, as_json: bool) -> int:
+    from overlay.fleet import check_fleet
+
+    fleet = check_fleet(directory)
+    if fleet.errors:
+        return _check_failed({"fleet": str(directory)}, fleet.errors, as_json)
+    names = [node.config.name for node in fleet.nodes]
+    if as_json:
+        nodes = [{"file": node.config.source, "role": node.config.role, "name": node.config.name} for node in fleet.nodes]
+        print(json.dumps({"ok": True, "fleet": str(directory), "errors": [], "nodes": nodes}, indent=2))
+        return 0
+    counts = f"{_count(len(fleet.distributors), 'distributor')} and {_count(len(fleet.tms), 'TM')}"
+    print(f"{directory}: ok ({counts} agree: {', '.join(sorted(names))})")
+    return 0
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 def run_explain(args: argparse.Namespace) -> int:

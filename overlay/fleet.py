@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from overlay.addrsets import PortRange
 from overlay.config import NodeConfig, parse_node_config
 from overlay.configlib import ConfigError, IPAddress, KeyLocator, read_text
 
@@ -148,7 +149,7 @@ def _tm_entry(dist: Node, index: int, tm: Node) -> Iterator[Disagreement]:
                                "it would not reach this TM", dist.at(f"{field}.xlate"))
 
 
-def _covers(blocks: tuple[Any, ...], low: int, high: int) -> bool:
+def _covers(blocks: tuple[PortRange, ...], low: int, high: int) -> bool:
     """True when the port blocks (sorted or not, possibly adjacent) cover every port of low-high."""
     for block in sorted(blocks, key=lambda b: b.low):
         if block.low <= low <= block.high:

@@ -22,6 +22,7 @@ EXIT_BROKEN_PIPE = 128 + 13
 # Modules that contribute subcommands, in the order `overlay --help` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
     "overlay.tools_cli",
+    "overlay.keys_cli",
     "overlay.runtime.cli",
     "overlay.lab.cli",
     "overlay.status.cli",

@@ -24,7 +24,9 @@ from overlay.configlib import (
     to_endpoint,
     to_network,
 )
+from overlay import auth
 from overlay.gre import FLEET_ID_MAX, UDP_PORT, overhead
+from overlay.keyconfig import parse_auth_section, parse_public_keys
 
 if TYPE_CHECKING:
     from overlay.distributor.config import DistributorConfig
@@ -33,7 +35,7 @@ if TYPE_CHECKING:
 ROLES = ("distributor", "tm")
 # The top-level tables of each role (the docstring above), refused up front when unknown: a typo'd
 # `[sest]` must be named, not reported as the TM xlate addresses it leaves outside any set.
-COMMON_TABLES = ("node", "status", "log", "underlay", "tun")
+COMMON_TABLES = ("node", "status", "log", "underlay", "tun", "auth")
 ROLE_TABLES = {"distributor": ("hash", "sets", "tm", "decision", "edge", "health"), "tm": ("distributor", "tm")}
 LOG_FORMATS = ("console", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -59,6 +61,9 @@ class UnderlayConfig:
     mtu: int
     source_ports: int
     gre_key: int | None
+    # Seconds between a TM's sealed announces to its distributors (0: none): behind NAT, how a distributor
+    # learns where the TM is, and what keeps the NAT's binding alive. Only with [auth] on.
+    announce_interval: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,9 @@ class NodeConfig:
     distributors: tuple[tuple[IPAddress, int], ...]
     distributor: DistributorConfig | None
     tm: TMConfig | None
+    # Keys: ours and every peer's, by peer name (TMs and edges of a distributor; a TM's distributors).
+    auth: auth.AuthConfig = auth.AuthConfig()
+    distributor_names: tuple[str, ...] = ()   # a TM's [[distributor]] names, in the order of `distributors`
 
 
 def load_node_config(path: str | Path) -> NodeConfig:
@@ -102,23 +110,34 @@ def parse_node_config(text: str, source: str = "config", base: Path | None = Non
     status = _parse_status(root.section("status"))
     log = _parse_log(root.section("log"))
     underlay = _parse_underlay(root.section("underlay", required=True))
-    tun = _parse_tun(root.section("tun"), role, underlay)
+    auth_mode, private_keys = parse_auth_section(root.section("auth"), base)
+    tun = _parse_tun(root.section("tun"), role, underlay, auth_mode != "off")
 
     distributor = tm = None
     distributors: tuple[tuple[IPAddress, int], ...] = ()
+    names: list[str] = []
+    peer_keys: dict[str, tuple[bytes, ...]] = {}
     if role == "distributor":
         from overlay.distributor.config import parse_distributor
 
         distributor = parse_distributor(
-            root, name, underlay.address, underlay.mtu, underlay.gre_key, tun.capture, tun.capture_from, base
+            root, name, underlay.address, underlay.mtu, underlay.gre_key, tun.capture, tun.capture_from, base,
+            auth_mode != "off",
         )
+        peer_keys = {tm.name: tm.public_keys for tm in distributor.tms}
+        peer_keys.update({edge.name: edge.public_keys for edge in distributor.edges})
     else:
         from overlay.tm.config import parse_tm_section
 
         peers = []
-        for section in root.sections("distributor"):
+        for index, section in enumerate(root.sections("distributor")):
             peer = section.convert("underlay", lambda v: to_endpoint(v, UDP_PORT))
             refuse_other_family(section, "underlay", peer[0], underlay.address)
+            peer_name = section.str("name", f"distributor{index}")
+            if peer_name in names:
+                raise section.error("name", f"duplicate distributor name {peer_name!r}")
+            names.append(peer_name)
+            peer_keys[peer_name] = parse_public_keys(section, required=auth_mode != "off")
             peers.append(peer)
             section.done()
         distributors = tuple(peers)
@@ -138,6 +157,8 @@ def parse_node_config(text: str, source: str = "config", base: Path | None = Non
         distributors=distributors,
         distributor=distributor,
         tm=tm,
+        auth=auth.AuthConfig(auth_mode, private_keys, peer_keys if auth_mode != "off" else {}),
+        distributor_names=tuple(names),
     )
 
 
@@ -165,17 +186,19 @@ def _parse_underlay(section: Section) -> UnderlayConfig:
     mtu = section.int("mtu", 1500, minimum=1280, maximum=65535)
     source_ports = section.int("source_ports", 8, minimum=1, maximum=64)
     gre_key = section.int("gre_key", None, minimum=0, maximum=FLEET_ID_MAX)
+    announce_interval = section.float("announce_interval", 10.0, minimum=0.0)
     section.done()
-    return UnderlayConfig(address, port, mtu, source_ports, gre_key)
+    return UnderlayConfig(address, port, mtu, source_ports, gre_key, announce_interval)
 
 
-def _parse_tun(section: Section, role: str, underlay: UnderlayConfig) -> TunConfig:
+def _parse_tun(section: Section, role: str, underlay: UnderlayConfig, sealed: bool) -> TunConfig:
     name = section.str("name", "ovl0" if role == "distributor" else "ovl-tm")
     if not 0 < len(name) <= 15 or "/" in name or " " in name:
         raise section.error("name", "an interface name has 1-15 characters, no '/' or spaces")
     # Largest inner packet that still fits the underlay once encapsulated.
     # The key field is always budgeted: second-chance marking may add it to any packet.
-    largest = underlay.mtu - overhead(underlay.address.version == 6, 0)
+    # With [auth] on, every datagram also carries the seal's header and tag (overlay/auth.py).
+    largest = underlay.mtu - overhead(underlay.address.version == 6, 0) - (auth.OVERHEAD if sealed else 0)
     mtu = section.int("mtu", largest, minimum=576, maximum=largest)
     capture = tuple(section.each("capture", to_network))
     capture_from = tuple(section.each("capture_from", to_network))

@@ -17,6 +17,7 @@ import pytest
 from overlay import gre
 from overlay.config import load_node_config, parse_node_config
 from overlay.distributor.core import Distributor
+from overlay.runtime.agent import authenticator
 from overlay.flowspec import build_packet
 from overlay.tm.core import SECOND_CHANCE, UNMARKED, TrafficManager
 from overlay.tm.node import SEND, TMNode
@@ -30,21 +31,22 @@ class Fleet:
     """The distributor core and one `TMNode` per TM, exchanging real GRE-in-UDP datagrams. `edit` rewrites
     each TM config's text before it is loaded (extra services); `core` is the TM core class."""
 
-    def __init__(self, edit: Callable[[str], str] = lambda text: text, core: type[TrafficManager] = TrafficManager) -> None:
-        node = load_node_config(CONFIG / "distributor.toml")
+    def __init__(self, edit: Callable[[str], str] = lambda text: text, core: type[TrafficManager] = TrafficManager,
+                 config: Path = CONFIG) -> None:
+        node = load_node_config(config / "distributor.toml")
         assert node.distributor is not None
-        self.distributor = Distributor(node.distributor)
+        self.distributor = Distributor(node.distributor, authenticator(node))
         self.underlay = {tm.name: (str(tm.underlay[0]), tm.underlay[1]) for tm in node.distributor.tms}
         self.dist_underlay = (str(node.underlay.address), node.underlay.port)
         self.tms: dict[str, TrafficManager] = {}
         self.nodes: dict[str, TMNode] = {}
         for name in self.underlay:
-            path = CONFIG / f"{name}.toml"
+            path = config / f"{name}.toml"
             tm_node = parse_node_config(edit(path.read_text()), str(path), path.parent)
             assert tm_node.tm is not None
             self.tms[name] = core(tm_node.tm)
-            distributors = [(str(address), port) for address, port in tm_node.distributors]
-            self.nodes[name] = TMNode(self.tms[name], distributors, tm_node.underlay.gre_key)
+            distributors = {name: (str(address), port) for name, (address, port) in zip(tm_node.distributor_names, tm_node.distributors)}
+            self.nodes[name] = TMNode(self.tms[name], distributors, tm_node.underlay.gre_key, authenticator(tm_node))
         self.now = 1000.0
 
     def send(self, packet: bytes) -> tuple[list[str], bytes | None]:

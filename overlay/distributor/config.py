@@ -34,6 +34,7 @@ from overlay.configlib import (
 from overlay.decision import CELL_ACTIONS, COLUMNS, ROWS, DecisionTable
 from overlay.gre import TM_ID_MAX, UDP_PORT, default_tm_id
 from overlay.health import ALL_DOWN_POLICIES, HealthConfig
+from overlay.keyconfig import parse_public_keys
 
 HASH_KEYS = ("addr", "addr+port")
 SET_NAMES = ("virtual", "node", "nat_able", "nat_xlate")
@@ -47,6 +48,7 @@ class TMEntry:
     management: tuple[IPAddress, ...]
     xlate: tuple[AddressEntry, ...]
     id: int = 0  # stable id in second-chance marks (gre.default_tm_id(name) unless configured)
+    public_keys: tuple[bytes, ...] = ()  # with [auth] on: the first is sealed to, all are accepted
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class EdgeEntry:
     name: str
     underlay: tuple[IPAddress, int]
     prefixes: tuple[IPNetwork, ...]
+    public_keys: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -123,7 +126,7 @@ def _parse_seed(hash_section: Section, base: Path | None) -> bytes:
 
 def parse_distributor(root: Section, name: str, underlay_address: IPAddress, underlay_mtu: int,
                       gre_key: int | None, capture: tuple[IPNetwork, ...], capture_from: tuple[IPNetwork, ...],
-                      base: Path | None) -> DistributorConfig:
+                      base: Path | None, sealed: bool = False) -> DistributorConfig:
     hash_section = root.section("hash", required=True)
     seed = _parse_seed(hash_section, base)
     hash_key = hash_section.str("key", "addr", choices=HASH_KEYS)
@@ -137,13 +140,13 @@ def parse_distributor(root: Section, name: str, underlay_address: IPAddress, und
     sets_section.done()
     _check_sets(sets_section, sets)
 
-    tms = tuple(_parse_tms(root, sets, underlay_address, capture, capture_from))
+    tms = tuple(_parse_tms(root, sets, underlay_address, capture, capture_from, sealed))
     if not tms:
         raise root.error("tm", "at least one [[tm]] is required")
     if all(tm.weight == 0 for tm in tms):
         raise root.error("tm", "all TM weights are zero: no TM could ever be chosen")
 
-    edges = tuple(_parse_edges(root, underlay_address))
+    edges = tuple(_parse_edges(root, underlay_address, sealed))
 
     decision_section = root.section("decision")
     overrides_section = decision_section.section("overrides")
@@ -218,7 +221,7 @@ def _check_sets(section: Section, sets: dict[str, tuple[AddressEntry, ...]]) -> 
 
 
 def _parse_tms(root: Section, sets: dict[str, tuple[AddressEntry, ...]], underlay_address: IPAddress,
-               capture: tuple[IPNetwork, ...], capture_from: tuple[IPNetwork, ...]) -> list[TMEntry]:
+               capture: tuple[IPNetwork, ...], capture_from: tuple[IPNetwork, ...], sealed: bool) -> list[TMEntry]:
     tms: list[TMEntry] = []
     seen_names: dict[str, int] = {}
     seen_underlay: dict[tuple[IPAddress, int], str] = {}
@@ -269,12 +272,13 @@ def _parse_tms(root: Section, sets: dict[str, tuple[AddressEntry, ...]], underla
                 if other.overlaps(entry):
                     raise section.error(field_name, f"{entry} is also owned by TM {owner!r} ({other_field}): an address or port block has one owner")
             owned.append((entry, name, f"tm[{index}].{field_name}"))
+        public_keys = parse_public_keys(section, required=sealed)
         section.done()
-        tms.append(TMEntry(name, underlay, weight, management, xlate, tm_id))
+        tms.append(TMEntry(name, underlay, weight, management, xlate, tm_id, public_keys))
     return tms
 
 
-def _parse_edges(root: Section, underlay_address: IPAddress) -> list[EdgeEntry]:
+def _parse_edges(root: Section, underlay_address: IPAddress, sealed: bool) -> list[EdgeEntry]:
     edges: list[EdgeEntry] = []
     names: set[str] = set()
     for section in root.sections("edge"):
@@ -287,8 +291,9 @@ def _parse_edges(root: Section, underlay_address: IPAddress) -> list[EdgeEntry]:
         prefixes = tuple(section.each("prefixes", to_network, default=()))
         if not prefixes:
             raise section.error("prefixes", "an edge needs at least one prefix")
+        public_keys = parse_public_keys(section, required=sealed)
         section.done()
-        edges.append(EdgeEntry(name, underlay, prefixes))
+        edges.append(EdgeEntry(name, underlay, prefixes, public_keys))
     return edges
 
 

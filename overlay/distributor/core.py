@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import xxhash
 
 from overlay import checksum, gre
+from overlay.auth import Authenticator
 from overlay.addrsets import PrefixIndex
 from overlay.decision import (
     DROP,
@@ -92,7 +93,12 @@ class Decision:
 
 
 class Distributor:
-    def __init__(self, config: DistributorConfig):
+    def __init__(self, config: DistributorConfig, authenticator: Authenticator | None = None):
+        """`authenticator`: seal and open every overlay datagram (overlay/auth.py); None: plain GRE-in-UDP,
+        peers known by address (the lab on one host)."""
+        self.auth = authenticator
+        # Where a peer's authenticated datagrams last came from: a TM or edge behind NAT is reached there.
+        self.learned: dict[str, tuple[str, int]] = {}
         self._admin: dict[str, str] = {}
         self._up: dict[str, bool] = {}
         self.counters_tm: Counter[str] = Counter()
@@ -152,6 +158,10 @@ class Distributor:
         self._tm_dest = dests
         self._edges = edges
         self._edge_by_underlay = edge_by_underlay
+        # Edges send from entropy ports like every node: recognised by address when that is unique.
+        edge_addresses = Counter(address for address, _ in edge_by_underlay)
+        self._edge_by_address = {address: name for (address, _), name in edge_by_underlay.items()
+                                 if edge_addresses[address] == 1 and address not in self._tm_by_address}
         self._edge_dest = edge_dests
         self._seed64 = int.from_bytes(config.seed[:8], "big")
         self._hash_ports = config.hash_key == "addr+port"
@@ -311,12 +321,28 @@ class Distributor:
 
     def from_overlay(self, payload: bytes, peer: tuple[str, int]) -> Verdict:
         """A GRE-in-UDP payload from an underlay peer: a TM's output, a keepalive echo, or an edge's packet."""
+        if self.auth is not None:
+            opened = self.auth.open(payload)
+            if isinstance(opened, str):
+                return self._drop(opened)   # never decapsulated: forged, replayed, unknown or plain
+            sender, payload = opened
+            if self.learned.get(sender) != peer:
+                self.learned[sender] = peer   # roaming: a NAT rebinding moves the endpoint
+            tm = sender if sender in self._tm_dest else None
+            edge = sender if sender in self._edge_dest else None
+        else:
+            tm = self._tm_by_underlay.get(peer) or self._tm_by_address.get(peer[0])
+            edge = self._edge_by_underlay.get(peer) or self._edge_by_address.get(peer[0])
         frame = gre.decapsulate(payload)
         if frame is None:
             return self._drop("malformed:gre")
         if gre.key_fleet(frame.key) != self._fleet_id:
             return self._drop("wrong-fleet-id")  # another fleet's overlay on the same underlay
-        tm = self._tm_by_underlay.get(peer) or self._tm_by_address.get(peer[0])
+        if frame.protocol == gre.ANNOUNCE_PROTOCOL:
+            if tm is None and edge is None or self.auth is None:
+                return self._drop("announce-unauthenticated")   # endpoints are learned from sealed datagrams only
+            self.counters_reason["announce"] += 1
+            return _ANNOUNCED
         if frame.protocol == gre.KEEPALIVE_PROTOCOL:
             if tm is None:
                 return self._drop("keepalive-from-unknown-peer")
@@ -334,7 +360,7 @@ class Distributor:
         if tm is not None:
             self.counters_reason["from-tm"] += 1
             return self._forward(frame.inner, "from-tm", tm)
-        if peer in self._edge_by_underlay:
+        if edge is not None:
             flow = parse_flow(frame.inner)
             if isinstance(flow, str):
                 return self._drop(flow)
@@ -363,11 +389,8 @@ class Distributor:
                 # outer source port still spreads flows (RFC 8086 entropy, SO_REUSEPORT at the TM).
                 ports = ((flow.sport or 0) << 16 | (flow.dport or 0)).to_bytes(4, "big")
                 flow_hash = xxhash.xxh64_intdigest(flow.src + flow.dst + ports, self._seed64)
-            return Verdict(
-                ACTION_TM, tm, decision.reason, cell,
-                gre.encapsulate(packet, key=gre.make_key(self.config.gre_key, fallback)),
-                self._tm_dest[tm], flow_hash,
-            )
+            datagram, dest = self._wire(tm, gre.encapsulate(packet, key=gre.make_key(self.config.gre_key, fallback)))
+            return Verdict(ACTION_TM, tm, decision.reason, cell, datagram, dest, flow_hash)
         if decision.action == ACTION_FORWARD:
             return self._forward(packet, decision.reason, None, cell)
         self.counters_drop[decision.reason] += 1
@@ -379,7 +402,8 @@ class Distributor:
             dst = packet[16:20] if version == 4 else packet[24:40]
             edges = self._edges.lookup(version, dst, 0, None)
             if edges:
-                return Verdict(ACTION_FORWARD, tm, f"{reason}:edge", cell, gre.encapsulate(packet, key=gre.make_key(self.config.gre_key, 0)), self._edge_dest[edges[0]])
+                datagram, dest = self._wire(edges[0], gre.encapsulate(packet, key=gre.make_key(self.config.gre_key, 0)))
+                return Verdict(ACTION_FORWARD, tm, f"{reason}:edge", cell, datagram, dest)
         return Verdict(ACTION_FORWARD, tm, reason, cell, packet)
 
     def _second_chance(self, packet: bytes, fallback: int) -> Verdict:
@@ -392,9 +416,27 @@ class Distributor:
             return self._drop("second-chance-target-gone")
         self.counters_reason["second-chance"] += 1
         self.counters_tm[target] += 1
-        return Verdict(ACTION_TM, target, "second-chance", None,
-                       gre.encapsulate(packet, key=gre.make_key(self.config.gre_key, gre.LAST_CHANCE)),
-                       self._tm_dest[target])
+        datagram, dest = self._wire(target, gre.encapsulate(packet, key=gre.make_key(self.config.gre_key, gre.LAST_CHANCE)))
+        return Verdict(ACTION_TM, target, "second-chance", None, datagram, dest)
+
+    def _wire(self, peer: str, gre_payload: bytes) -> tuple[bytes, tuple[str, int]]:
+        """A GRE payload for a TM or an edge, as it goes on the underlay: sealed to that peer when
+        authentication is on, to the endpoint its sealed datagrams come from (NAT) or else its config's."""
+        if self.auth is None:
+            return gre_payload, self._tm_dest.get(peer) or self._edge_dest[peer]
+        return self.auth.seal(gre_payload, peer), self.endpoint(peer)
+
+    def endpoint(self, peer: str) -> tuple[str, int]:
+        """Where a TM or edge is reached now: learned from its authenticated datagrams, else configured."""
+        learned = self.learned.get(peer)
+        if learned is not None:
+            return learned
+        return self._tm_dest.get(peer) or self._edge_dest[peer]
+
+    def keepalive_datagram(self, tm: str, payload: bytes) -> tuple[bytes, tuple[str, int]]:
+        """A health probe for `tm` as it goes on the underlay (the health checker's payload inside)."""
+        return self._wire(tm, gre.encapsulate(payload, key=gre.make_key(self.config.gre_key, 0),
+                                              protocol=gre.KEEPALIVE_PROTOCOL))
 
     def _declined(self, packet: bytes) -> Verdict:
         """The draining TM has no state for a bounced packet that opens a flow (UDP, ICMP echo): the flow
@@ -446,10 +488,16 @@ class Distributor:
                 }
                 for tm in self.config.tms
             },
+            # "off": plain GRE-in-UDP, peers known by address (anyone on the underlay can inject).
+            "auth": self.auth.mode if self.auth is not None else "off",
+            "endpoints": {name: f"{host}:{port}" for name, (host, port) in sorted(self.learned.items())},
             "cells": dict(self.counters_cell),
             "reasons": dict(self.counters_reason),
             "drops": dict(self.counters_drop),
         }
+
+
+_ANNOUNCED = Verdict(ACTION_DROP, None, "announce")   # nothing to do: the endpoint was learned
 
 
 def icmp_too_big(packet: bytes, mtu: int) -> bytes:

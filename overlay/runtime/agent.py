@@ -23,6 +23,7 @@ import structlog
 from pyroute2.netlink.exceptions import NetlinkError
 
 from overlay import __version__
+from overlay.auth import Authenticator
 from overlay.config import NodeConfig, load_node_config
 from overlay.configlib import ConfigError
 from overlay.runtime.netsetup import NetPlan, NetSetup
@@ -36,6 +37,21 @@ log = structlog.get_logger("overlay.runtime")
 
 class StartupError(RuntimeError):
     """The agent cannot start for a reason the operator can fix; the message says what to do."""
+
+
+def authenticator(config: NodeConfig) -> Authenticator | None:
+    """The node's datagram authenticator, its counter started at the wall clock (overlay/auth.py)."""
+    return Authenticator(config.auth, time.time_ns()) if config.auth.enabled else None
+
+
+def reconfigured_authenticator(running: Authenticator | None, old: NodeConfig, new: NodeConfig) -> Authenticator | None:
+    """New keys for a reload (rotation); switching authentication on or off needs a restart (the TUN's
+    MTU and every peer's expectations change with it)."""
+    if old.auth.enabled != new.auth.enabled:
+        raise ValueError("auth.mode: switching authentication on or off applies only at restart")
+    if running is None:
+        return None
+    return running.reconfigure(new.auth)
 
 
 def restart_only_changes(old: NodeConfig, new: NodeConfig) -> list[str]:

@@ -21,7 +21,7 @@ from overlay import gre
 from overlay.config import NodeConfig
 from overlay.distributor.core import ACTION_FORWARD, ACTION_LOCAL, ACTION_TM, Distributor, Verdict
 from overlay.health import HealthChecker
-from overlay.runtime.agent import Agent
+from overlay.runtime.agent import Agent, authenticator, reconfigured_authenticator
 from overlay.runtime.netsetup import NetPlan, distributor_plan
 
 log = structlog.get_logger("overlay.distributor")
@@ -55,7 +55,7 @@ class DistributorAgent(Agent):
     def _open_role(self, loop: asyncio.AbstractEventLoop) -> None:
         assert self.config.distributor is not None and self.tun is not None and self.udp is not None
         dconfig = self.config.distributor
-        self.core = core = Distributor(dconfig)
+        self.core = core = Distributor(dconfig, authenticator(self.config))
         now = loop.time()
         self.health = HealthChecker(dconfig.health, [tm.name for tm in dconfig.tms], now, sender=self.config.name)
         self._serving = self.health.serving()
@@ -110,14 +110,14 @@ class DistributorAgent(Agent):
         assert self.health is not None and self.loop is not None and self.udp is not None
         assert self.config.distributor is not None
         now = self.loop.time()
-        key = gre.make_key(self.config.distributor.gre_key, 0)  # the fleet id, in the key's high half
-        destinations = {tm.name: (str(tm.underlay[0]), tm.underlay[1]) for tm in self.config.distributor.tms}
+        assert self.core is not None
         for tm, payload in self.health.due_probes(now):
-            datagram = gre.encapsulate(payload, key=key, protocol=gre.KEEPALIVE_PROTOCOL)
+            # Sealed when authentication is on; to the TM's learned endpoint when it is behind NAT.
+            datagram, destination = self.core.keepalive_datagram(tm, payload)
             # Probes rotate over the source ports, so over time each TM is probed on every ECMP path
             # its traffic may take, not just one.
             self._probes_sent += 1
-            self.udp.send(datagram, destinations[tm], self._probes_sent)
+            self.udp.send(datagram, destination, self._probes_sent)
         for tm in self.health.due_http(now):
             task = self.loop.create_task(self._check_http(tm))
             self._http_checks.add(task)
@@ -184,7 +184,9 @@ class DistributorAgent(Agent):
             raise ValueError("the reloaded config is not a distributor's")
         # Dry run first: a config the core refuses raises here, before the running core changes at all.
         Distributor(new.distributor)
+        rekeyed = reconfigured_authenticator(self.core.auth, self.config, new)
         self.core.reconfigure(new.distributor)
+        self.core.auth = rekeyed
         now = self.loop.time()
         if new.distributor.health != self.health.config:
             self.health.config = new.distributor.health

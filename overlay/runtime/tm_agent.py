@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 
 from overlay.config import NodeConfig
-from overlay.runtime.agent import Agent
+from overlay.runtime.agent import Agent, authenticator, reconfigured_authenticator
 from overlay.runtime.netsetup import NetPlan, tm_plan
 from overlay.tm.core import TrafficManager
 from overlay.tm.node import SEND, SEND_ALL, TUN, NodeOutput, TMNode
@@ -36,10 +36,12 @@ class TMAgent(Agent):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
         self._rearm_pending = False
+        self._announce_timer: asyncio.TimerHandle | None = None
 
     @staticmethod
-    def _distributors(config: NodeConfig) -> list[tuple[str, int]]:
-        return [(str(address), port) for address, port in config.distributors]
+    def _distributors(config: NodeConfig) -> dict[str, tuple[str, int]]:
+        """Each [[distributor]] by name: where answers go."""
+        return {name: (str(address), port) for name, (address, port) in zip(config.distributor_names, config.distributors)}
 
     def source_ports(self) -> int:
         # Everything leaves from the well-known port (see the module docstring): no entropy sockets.
@@ -55,7 +57,8 @@ class TMAgent(Agent):
         assert self.config.tm is not None and self.tun is not None and self.udp is not None
         self.core = TrafficManager(self.config.tm)
         # [underlay] (and so the fleet id) only changes with a restart.
-        self.node = node = TMNode(self.core, self._distributors(self.config), self.config.underlay.gre_key)
+        self.node = node = TMNode(self.core, self._distributors(self.config), self.config.underlay.gre_key,
+                                  authenticator(self.config))
         tun_write, udp_reply = self.tun.write, self.udp.reply
         clock, call_soon = loop.time, loop.call_soon
         node_from_overlay, node_from_tun = node.from_overlay, node.from_tun
@@ -88,6 +91,17 @@ class TMAgent(Agent):
         self.tun.start(loop, from_tun, self.tun_lost)
         self.udp.start(loop, from_overlay)
         self._rearm()
+        self._announce()
+
+    def _announce(self) -> None:
+        """Sealed announces to every distributor, every `underlay.announce_interval` (auth on only)."""
+        assert self.node is not None and self.udp is not None and self.loop is not None
+        interval = self.config.underlay.announce_interval
+        announcements = self.node.announcements()
+        for datagram, distributor in announcements:
+            self.udp.reply(datagram, distributor)
+        if announcements and interval > 0:
+            self._announce_timer = self.loop.call_later(interval, self._announce)  # re-armed each time
 
     # -- timers ---------------------------------------------------------------------------------------
 
@@ -124,14 +138,18 @@ class TMAgent(Agent):
         # Dry run first: a config the core refuses raises here, before the running core changes at all.
         TrafficManager(new.tm)
         assert self.node is not None
+        rekeyed = reconfigured_authenticator(self.node.auth, self.config, new)
         self.core.reconfigure(new.tm)
-        self.node.configure(self._distributors(new), new.underlay.gre_key)
+        self.node.configure(self._distributors(new), new.underlay.gre_key, rekeyed)
         self._rearm()
 
     def _close_role(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._announce_timer is not None:
+            self._announce_timer.cancel()
+            self._announce_timer = None
 
     # -- status ---------------------------------------------------------------------------------------
 
@@ -147,6 +165,7 @@ class TMAgent(Agent):
             drops[f"agent:{reason}"] = count
         return {
             **snapshot,
+            "auth": self.config.auth.mode,
             "peers": {f"{host}:{port}": {"packets": count} for (host, port), count in self.node.peers.items()},
             "drops": drops,
             "counters": counters,

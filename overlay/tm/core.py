@@ -225,7 +225,7 @@ class TrafficManager:
                 held = [rewrite_addresses(fragment, version, half) for fragment in held]
             return TMResult(OVERLAY, result.packet, result.reason, tuple(held))
         half = self._fragments.lookup(datagram, now)
-        if half is not None and self._table.tables[protocol].get(half.key) is half:
+        if half is not None and self._table.tables[half.conn.protocol].get(half.key) is half:
             if half.addresses is None:
                 self._counts[R.FRAGMENT_FORWARDED] += 1
                 return TMResult(OVERLAY, packet[:end], R.FRAGMENT_FORWARDED)

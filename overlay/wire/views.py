@@ -105,7 +105,7 @@ def parse_fragment(packet: bytes) -> tuple[int, int, int, int, bytes, bool] | st
     offset = walked[1]
     if offset + 8 > end:
         return R.MALFORMED_IPV6_FRAGMENT
-    protocol = packet[offset]
+    protocol = next_header = packet[offset]
     more = packet[offset + 3] & 1
     first = not (packet[offset + 2] << 8 | packet[offset + 3]) >> 3
     l4 = offset + 8
@@ -114,7 +114,9 @@ def parse_fragment(packet: bytes) -> tuple[int, int, int, int, bytes, bool] | st
         if isinstance(walked, str):
             return walked
         protocol, l4 = walked
-    key = b"" if first and not more else packet[8:40] + bytes((protocol,)) + packet[offset + 4:offset + 8]
+    # The fragment header's next header, not the walked protocol: every fragment of the datagram repeats
+    # it, while only the first carries the headers after it.
+    key = b"" if first and not more else packet[8:40] + bytes((next_header,)) + packet[offset + 4:offset + 8]
     return 6, protocol, l4, end, key, first
 
 

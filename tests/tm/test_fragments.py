@@ -155,3 +155,18 @@ def test_the_hosts_own_fragments_pass_from_a_management_address_only() -> None:
     assert [tm.from_local(piece, 1.0).action for piece in (first, second)] == ["overlay", "overlay"]
     stray = fragments(udp(SERVER1, 8080, CLIENT, 5000, DNS_SIZED), 1480)[1]
     assert tm.from_local(stray, 1.0).reason == "not-management-source"
+
+
+def test_ipv6_fragments_with_destination_options_after_the_fragment_header() -> None:
+    """Only the first fragment carries the headers after the fragment header: the datagram key must come
+    from what every fragment repeats (the fragment header's next header), or the rest would wait in vain."""
+    plain = udp(CLIENT6, 5000, VIP6, 53, DNS_SIZED)
+    options = bytes([17, 0, 1, 4, 0, 0, 0, 0])          # destination options: PadN, next header UDP
+    length = int.from_bytes(plain[4:6], "big") + len(options)
+    datagram = plain[:4] + length.to_bytes(2, "big") + bytes([60]) + plain[7:40] + options + plain[40:]
+    translated = TrafficManager(lab_config_with_dns()).receive(datagram, 1.0).packet
+    assert translated is not None
+    pieces = fragments(datagram, 1280)
+    tm = TrafficManager(lab_config_with_dns())
+    expect(translated, through(tm, pieces), pieces)
+    assert tm.snapshot()["fragments"]["held_fragments"] == 0

@@ -19,7 +19,7 @@ KEEPALIVE = gre.encapsulate(b"OVKA" + bytes(28), protocol=gre.KEEPALIVE_PROTOCOL
 
 
 def node(fleet_id: int | None = None) -> TMNode:
-    return TMNode(TrafficManager(lab_config_with_dns()), [DISTRIBUTOR], fleet_id)
+    return TMNode(TrafficManager(lab_config_with_dns()), {"dist1": DISTRIBUTOR}, fleet_id)
 
 
 def frame(datagram: bytes | None) -> gre.Decapsulated:

@@ -15,6 +15,7 @@ import pytest
 
 from overlay import auth, gre
 from overlay.auth import AuthConfig, Authenticator
+from overlay.distributor.core import PINNED
 from overlay.tm.node import NOTHING, SEND
 from tests.authconfig import with_auth
 from tests.test_fleet_in_memory import CLIENTS, VIP, Fleet, exchange, open_connection, tcp
@@ -97,8 +98,13 @@ def test_a_tm_behind_nat_is_reached_where_its_sealed_datagrams_come_from(sealed_
         assert core.from_overlay(announce, public).reason == "announce"
         assert core.endpoint("tm2") == public
         client = next(c for c in CLIENTS if core.from_tun(tcp(c, f"{VIP}:80", "S")).tm == "tm2")
-        assert core.from_tun(tcp(client, f"{VIP}:80", "S")).dest == public
+        verdict = core.from_tun(tcp(client, f"{VIP}:80", "S"))
+        # From the well-known port, the one its NAT binding knows: a port-restricted NAT drops the rest.
+        assert (verdict.dest, verdict.flow_hash) == (public, PINNED)
+        assert core.keepalive_datagram("tm2", b"probe")[1] == public and core.behind_nat("tm2")
     assert core.endpoint("tm1") == sealed_fleet.underlay["tm1"], "a TM not heard from is reached as configured"
+    other = next(c for c in CLIENTS if core.from_tun(tcp(c, f"{VIP}:80", "S")).tm == "tm1")
+    assert core.from_tun(tcp(other, f"{VIP}:80", "S")).flow_hash >= 0, "entropy ports for a TM reached directly"
 
 
 def test_an_unsealed_announce_never_moves_an_endpoint() -> None:

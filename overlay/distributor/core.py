@@ -99,6 +99,7 @@ class Distributor:
         self.auth = authenticator
         # Where a peer's authenticated datagrams last came from: a TM or edge behind NAT is reached there.
         self.learned: dict[str, tuple[str, int]] = {}
+        self._behind_nat: set[str] = set()
         self._admin: dict[str, str] = {}
         self._up: dict[str, bool] = {}
         self.counters_tm: Counter[str] = Counter()
@@ -327,7 +328,7 @@ class Distributor:
                 return self._drop(opened)   # never decapsulated: forged, replayed, unknown or plain
             sender, payload = opened
             if self.learned.get(sender) != peer:
-                self.learned[sender] = peer   # roaming: a NAT rebinding moves the endpoint
+                self._learn(sender, peer)
             tm = sender if sender in self._tm_dest else None
             edge = sender if sender in self._edge_dest else None
         else:
@@ -390,6 +391,8 @@ class Distributor:
                 ports = ((flow.sport or 0) << 16 | (flow.dport or 0)).to_bytes(4, "big")
                 flow_hash = xxhash.xxh64_intdigest(flow.src + flow.dst + ports, self._seed64)
             datagram, dest = self._wire(tm, gre.encapsulate(packet, key=gre.make_key(self.config.gre_key, fallback)))
+            if tm in self._behind_nat:
+                flow_hash = PINNED
             return Verdict(ACTION_TM, tm, decision.reason, cell, datagram, dest, flow_hash)
         if decision.action == ACTION_FORWARD:
             return self._forward(packet, decision.reason, None, cell)
@@ -403,7 +406,8 @@ class Distributor:
             edges = self._edges.lookup(version, dst, 0, None)
             if edges:
                 datagram, dest = self._wire(edges[0], gre.encapsulate(packet, key=gre.make_key(self.config.gre_key, 0)))
-                return Verdict(ACTION_FORWARD, tm, f"{reason}:edge", cell, datagram, dest)
+                return Verdict(ACTION_FORWARD, tm, f"{reason}:edge", cell, datagram, dest,
+                               PINNED if edges[0] in self._behind_nat else 0)
         return Verdict(ACTION_FORWARD, tm, reason, cell, packet)
 
     def _second_chance(self, packet: bytes, fallback: int) -> Verdict:
@@ -417,7 +421,7 @@ class Distributor:
         self.counters_reason["second-chance"] += 1
         self.counters_tm[target] += 1
         datagram, dest = self._wire(target, gre.encapsulate(packet, key=gre.make_key(self.config.gre_key, gre.LAST_CHANCE)))
-        return Verdict(ACTION_TM, target, "second-chance", None, datagram, dest)
+        return Verdict(ACTION_TM, target, "second-chance", None, datagram, dest, PINNED if target in self._behind_nat else 0)
 
     def _wire(self, peer: str, gre_payload: bytes) -> tuple[bytes, tuple[str, int]]:
         """A GRE payload for a TM or an edge, as it goes on the underlay: sealed to that peer when
@@ -432,6 +436,20 @@ class Distributor:
         if learned is not None:
             return learned
         return self._tm_dest.get(peer) or self._edge_dest[peer]
+
+    def _learn(self, peer: str, endpoint: tuple[str, int]) -> None:
+        """A peer's sealed datagram came from `endpoint` (first contact, or a NAT rebinding: roaming).
+        A peer heard from elsewhere than its config says is behind NAT: we answer it from the port its
+        datagrams reach (PINNED), because a port-restricted NAT lets in only what comes from there."""
+        self.learned[peer] = endpoint
+        configured = self._tm_dest.get(peer) or self._edge_dest.get(peer)
+        if endpoint != configured:
+            self._behind_nat.add(peer)
+        else:
+            self._behind_nat.discard(peer)
+
+    def behind_nat(self, peer: str) -> bool:
+        return peer in self._behind_nat
 
     def keepalive_datagram(self, tm: str, payload: bytes) -> tuple[bytes, tuple[str, int]]:
         """A health probe for `tm` as it goes on the underlay (the health checker's payload inside)."""
@@ -498,6 +516,8 @@ class Distributor:
 
 
 _ANNOUNCED = Verdict(ACTION_DROP, None, "announce")   # nothing to do: the endpoint was learned
+# A verdict's flow_hash for a peer behind NAT: send from the well-known port, not an entropy port.
+PINNED = -1
 
 
 def icmp_too_big(packet: bytes, mtu: int) -> bytes:

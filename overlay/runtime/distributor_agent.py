@@ -19,7 +19,7 @@ import structlog
 
 from overlay import gre
 from overlay.config import NodeConfig
-from overlay.distributor.core import ACTION_FORWARD, ACTION_LOCAL, ACTION_TM, Distributor, Verdict
+from overlay.distributor.core import ACTION_FORWARD, ACTION_LOCAL, ACTION_TM, PINNED, Distributor, Verdict
 from overlay.health import HealthChecker
 from overlay.runtime.agent import Agent, authenticator, reconfigured_authenticator
 from overlay.runtime.netsetup import NetPlan, distributor_plan
@@ -115,9 +115,9 @@ class DistributorAgent(Agent):
             # Sealed when authentication is on; to the TM's learned endpoint when it is behind NAT.
             datagram, destination = self.core.keepalive_datagram(tm, payload)
             # Probes rotate over the source ports, so over time each TM is probed on every ECMP path
-            # its traffic may take, not just one.
+            # its traffic may take, not just one (a TM behind NAT: from the well-known port only).
             self._probes_sent += 1
-            self.udp.send(datagram, destination, self._probes_sent)
+            self.udp.send(datagram, destination, PINNED if self.core.behind_nat(tm) else self._probes_sent)
         for tm in self.health.due_http(now):
             task = self.loop.create_task(self._check_http(tm))
             self._http_checks.add(task)

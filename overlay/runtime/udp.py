@@ -162,9 +162,10 @@ class UnderlayEndpoint:
         return handled
 
     def send(self, payload: bytes, peer: Peer, flow_hash: int = 0) -> bool:
-        """Send from the socket `flow_hash` picks (so one inner flow keeps one outer source port)."""
+        """Send from the socket `flow_hash` picks (so one inner flow keeps one outer source port); a
+        negative `flow_hash` pins the well-known port (a peer behind NAT answers only what comes from it)."""
         sockets = self.send_sockets
-        sock = sockets[flow_hash % len(sockets)] if sockets else self.receive_socket
+        sock = sockets[flow_hash % len(sockets)] if sockets and flow_hash >= 0 else self.receive_socket
         return self._send(sock, payload, peer)
 
     def reply(self, payload: bytes, peer: Peer) -> bool:

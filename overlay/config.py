@@ -1,7 +1,8 @@
 """A node's config file: the tables every role shares, then the role's own tables.
 
 Common tables: `[node]` (role, name), `[status]`, `[log]`, `[underlay]`, `[tun]`; a TM also has
-`[[distributor]]` (who may send to it) and `[tm]` (parsed by `overlay.tm.config`); a distributor has
+`[[distributor]]` (who may send to it) and `[tm]` (parsed by `overlay.tm.config`); an edge has
+`[[distributor]]` and `[edge]` (the prefixes it serves); a distributor has
 `[hash]`, `[sets]`, `[[tm]]`, `[decision]`, `[[edge]]`, `[health]` (parsed by
 `overlay.distributor.config`). docs/config.md documents every field.
 """
@@ -32,11 +33,15 @@ if TYPE_CHECKING:
     from overlay.distributor.config import DistributorConfig
     from overlay.tm.config import TMConfig
 
-ROLES = ("distributor", "tm")
+ROLES = ("distributor", "tm", "edge")
 # The top-level tables of each role (the docstring above), refused up front when unknown: a typo'd
 # `[sest]` must be named, not reported as the TM xlate addresses it leaves outside any set.
 COMMON_TABLES = ("node", "status", "log", "underlay", "tun", "auth")
-ROLE_TABLES = {"distributor": ("hash", "sets", "tm", "decision", "edge", "health"), "tm": ("distributor", "tm")}
+ROLE_TABLES = {
+    "distributor": ("hash", "sets", "tm", "decision", "edge", "health"),
+    "tm": ("distributor", "tm"),
+    "edge": ("distributor", "edge"),
+}
 LOG_FORMATS = ("console", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -75,6 +80,13 @@ class TunConfig:
 
 
 @dataclass(frozen=True)
+class EdgeConfig:
+    """`[edge]`: the prefixes this edge serves (its host's overlay addresses, or a site behind it)."""
+
+    prefixes: tuple[IPNetwork, ...]
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     role: str
     name: str
@@ -89,7 +101,8 @@ class NodeConfig:
     tm: TMConfig | None
     # Keys: ours and every peer's, by peer name (TMs and edges of a distributor; a TM's distributors).
     auth: auth.AuthConfig = auth.AuthConfig()
-    distributor_names: tuple[str, ...] = ()   # a TM's [[distributor]] names, in the order of `distributors`
+    distributor_names: tuple[str, ...] = ()   # a TM's or edge's [[distributor]] names, as `distributors`
+    edge: EdgeConfig | None = None
 
 
 def load_node_config(path: str | Path) -> NodeConfig:
@@ -113,7 +126,7 @@ def parse_node_config(text: str, source: str = "config", base: Path | None = Non
     auth_mode, private_keys = parse_auth_section(root.section("auth"), base)
     tun = _parse_tun(root.section("tun"), role, underlay, auth_mode != "off")
 
-    distributor = tm = None
+    distributor = tm = edge = None
     distributors: tuple[tuple[IPAddress, int], ...] = ()
     names: list[str] = []
     peer_keys: dict[str, tuple[bytes, ...]] = {}
@@ -127,8 +140,6 @@ def parse_node_config(text: str, source: str = "config", base: Path | None = Non
         peer_keys = {tm.name: tm.public_keys for tm in distributor.tms}
         peer_keys.update({edge.name: edge.public_keys for edge in distributor.edges})
     else:
-        from overlay.tm.config import parse_tm_section
-
         peers = []
         for index, section in enumerate(root.sections("distributor")):
             peer = section.convert("underlay", lambda v: to_endpoint(v, UDP_PORT))
@@ -142,8 +153,13 @@ def parse_node_config(text: str, source: str = "config", base: Path | None = Non
             section.done()
         distributors = tuple(peers)
         if not distributors:
-            raise root.error("distributor", "a TM needs at least one [[distributor]] { underlay = ADDRESS[:PORT] }")
-        tm = parse_tm_section(root.section("tm", required=True))
+            raise root.error("distributor", f"a {role} needs at least one [[distributor]] {{ underlay = ADDRESS[:PORT] }}")
+        if role == "tm":
+            from overlay.tm.config import parse_tm_section
+
+            tm = parse_tm_section(root.section("tm", required=True))
+        else:
+            edge = _parse_edge(root.section("edge", required=True), underlay)
     root.done()
     return NodeConfig(
         role=role,
@@ -159,6 +175,7 @@ def parse_node_config(text: str, source: str = "config", base: Path | None = Non
         tm=tm,
         auth=auth.AuthConfig(auth_mode, private_keys, peer_keys if auth_mode != "off" else {}),
         distributor_names=tuple(names),
+        edge=edge,
     )
 
 
@@ -191,8 +208,22 @@ def _parse_underlay(section: Section) -> UnderlayConfig:
     return UnderlayConfig(address, port, mtu, source_ports, gre_key, announce_interval)
 
 
+def _parse_edge(section: Section, underlay: UnderlayConfig) -> EdgeConfig:
+    prefixes = tuple(section.each("prefixes", to_network, default=()))
+    if not prefixes:
+        raise section.error("prefixes", "an edge serves at least one prefix (its overlay addresses)")
+    for index, prefix in enumerate(prefixes):
+        if prefix.version == underlay.address.version and underlay.address in prefix:
+            raise section.error(f"prefixes[{index}]", f"contains the underlay address {underlay.address}: tunnel traffic would loop")
+    section.done()
+    return EdgeConfig(prefixes)
+
+
+_TUN_NAMES = {"distributor": "ovl0", "tm": "ovl-tm", "edge": "ovl-edge"}
+
+
 def _parse_tun(section: Section, role: str, underlay: UnderlayConfig, sealed: bool) -> TunConfig:
-    name = section.str("name", "ovl0" if role == "distributor" else "ovl-tm")
+    name = section.str("name", _TUN_NAMES[role])
     if not 0 < len(name) <= 15 or "/" in name or " " in name:
         raise section.error("name", "an interface name has 1-15 characters, no '/' or spaces")
     # Largest inner packet that still fits the underlay once encapsulated.
@@ -202,10 +233,13 @@ def _parse_tun(section: Section, role: str, underlay: UnderlayConfig, sealed: bo
     mtu = section.int("mtu", largest, minimum=576, maximum=largest)
     capture = tuple(section.each("capture", to_network))
     capture_from = tuple(section.each("capture_from", to_network))
-    if role != "distributor":
-        for key in ("capture", "capture_from"):
-            if section.has(key):
-                raise section.error(key, "only a distributor captures traffic")
+    # An edge may route destinations into the overlay (a client site reaching the virtual addresses);
+    # what it sends from is its [edge] prefixes.
+    refused = {"distributor": (), "tm": ("capture", "capture_from"), "edge": ("capture_from",)}[role]
+    for key in refused:
+        if section.has(key):
+            raise section.error(key, "only a distributor captures traffic" if role == "tm" else
+                                "an edge sends from its [edge] prefixes: list them there")
     for key, prefixes in (("capture", capture), ("capture_from", capture_from)):
         for index, prefix in enumerate(prefixes):
             if underlay.address.version == prefix.version and underlay.address in prefix:

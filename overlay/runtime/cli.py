@@ -1,5 +1,5 @@
-"""`overlay distributor` and `overlay tm`: run an agent, or (`overlay tm drain|enable|disable NAME`) ask a
-distributor's admin API to change a TM's state."""
+"""`overlay distributor`, `overlay tm` and `overlay edge`: run an agent, or (`overlay tm
+drain|enable|disable NAME`) ask a distributor's admin API to change a TM's state."""
 
 from __future__ import annotations
 
@@ -37,6 +37,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         parser.set_defaults(func=run_tm_admin)
 
 
+    edge = subparsers.add_parser("edge", help="run an edge agent: this host joins the overlay (docs/clouds.md)")
+    _agent_arguments(edge, required=True)
+    edge.set_defaults(func=run_edge)
+
+
 def _agent_arguments(parser: argparse.ArgumentParser, *, required: bool) -> None:
     parser.add_argument("--config", required=required, metavar="FILE", help="the node's config file")
     parser.add_argument(
@@ -57,6 +62,12 @@ def run_tm(args: argparse.Namespace) -> int:
     from overlay.runtime.tm_agent import TMAgent
 
     return _run(args, "tm", TMAgent)
+
+
+def run_edge(args: argparse.Namespace) -> int:
+    from overlay.runtime.edge_agent import EdgeAgent
+
+    return _run(args, "edge", EdgeAgent)
 
 
 def run_tm_admin(args: argparse.Namespace) -> int:

@@ -17,6 +17,8 @@ address it carries.
 TM: the management addresses live on the TUN, and `from MGMT lookup TABLE` sends what the TM host's own
 stack answers from them (its status service) back into the TUN, hence into the overlay, whatever route the
 host would otherwise take to the client.
+
+Edge: the same for the prefixes it serves (`edge_plan`).
 """
 
 from __future__ import annotations
@@ -118,6 +120,24 @@ def tm_plan(tun: Any, management: list[Any], *, table: int = DEFAULT_TABLE) -> N
     )
     rules = tuple(Rule(FROM_RULE_PRIORITY, table, address.version, src=address.network) for address in addresses)
     return NetPlan(tun=tun.name, mtu=tun.mtu, table=table, addresses=addresses, routes=routes, rules=rules)
+
+
+def edge_plan(tun: Any, prefixes: list[Any], *, table: int = DEFAULT_TABLE) -> NetPlan:
+    """The plan for an edge host: its host prefixes (/32, /128) on the TUN, so local servers bind to them;
+    what is sent from any served prefix policy-routed into the TUN (into the overlay), whatever route the
+    host would otherwise take; `tun.capture` destinations routed into the TUN. A served prefix wider than
+    one host is a site behind the edge: the host forwards for it."""
+    addresses = tuple(
+        ipaddress.ip_interface(prefix.network_address) for prefix in prefixes if prefix.num_addresses == 1
+    )
+    versions = sorted({prefix.version for prefix in prefixes})
+    routes = tuple(_default_route(version, table) for version in versions) + tuple(
+        Route(prefix, MAIN_TABLE) for prefix in tun.capture
+    )
+    rules = tuple(Rule(FROM_RULE_PRIORITY, table, prefix.version, src=prefix) for prefix in prefixes)
+    forwarding = tuple(sorted({prefix.version for prefix in prefixes if prefix.num_addresses > 1}))
+    return NetPlan(tun=tun.name, mtu=tun.mtu, table=table, addresses=addresses, routes=routes, rules=rules,
+                   forwarding=forwarding)
 
 
 def _family(version: int) -> int:

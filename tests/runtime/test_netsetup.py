@@ -19,6 +19,7 @@ from overlay.runtime.netsetup import (
     Route,
     Rule,
     distributor_plan,
+    edge_plan,
     tm_plan,
 )
 from tests.runtime.lab import in_ns, inside, namespaces, net_state, require_lab
@@ -97,6 +98,18 @@ def test_tm_plan_without_management_adds_nothing() -> None:
     assert plan.addresses == () and plan.routes == () and plan.rules == ()
 
 
+def test_edge_plan_puts_its_host_addresses_on_the_tun_and_sends_what_they_send_into_it() -> None:
+    plan = edge_plan(tun_section(name="rtxe0", capture=["203.0.113.80/32"]),
+                     [net("203.0.113.12/32"), net("2001:db8:2::12/128"), net("203.0.113.32/28")])
+    assert [str(a) for a in plan.addresses] == ["203.0.113.12/32", "2001:db8:2::12/128"], "host prefixes only"
+    assert set(plan.rules) == {Rule(FROM_RULE_PRIORITY, DEFAULT_TABLE, 4, src=net("203.0.113.12/32")),
+                               Rule(FROM_RULE_PRIORITY, DEFAULT_TABLE, 6, src=net("2001:db8:2::12/128")),
+                               Rule(FROM_RULE_PRIORITY, DEFAULT_TABLE, 4, src=net("203.0.113.32/28"))}
+    assert set(plan.routes) == {Route(net("0.0.0.0/0"), DEFAULT_TABLE), Route(net("::/0"), DEFAULT_TABLE),
+                                Route(net("203.0.113.80/32"), MAIN_TABLE)}
+    assert plan.forwarding == (4,), "a site behind the edge (a /28) is forwarded for"
+
+
 REFERENCE_TUN = tun_section(capture=["203.0.113.80/32", "2001:db8:80::80/128"],
                             capture_from=["203.0.113.0/26", "2001:db8:2::/64"])
 
@@ -118,6 +131,9 @@ def test_apply_adds_exactly_the_plan_and_undo_removes_exactly_it() -> None:
     from overlay.runtime.tun import TunDevice
 
     with namespaces("net") as ns:
+        # A route lookup for a forwarded packet (`route get ... iif`) needs forwarding on. A new namespace
+        # inherits it from the host's (devconf_inherit_init_net=0), which is on only while dockerd runs.
+        in_ns(ns["net"], "sysctl", "-qw", "net.ipv4.ip_forward=1")
         spare_link(ns["net"], "rtxdummy")  # an unrelated device must survive
         in_ns(ns["net"], "ip", "rule", "add", "from", "192.0.2.0/24", "lookup", "100", "priority", "100")
         before = net_state(ns["net"])

@@ -1,0 +1,104 @@
+"""The edge agent: a host in another cloud joins the overlay (overlay/edge.py has the why).
+
+TUN in (what the host sends from the prefixes it serves) → `EdgeNode.from_tun` → sealed GRE-in-UDP to
+a distributor; GRE-in-UDP in → `EdgeNode.from_overlay` → the TUN. Announces go to every distributor every
+`underlay.announce_interval` (with `[auth]` on), so a distributor reaches an edge behind NAT. Sends leave
+from the RFC 8086 entropy ports (flow hash of the inner addresses) like every node; behind a NAT each of
+them is a binding the announces and the traffic keep alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import xxhash
+
+from overlay.config import NodeConfig
+from overlay.edge import EdgeNode
+from overlay.runtime.agent import Agent, authenticator, reconfigured_authenticator
+from overlay.runtime.netsetup import NetPlan, edge_plan
+from overlay.uplink import SEND, TUN, NodeOutput
+
+
+class EdgeAgent(Agent):
+    role = "edge"
+
+    def __init__(self, config: NodeConfig):
+        if config.edge is None:
+            raise ValueError(f"{config.source}: not an edge config (node.role = {config.role!r})")
+        super().__init__(config)
+        self.node: EdgeNode | None = None
+        self._announce_timer: asyncio.TimerHandle | None = None
+
+    @staticmethod
+    def _distributors(config: NodeConfig) -> dict[str, tuple[str, int]]:
+        return {name: (str(address), port) for name, (address, port) in zip(config.distributor_names, config.distributors)}
+
+    def net_plan(self) -> NetPlan:
+        assert self.config.edge is not None
+        return edge_plan(self.config.tun, list(self.config.edge.prefixes))
+
+    def _open_role(self, loop: asyncio.AbstractEventLoop) -> None:
+        assert self.config.edge is not None and self.tun is not None and self.udp is not None
+        self.node = node = EdgeNode(self.config.edge.prefixes, self._distributors(self.config),
+                                    self.config.underlay.gre_key, authenticator(self.config))
+        tun_write, udp_send, udp_reply = self.tun.write, self.udp.send, self.udp.reply
+        clock = loop.time
+        node_from_tun, node_from_overlay = node.from_tun, node.from_overlay
+        hash_addresses = xxhash.xxh32_intdigest
+
+        def from_tun(packet: bytes) -> None:
+            action, datagram, peer = node_from_tun(packet)
+            if action == SEND:
+                # One inner flow, one outer source port (its addresses: fragments stay together).
+                addresses = packet[12:20] if packet[0] >> 4 == 4 else packet[8:40]
+                udp_send(datagram, peer, hash_addresses(addresses))  # type: ignore[arg-type]
+
+        def from_overlay(payload: bytes, peer: tuple[str, int]) -> None:
+            output: NodeOutput = node_from_overlay(payload, peer, clock())
+            action, data, to = output
+            if action == TUN:
+                tun_write(data)  # type: ignore[arg-type]
+            elif action == SEND:
+                udp_reply(data, to)  # type: ignore[arg-type]   # a keepalive echo: from the well-known port
+
+        self.tun.start(loop, from_tun, self.tun_lost)
+        self.udp.start(loop, from_overlay)
+        self._announce()
+
+    def _announce(self) -> None:
+        assert self.node is not None and self.udp is not None and self.loop is not None
+        announcements = self.node.announcements()
+        for datagram, distributor in announcements:
+            self.udp.reply(datagram, distributor)
+        interval = self.config.underlay.announce_interval
+        if announcements and interval > 0:
+            self._announce_timer = self.loop.call_later(interval, self._announce)  # re-armed each time
+
+    def _reconfigure(self, new: NodeConfig) -> None:
+        assert self.node is not None and self.config.edge is not None
+        if new.edge is None:
+            raise ValueError("the reloaded config is not an edge's")
+        if new.edge.prefixes != self.config.edge.prefixes:
+            raise ValueError("edge.prefixes changed: the TUN's addresses and rules apply only at restart")
+        rekeyed = reconfigured_authenticator(self.node.auth, self.config, new)
+        self.node.configure(self._distributors(new), new.underlay.gre_key, rekeyed)
+
+    def _close_role(self) -> None:
+        if self._announce_timer is not None:
+            self._announce_timer.cancel()
+            self._announce_timer = None
+
+    def _role_status(self) -> dict:
+        if self.node is None:
+            return {}
+        counters = self.transport_counters()
+        counters.update({"packets.sent": self.node.sent, "packets.delivered": self.node.delivered,
+                         "keepalives_echoed": self.node.keepalives_echoed})
+        return {
+            "auth": self.config.auth.mode,
+            "prefixes": [str(prefix) for prefix in self.node.prefixes],
+            "peers": {f"{host}:{port}": {"packets": count} for (host, port), count in self.node.peers.items()},
+            "drops": {f"agent:{reason}": count for reason, count in self.node.drops.items()},
+            "counters": counters,
+        }

@@ -16,9 +16,10 @@ EDGE_SERVER_V4, EDGE_SERVER_V6 = "203.0.113.12", "2001:db8:2::12"
 
 
 def with_edge(config_dir: Path, edge_underlay: str, distributor_underlay: str = "192.0.2.2:4754",
-              source: Path = REPO / "config") -> None:
+              source: Path = REPO / "config", edge_address: str | None = None) -> None:
     """`source`'s configs in `config_dir`, plus edge1.toml: an edge serving a third server (EDGE_SERVER_*)
-    that every TM's web pools also balance to, and the distributor's [[edge]] for it."""
+    that every TM's web pools also balance to, and the distributor's [[edge]] for it (at `edge_underlay`:
+    where the distributor would reach it; the edge's own address is `edge_address`, behind NAT)."""
     if config_dir != source:
         shutil.copytree(source, config_dir, dirs_exist_ok=True)
     distributor = config_dir / "distributor.toml"
@@ -38,7 +39,7 @@ def with_edge(config_dir: Path, edge_underlay: str, distributor_underlay: str = 
             assert old in text, (tm, old)
             text = text.replace(old, new)
         path.write_text(text)
-    address = edge_underlay.rsplit(":", 1)[0]
+    address = edge_address or edge_underlay.rsplit(":", 1)[0]
     (config_dir / "edge1.toml").write_text(f"""# An edge: a server in another cloud joins the overlay.
 [node]
 role = "edge"

@@ -95,8 +95,10 @@ class Lab:
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
-    def up(self, *, agents: bool = True, timeout: float = AGENT_READY_TIMEOUT) -> None:
-        """Build the topology, start the HTTP servers and (unless `agents=False`) the agents; wait until ready."""
+    def up(self, *, agents: bool = True, timeout: float = AGENT_READY_TIMEOUT,
+           before_agents: Callable[[Lab], None] | None = None) -> None:
+        """Build the topology, start the HTTP servers and (unless `agents=False`) the agents; wait until ready.
+        `before_agents(lab)` changes the network first (a topology variant: NAT routers, more hosts)."""
         reason = unavailable_reason()
         if reason:
             raise LabUnavailable(reason)
@@ -110,6 +112,8 @@ class Lab:
             )
         for role in SERVER_ROLES:
             self._wait_ready(role, f"http://127.0.0.1:{topology.HTTP_PORT}/", timeout)
+        if before_agents is not None:
+            before_agents(self)
         if not agents:
             return
         for tm, config in self.configs.tms.items():

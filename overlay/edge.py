@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ipaddress
 
+from overlay import gre
 from overlay.auth import Authenticator
 from overlay.uplink import NO_OUTPUT, TUN, NodeOutput, Peer, Uplink
 
@@ -39,6 +40,15 @@ class EdgeNode(Uplink):
         self.prefixes = prefixes
         self._v4 = [(int(p.network_address), int(p.netmask)) for p in prefixes if p.version == 4]
         self._v6 = [(int(p.network_address), int(p.netmask)) for p in prefixes if p.version == 6]
+
+    def announcements(self) -> list[tuple[bytes, Peer]]:
+        """Sealed announces that also say which prefixes we serve (one per line): the distributor shows
+        them beside its own config's, so a mismatch is visible (it never routes by them)."""
+        if self.auth is None:
+            return []
+        announce = gre.encapsulate("\n".join(str(prefix) for prefix in self.prefixes).encode(), key=self.key,
+                                   protocol=gre.ANNOUNCE_PROTOCOL)
+        return [(self.auth.seal(announce, name), endpoint) for name, endpoint in self.by_name.items()]
 
     def serves(self, version: int, address: bytes) -> bool:
         value = int.from_bytes(address, "big")

@@ -66,7 +66,7 @@ def run_check(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _check_failed({"file": args.config}, [exc], args.json)
     summary: dict[str, object] = {"ok": True, "file": args.config, "errors": [], "role": node.role, "name": node.name,
-                                  "digest": node.digest}
+                                  "digest": node.digest, "auth": node.auth.mode}
     if node.distributor is not None:
         from overlay.distributor.core import Distributor
 
@@ -81,6 +81,11 @@ def run_check(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2))
         return 0
     print(f"{args.config}: ok ({node.role} {node.name}, sha256 {node.digest[:12]})")
+    if not node.auth.enabled:
+        print("auth: off — datagrams are not authenticated: anyone who can reach the underlay port and forge a "
+              "peer's address can inject packets ([auth], docs/clouds.md)")
+    else:
+        print(f"auth: {node.auth.mode}, {len(node.auth.private_keys)} private key(s), peers {', '.join(sorted(node.auth.peers))}")
     if node.distributor is not None:
         shares = ", ".join(f"{name} {share:.1%}" for name, share in distributor.table.share().items())
         print(f"table: {distributor.table.rows} rows, hash key {node.distributor.hash_key}; share {shares}")

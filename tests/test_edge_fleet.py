@@ -125,6 +125,9 @@ def test_an_edge_behind_nat_is_reached_where_it_announces_from(fleet: EdgeFleet)
         pytest.skip("endpoints are learned from sealed datagrams only")
     (announce, _), = fleet.edge.announcements()
     assert fleet.distributor.from_overlay(announce, ("198.51.100.223", 40777)).reason == "announce"
+    edges = fleet.distributor.snapshot()["edges"]
+    assert edges["edge1"]["announced"] == sorted(edges["edge1"]["prefixes"]), "what it serves, as configured"
+    assert edges["edge1"]["endpoint"] == "198.51.100.223:40777"
     # A TM's output for the server behind the edge goes to where the edge was last heard from.
     tm = fleet.nodes["tm1"]
     from_tm = tm.datagram(P.tcp("198.51.100.100", 41000, EDGE_SERVER_V4, 80, P.SYN), tm.last)
@@ -140,3 +143,15 @@ def addresses_any(packet: bytes) -> tuple[str, int, str, int]:
 def split(endpoint: str) -> tuple[str, int]:
     host, _, port = endpoint.rpartition(":")
     return host.strip("[]"), int(port)
+
+
+def test_an_edge_announcing_other_prefixes_is_flagged_not_believed(tmp_path: Path) -> None:
+    with_edge(tmp_path, f"{EDGE_UNDERLAY[0]}:{EDGE_UNDERLAY[1]}")
+    with_auth(tmp_path, source=tmp_path)
+    fleet = EdgeFleet(tmp_path)
+    fleet.edge.set_prefixes((ipaddress.ip_network("203.0.113.12/32"), ipaddress.ip_network("203.0.113.80/32")))
+    (announce, _), = fleet.edge.announcements()
+    fleet.distributor.from_overlay(announce, EDGE_UNDERLAY)
+    assert fleet.distributor.counters()["reason.announce-prefixes-differ"] == 1
+    assert fleet.distributor.from_tun(tcp("198.51.100.100:41000", f"{VIP}:80", "S")).action == "tm", \
+        "the VIP it claims still goes to the TMs: the config decides"

@@ -34,5 +34,5 @@ def test_every_overlay_command_of_a_unit_parses(path: Path) -> None:
     assert "HUP" in service["ExecReload"] and service["KillSignal"] == "SIGTERM"
 
 
-def test_both_roles_have_a_unit() -> None:
-    assert [path.name for path in UNITS] == ["overlay-distributor@.service", "overlay-tm@.service"]
+def test_every_role_has_a_unit() -> None:
+    assert [path.name for path in UNITS] == ["overlay-distributor@.service", "overlay-edge@.service", "overlay-tm@.service"]

@@ -8,6 +8,12 @@ the distributor refuses but the TM would track is lost; an ICMP error the distri
 TM does not recognise (or the reverse) reaches a TM that cannot relate it. Each disagreement found when the
 parsers were two (issue 12) is a fixture case below; the property test looks for new ones over generated
 valid and mutated packets. The decisions are in docs/wire-format.md ("IP, ICMP and IPv6 extension headers").
+
+The distributor's `parse_flow` reads the common packet (IPv4 without options / IPv6 without extension headers,
+TCP or UDP, ICMPv4 echo or an error about IPv4 TCP/UDP) on a fast path of its own and everything else through
+the views (`parse_flow_checked`). The fast path is held to the walk it shortcuts — the same answer for every
+packet, on the generated packets here and on packets of its shapes with the fields it tests set at random —
+and the agreement tests run over those packets too.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from overlay.packet import parse_flow
+from overlay import packet as distributor_packet
+from overlay.packet import parse_flow, parse_flow_checked
 from overlay.tm import reasons as R
 from overlay.tm.packet import IcmpError, parse_first_fragment, parse_fragment, parse_ip, parse_transport
 
@@ -317,3 +324,104 @@ def test_parsers_agree_on_generated_packets(packet: bytes) -> None:
 @given(mutated())
 def test_parsers_agree_on_mutated_packets(packet: bytes) -> None:
     assert disagreement(packet) is None, packet.hex()
+
+
+# -- the distributor's fast path --------------------------------------------------------------------------------
+# The fields the fast path tests, by the shape it reads — (offset, width, what is written there): IPv4
+# version/IHL, total length, flags/offset, protocol; TCP data offset, UDP length, ICMP type, the quote's
+# version/IHL, flags/offset and protocol; IPv6 version, payload length, next header.
+FAST_FIELDS = {
+    4: [(0, 1, "version"), (2, 2, "length"), (6, 2, "flags"), (9, 1, "protocol")],
+    6: [(0, 1, "version"), (4, 2, "length"), (6, 1, "protocol")],
+    (4, "tcp"): [(32, 1, "data offset")], (4, "udp"): [(24, 2, "length")], (4, "echo"): [(20, 1, "icmp type")],
+    (4, "error"): [(20, 1, "icmp type"), (28, 1, "version"), (34, 2, "flags"), (37, 1, "protocol")],
+    (6, "tcp"): [(52, 1, "data offset")], (6, "udp"): [(44, 2, "length")],
+}
+FIELD_VALUES = {
+    "version": st.sampled_from([0x45, 0x44, 0x46, 0x4F, 0x60, 0x6F, 0x55, 0x76, 0x00]),
+    "flags": st.sampled_from([0, 0x4000, 0x2000, 0x2001, 0x0001, 0x1FFF, 0x8000, 0x6000]),
+    "protocol": st.sampled_from([TCP, UDP, ICMP, ICMPV6, HOP_BY_HOP, FRAGMENT, 47]),
+    "icmp type": st.sampled_from([0, 8, 3, 11, 12, 4, 5, 13, 128]),
+    "data offset": st.integers(0, 255),
+}
+
+
+@st.composite
+def fast_path_shaped(draw: st.DrawFn) -> bytes:
+    """A packet of a shape the fast path reads, then up to two of the fields it tests set — to values near
+    its boundaries (lengths one or two off) — and sometimes cut short (its IP length fixed up to the cut or
+    not)."""
+    version = draw(st.sampled_from([4, 4, 6]))
+    kind = draw(st.sampled_from(["tcp", "udp"] + (["echo", "error", "error"] if version == 4 else [])))
+    if kind == "tcp":
+        proto, body = TCP, tcp(draw(ports), draw(ports), draw(st.integers(0, 255)), bytes(4 * draw(st.integers(0, 2))),
+                               draw(payloads))
+    elif kind == "udp":
+        proto, body = UDP, udp(draw(ports), draw(ports), draw(payloads))
+    elif kind == "echo":
+        proto, body = ICMP, echo(draw(st.sampled_from(ECHO_TYPES[4])), draw(ports), draw(payloads))
+    else:
+        inner = draw(st.sampled_from([TCP, UDP, UDP, ICMP, 47]))
+        inner_body = {TCP: tcp(draw(ports), draw(ports)), UDP: udp(draw(ports), draw(ports), draw(payloads)),
+                      ICMP: echo(8, draw(ports)), 47: draw(payloads)}[inner]
+        about = ipv4(A4, B4, inner, inner_body, flags_offset=draw(FIELD_VALUES["flags"]))
+        if draw(st.booleans()):   # cut, often where the 8 quoted bytes end
+            about = about[:draw(st.sampled_from([27, 28, 29, 20, 24]) | st.integers(20, len(about)))]
+        proto, body = ICMP, icmp(draw(st.sampled_from([3, 11, 12])), draw(st.integers(0, 15)), bytes(4), about)
+    packet = bytearray(ipv4(A4, B4, proto, body) if version == 4 else ipv6(A6, B6, [], proto, body))
+    for _ in range(draw(st.integers(0, 2))):
+        offset, width, what = draw(st.sampled_from(FAST_FIELDS[version] + FAST_FIELDS[version, kind]))
+        if offset + width <= len(packet):
+            value = int.from_bytes(packet[offset:offset + width], "big")
+            value = draw(FIELD_VALUES[what] if what in FIELD_VALUES else st.integers(value - 2, value + 2))
+            packet[offset:offset + width] = (value % 256 ** width).to_bytes(width, "big")
+    if draw(st.integers(0, 3)) == 0:
+        del packet[len(packet) - draw(st.integers(1, len(packet))):]
+        if draw(st.booleans()) and len(packet) >= 6:   # IPv4 total length or IPv6 payload length
+            packet[2:4] = len(packet).to_bytes(2, "big") if version == 4 else packet[2:4]
+            packet[4:6] = max(len(packet) - 40, 0).to_bytes(2, "big") if version == 6 else packet[4:6]
+    return bytes(packet)
+
+
+FAST_CASES = [
+    ("v4 TCP", TCP4),
+    ("v4 TCP with options", ipv4(A4, B4, TCP, tcp(1, 2, options=bytes(12)))),
+    ("v4 UDP, no data: the shortest", ipv4(A4, B4, UDP, udp(1, 2))),
+    ("v4 UDP, bytes after the total length", ipv4(A4, B4, UDP, udp(1, 2, b"data")) + bytes(6)),
+    ("v4 DF", ipv4(A4, B4, UDP, udp(1, 2), flags_offset=0x4000)),
+    ("v4 echo request", ipv4(A4, B4, ICMP, echo(8, 7))),
+    ("v4 echo reply", ipv4(B4, A4, ICMP, echo(0, 7))),
+    ("v4 unreachable about TCP, header + 8 quoted", ipv4(R4, A4, ICMP, icmp(3, 4, bytes(4), TCP4[:28]))),
+    ("v4 time exceeded about UDP", ipv4(R4, A4, ICMP, icmp(11, 0, bytes(4), ipv4(A4, B4, UDP, udp(1, 2))))),
+    ("v4 parameter problem about a first fragment", ipv4(R4, A4, ICMP, icmp(12, 0, bytes(4),
+                                                                          ipv4(A4, B4, UDP, udp(1, 2), flags_offset=0x2000)))),
+    ("v6 TCP", ipv6(A6, B6, [], TCP, tcp(1, 2))),
+    ("v6 UDP, no data", ipv6(A6, B6, [], UDP, udp(1, 2))),
+]
+
+
+@pytest.mark.parametrize("packet", [pytest.param(case[1], id=case[0]) for case in FAST_CASES])
+def test_the_fast_path_takes_the_common_packets(packet: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    """These never reach the checked walk (so the property tests below do exercise the fast path), and the
+    answer is the walk's."""
+    expected = parse_flow_checked(packet)
+
+    def walked(_packet: bytes) -> object:
+        raise AssertionError("the fast path declined a common packet")
+
+    monkeypatch.setattr(distributor_packet, "parse_flow_checked", walked)
+    assert parse_flow(packet) == expected
+    assert disagreement(packet) is None
+
+
+@settings(max_examples=3000)
+@given(fast_path_shaped())
+def test_fast_path_is_the_checked_walk_on_its_shapes(packet: bytes) -> None:
+    assert parse_flow(packet) == parse_flow_checked(packet), packet.hex()
+    assert disagreement(packet) is None, packet.hex()
+
+
+@settings(max_examples=1000)
+@given(st.one_of(packets(), mutated()))
+def test_fast_path_is_the_checked_walk_on_generated_packets(packet: bytes) -> None:
+    assert parse_flow(packet) == parse_flow_checked(packet), packet.hex()

@@ -100,6 +100,7 @@ class Distributor:
         # Where a peer's authenticated datagrams last came from: a TM or edge behind NAT is reached there.
         self.learned: dict[str, tuple[str, int]] = {}
         self._behind_nat: set[str] = set()
+        self.edge_prefixes: dict[str, tuple[str, ...]] = {}   # what each edge last announced it serves
         self._admin: dict[str, str] = {}
         self._up: dict[str, bool] = {}
         self.counters_tm: Counter[str] = Counter()
@@ -159,6 +160,7 @@ class Distributor:
         self._tm_dest = dests
         self._edges = edges
         self._edge_by_underlay = edge_by_underlay
+        self._edge_config = {edge.name: edge.prefixes for edge in config.edges}
         # Edges send from entropy ports like every node: recognised by address when that is unique.
         edge_addresses = Counter(address for address, _ in edge_by_underlay)
         self._edge_by_address = {address: name for (address, _), name in edge_by_underlay.items()
@@ -343,6 +345,8 @@ class Distributor:
             if tm is None and edge is None or self.auth is None:
                 return self._drop("announce-unauthenticated")   # endpoints are learned from sealed datagrams only
             self.counters_reason["announce"] += 1
+            if edge is not None:
+                self._edge_announced(edge, frame.inner)
             return _ANNOUNCED
         if frame.protocol == gre.KEEPALIVE_PROTOCOL:
             if tm is None:
@@ -448,6 +452,15 @@ class Distributor:
         else:
             self._behind_nat.discard(peer)
 
+    def _edge_announced(self, edge: str, payload: bytes) -> None:
+        """An edge says which prefixes it serves (text, one per line). The config decides what goes to it —
+        an edge cannot claim addresses — but a difference is a misconfiguration the operator must see."""
+        announced = tuple(sorted(payload.decode("ascii", "replace").split()))
+        self.edge_prefixes[edge] = announced
+        configured = tuple(sorted(str(prefix) for prefix in self._edge_config[edge]))
+        if announced != configured:
+            self.counters_reason["announce-prefixes-differ"] += 1
+
     def behind_nat(self, peer: str) -> bool:
         return peer in self._behind_nat
 
@@ -509,6 +522,14 @@ class Distributor:
             # "off": plain GRE-in-UDP, peers known by address (anyone on the underlay can inject).
             "auth": self.auth.mode if self.auth is not None else "off",
             "endpoints": {name: f"{host}:{port}" for name, (host, port) in sorted(self.learned.items())},
+            "edges": {
+                edge.name: {
+                    "prefixes": [str(prefix) for prefix in edge.prefixes],
+                    "announced": list(self.edge_prefixes[edge.name]) if edge.name in self.edge_prefixes else None,
+                    "endpoint": "{}:{}".format(*self.endpoint(edge.name)),
+                }
+                for edge in self.config.edges
+            },
             "cells": dict(self.counters_cell),
             "reasons": dict(self.counters_reason),
             "drops": dict(self.counters_drop),

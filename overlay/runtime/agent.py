@@ -130,7 +130,11 @@ class Agent(abc.ABC):
             source_ports=self.udp.source_ports,
             config=config.source,
             digest=config.digest[:12],
+            auth=config.auth.mode,
         )
+        if not config.auth.enabled:
+            log.warning("agent.unauthenticated", reason="no [auth]: anyone who can reach the underlay port and "
+                        "forge a peer's address can inject packets (docs/clouds.md)")
 
     async def serve(self) -> None:
         """Run the status service until SIGTERM/SIGINT (or `stop()`)."""

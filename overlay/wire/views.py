@@ -10,6 +10,10 @@ they sit in the header (8 bytes for IPv4, 32 for IPv6) followed by the 4 port by
 of the request with its halves swapped. For an ICMP error the key is the quoted packet's key turned around:
 the key a packet of the error's direction of that flow would have. Keys of different protocols live in
 different tables; IPv4 and IPv6 keys differ in length, so they cannot collide.
+
+The distributor's `overlay.packet.parse_flow` repeats, on a fast path of its own, the tests these views make
+for the common packet (IPv4 without options / IPv6 without extension headers, TCP, UDP, ICMPv4 echo, an ICMPv4
+error about TCP/UDP): a check changed here must change there too, or tests/test_wire_agreement.py fails.
 """
 
 from __future__ import annotations

@@ -53,7 +53,8 @@ _HEADER = struct.Struct("!BBIIQ")
 HEADER_SIZE = _HEADER.size   # 18
 TAG_SIZE = 16
 OVERHEAD = HEADER_SIZE + TAG_SIZE   # bytes a sealed datagram adds (MTU arithmetic)
-WINDOW = 4096
+WINDOW = 4096   # a power of two: slots are counter & (WINDOW - 1)
+_SLOT = WINDOW - 1
 _NONCE_PAD = bytes(4)   # ChaCha20-Poly1305 takes 96-bit nonces: 32 zero bits, then the 64-bit counter
 MODES = ("off", "authenticate", "encrypt")
 
@@ -114,24 +115,33 @@ class AuthConfig:
 
 
 class _ReplayWindow:
+    """Counters seen from one sender key: the highest, and a ring of WINDOW slots below it (slot
+    `counter % WINDOW`). A ring of bytes costs O(1) per datagram in order — shifting a 4,096-bit integer
+    cost ~0.4 µs a datagram (tests/bench_auth.py) — and a jump clears only the slots it passes."""
+
     __slots__ = ("highest", "seen")
 
     def __init__(self) -> None:
         self.highest = -1
-        self.seen = 0   # bit i: counter `highest - i` was accepted
+        self.seen = bytearray(WINDOW)
 
     def check_and_set(self, counter: int) -> str | None:
-        if counter > self.highest:
-            shift = counter - self.highest
-            self.seen = ((self.seen << shift) | 1) & ((1 << WINDOW) - 1) if shift < WINDOW else 1
+        highest, seen = self.highest, self.seen
+        if counter > highest:
+            if counter - highest >= WINDOW:
+                seen[:] = bytes(WINDOW)
+            else:
+                for stale in range(highest + 1, counter):   # slots of counters now below the window
+                    seen[stale & _SLOT] = 0
+            seen[counter & _SLOT] = 1
             self.highest = counter
             return None
-        back = self.highest - counter
-        if back >= WINDOW:
+        if highest - counter >= WINDOW:
             return TOO_OLD
-        if self.seen >> back & 1:
+        slot = counter & _SLOT
+        if seen[slot]:
             return REPLAYED
-        self.seen |= 1 << back
+        seen[slot] = 1
         return None
 
 
@@ -151,7 +161,7 @@ class Authenticator:
         for name, keys in config.peers.items():
             for public in keys:
                 self._peer_by_id[key_id(public)] = (name, public)
-        self._send: dict[str, tuple[bytes, ChaCha20Poly1305]] = {}   # peer → (header prefix, AEAD)
+        self._send: dict[str, list] = {}   # peer → [header prefix, AEAD, counter]
         self._receive: dict[tuple[int, int], ChaCha20Poly1305] = {}
         self._windows: dict[int, _ReplayWindow] = {}
         self.refused = dict.fromkeys(REASONS, 0)
@@ -159,7 +169,7 @@ class Authenticator:
     def reconfigure(self, config: AuthConfig) -> Authenticator:
         """The same node with new keys (a reload): the counter keeps rising and the replay windows of
         senders whose keys stay are kept, so a reload neither reuses a nonce nor reopens a replay."""
-        new = Authenticator(config, self._counter)
+        new = Authenticator(config, max([self._counter, *(sender[2] for sender in self._send.values())]))
         new._windows = {sender: window for sender, window in self._windows.items() if sender in new._peer_by_id}
         new.refused = self.refused
         return new
@@ -174,12 +184,14 @@ class Authenticator:
     # -- sealing ----------------------------------------------------------------------------------------
     def seal(self, payload: bytes, peer: str) -> bytes:
         """`payload` sealed to `peer` (KeyError for a peer without a key)."""
-        prefix_aead = self._send.get(peer)
-        if prefix_aead is None:
-            prefix_aead = self._send[peer] = self._sender(peer)
-        prefix, aead = prefix_aead
-        self._counter += 1
-        counter = self._counter.to_bytes(8, "big")
+        sender = self._send.get(peer)
+        if sender is None:
+            sender = self._send[peer] = [*self._sender(peer), self._counter]
+        # One counter per peer (per key pair): each receiver sees consecutive counters, the cheap case of
+        # its replay window, however many peers we talk to.
+        sender[2] += 1
+        prefix, aead = sender[0], sender[1]
+        counter = sender[2].to_bytes(8, "big")
         header = prefix + counter
         nonce = _NONCE_PAD + counter
         if self._flags:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -145,3 +148,25 @@ def lab_config_with_admin_token(root: Path, token: str) -> Path:
     assert "[status]\n" in text
     distributor_config.write_text(text.replace("[status]\n", f'[status]\nadmin_token_file = "{token_file}"\n', 1))
     return config_dir
+
+
+def lab_prefix(tag: str) -> str:
+    """A namespace prefix unique to this run and module ($OVERLAY_LAB_PREFIX or `ovt-`, the PID, a tag)."""
+    return f"{os.environ.get('OVERLAY_LAB_PREFIX', 'ovt-')}{os.getpid() % 100000}{tag}-"
+
+
+@contextmanager
+def lab_running(lab: Any, **up: Any) -> Iterator[Any]:
+    """`lab.up(**up)`, the lab while the block runs, then down — also on failure, with the agents' logs
+    printed — and nothing left: no namespace with its prefix."""
+    from overlay.lab import netns
+
+    try:
+        lab.up(**up)
+        yield lab
+    except BaseException:
+        print(lab.agent_logs())
+        raise
+    finally:
+        lab.down()
+        assert netns.list_namespaces(lab.prefix) == [], "namespaces left behind"

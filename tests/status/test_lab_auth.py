@@ -13,7 +13,6 @@ and the distributor's source address and sends well-formed GRE-in-UDP from a raw
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import struct
@@ -25,10 +24,12 @@ import pytest
 
 from overlay import auth, gre
 from overlay.auth import AuthConfig, Authenticator
-from overlay.lab import netns, nsnet, topology
+from overlay.lab import nsnet, topology
 from overlay.lab.lab import Lab, unavailable_reason
 from tests.authconfig import REPO, with_auth
 from tests.tm.packets import tcp, udp
+
+from .conftest import lab_prefix, lab_running
 
 pytestmark = pytest.mark.lab
 
@@ -62,17 +63,8 @@ def auth_lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
         shutil.copytree(REPO / "config", config_dir)
     else:
         keys = with_auth(config_dir)
-    prefix = f"{os.environ.get('OVERLAY_LAB_PREFIX', 'ovt-')}{os.getpid() % 100000}au{mode[0]}-"
-    lab = Lab(prefix, config_dir=config_dir, state_dir=root / "state")
-    try:
-        lab.up()
+    with lab_running(Lab(lab_prefix(f"au{mode[0]}"), config_dir=config_dir, state_dir=root / "state")) as lab:
         yield AuthLab(lab, mode, keys)
-    except BaseException:
-        print(lab.agent_logs())
-        raise
-    finally:
-        lab.down()
-        assert netns.list_namespaces(prefix) == [], "namespaces left behind"
 
 
 # -- a forger on the underlay ---------------------------------------------------------------------------

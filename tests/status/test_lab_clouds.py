@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -29,10 +28,12 @@ from pathlib import Path
 
 import pytest
 
-from overlay.lab import netns, nsnet, topology
+from overlay.lab import nsnet, topology
 from overlay.lab.lab import Lab, unavailable_reason
 from overlay.lab.traffic import TrafficReport
 from tests.authconfig import EDGE_SERVER_V4, EDGE_SERVER_V6, with_auth, with_edge
+
+from .conftest import lab_prefix, lab_running
 
 pytestmark = pytest.mark.lab
 
@@ -143,19 +144,14 @@ def clouds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CloudsLab]:
         path = config_dir / f"{tm}.toml"
         text = path.read_text()
         path.write_text(text.replace("[underlay]\n", "[underlay]\nannounce_interval = 1\n", 1))
-    prefix = f"{os.environ.get('OVERLAY_LAB_PREFIX', 'ovt-')}{os.getpid() % 100000}cl-"
-    lab = Lab(prefix, config_dir=config_dir, state_dir=root / "state")
-    try:
-        lab.up(before_agents=lambda lab: (nat_cloud_b(lab), cloud_c(lab)))
-        start_edge(lab, config_dir)
+    lab = Lab(lab_prefix("cl"), config_dir=config_dir, state_dir=root / "state")
+    with lab_running(lab, before_agents=lambda lab: (nat_cloud_b(lab), cloud_c(lab))):
+        try:
+            start_edge(lab, config_dir)
+        except BaseException:
+            print(lab.processes.log_tail("edge1"))
+            raise
         yield CloudsLab(lab, config_dir)
-    except BaseException:
-        print(lab.agent_logs())
-        print(lab.processes.log_tail("edge1"))
-        raise
-    finally:
-        lab.down()
-        assert netns.list_namespaces(prefix) == [], "namespaces left behind"
 
 
 def test_tms_behind_nat_are_reached_at_their_public_endpoints(clouds: CloudsLab) -> None:

@@ -17,7 +17,6 @@ computed by the distributor's own core on the lab's config.
 
 from __future__ import annotations
 
-import os
 import socket
 import sys
 import threading
@@ -31,11 +30,11 @@ import pytest
 
 from overlay.config import load_node_config
 from overlay.distributor.core import Distributor
-from overlay.lab import netns, nsnet, topology, udpecho
+from overlay.lab import nsnet, topology, udpecho
 from overlay.lab.lab import Lab, unavailable_reason
 from tests.tm.packets import udp
 
-from .conftest import lab_config_with_admin_token
+from .conftest import lab_config_with_admin_token, lab_prefix, lab_running
 
 pytestmark = pytest.mark.lab
 
@@ -223,10 +222,8 @@ def lab12(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UdpLab]:
     for tm in topology.TMS:
         path = config_dir / f"{tm}.toml"
         path.write_text(path.read_text() + UDP_SERVICES)
-    prefix = f"{os.environ.get('OVERLAY_LAB_PREFIX', 'ovt-')}{os.getpid() % 100000}i12-"
-    lab = Lab(prefix, config_dir=config_dir, state_dir=root / "state")
-    try:
-        lab.up()
+    lab = Lab(lab_prefix("i12"), config_dir=config_dir, state_dir=root / "state")
+    with lab_running(lab):
         for address in (*REMOTES_V4, *REMOTES_V6):
             plen, extra = ("64", ["nodad"]) if ":" in address else ("24", [])
             result = lab.exec("remote", ["ip", "address", "add", f"{address}/{plen}", "dev", "outside", *extra])
@@ -234,12 +231,6 @@ def lab12(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UdpLab]:
         for role, port in (("server1", ECHO_PORT), ("server2", ECHO_PORT), ("remote", REMOTE_PORT)):
             start_echo(lab, role, port)
         yield UdpLab(lab, config_dir, root / "admin.token")
-    except BaseException:
-        print(lab.agent_logs())
-        raise
-    finally:
-        lab.down()
-        assert netns.list_namespaces(prefix) == [], "namespaces left behind"
 
 
 # -- 1. fragments ---------------------------------------------------------------------------------------------

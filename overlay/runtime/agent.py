@@ -317,3 +317,30 @@ async def run_agent(agent: Agent) -> int:
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
+
+
+class UplinkAgent(Agent):
+    """What a TM and an edge agent share around their `overlay.uplink.Uplink` node: the distributors by
+    name, and sealed announces every `underlay.announce_interval` (auth on only)."""
+
+    node: Any = None
+    _announce_timer: asyncio.TimerHandle | None = None
+
+    @staticmethod
+    def _distributors(config: NodeConfig) -> dict[str, tuple[str, int]]:
+        """Each [[distributor]] by name: where answers go."""
+        return {name: (str(address), port) for name, (address, port) in zip(config.distributor_names, config.distributors)}
+
+    def _announce(self) -> None:
+        assert self.node is not None and self.udp is not None and self.loop is not None
+        announcements = self.node.announcements()
+        for datagram, distributor in announcements:
+            self.udp.reply(datagram, distributor)
+        interval = self.config.underlay.announce_interval
+        if announcements and interval > 0:
+            self._announce_timer = self.loop.call_later(interval, self._announce)  # re-armed each time
+
+    def _stop_announcing(self) -> None:
+        if self._announce_timer is not None:
+            self._announce_timer.cancel()
+            self._announce_timer = None

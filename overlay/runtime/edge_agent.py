@@ -15,12 +15,12 @@ import xxhash
 
 from overlay.config import NodeConfig
 from overlay.edge import EdgeNode
-from overlay.runtime.agent import Agent, authenticator, reconfigured_authenticator
+from overlay.runtime.agent import UplinkAgent, authenticator, reconfigured_authenticator
 from overlay.runtime.netsetup import NetPlan, edge_plan
 from overlay.uplink import SEND, TUN, NodeOutput
 
 
-class EdgeAgent(Agent):
+class EdgeAgent(UplinkAgent):
     role = "edge"
 
     def __init__(self, config: NodeConfig):
@@ -28,11 +28,6 @@ class EdgeAgent(Agent):
             raise ValueError(f"{config.source}: not an edge config (node.role = {config.role!r})")
         super().__init__(config)
         self.node: EdgeNode | None = None
-        self._announce_timer: asyncio.TimerHandle | None = None
-
-    @staticmethod
-    def _distributors(config: NodeConfig) -> dict[str, tuple[str, int]]:
-        return {name: (str(address), port) for name, (address, port) in zip(config.distributor_names, config.distributors)}
 
     def net_plan(self) -> NetPlan:
         assert self.config.edge is not None
@@ -66,15 +61,6 @@ class EdgeAgent(Agent):
         self.udp.start(loop, from_overlay)
         self._announce()
 
-    def _announce(self) -> None:
-        assert self.node is not None and self.udp is not None and self.loop is not None
-        announcements = self.node.announcements()
-        for datagram, distributor in announcements:
-            self.udp.reply(datagram, distributor)
-        interval = self.config.underlay.announce_interval
-        if announcements and interval > 0:
-            self._announce_timer = self.loop.call_later(interval, self._announce)  # re-armed each time
-
     def _reconfigure(self, new: NodeConfig) -> None:
         assert self.node is not None and self.config.edge is not None
         if new.edge is None:
@@ -85,9 +71,7 @@ class EdgeAgent(Agent):
         self.node.configure(self._distributors(new), new.underlay.gre_key, rekeyed)
 
     def _close_role(self) -> None:
-        if self._announce_timer is not None:
-            self._announce_timer.cancel()
-            self._announce_timer = None
+        self._stop_announcing()
 
     def _role_status(self) -> dict:
         if self.node is None:

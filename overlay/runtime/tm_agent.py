@@ -18,13 +18,13 @@ from __future__ import annotations
 import asyncio
 
 from overlay.config import NodeConfig
-from overlay.runtime.agent import Agent, authenticator, reconfigured_authenticator
+from overlay.runtime.agent import UplinkAgent, authenticator, reconfigured_authenticator
 from overlay.runtime.netsetup import NetPlan, tm_plan
 from overlay.tm.core import TrafficManager
 from overlay.tm.node import SEND, SEND_ALL, TUN, NodeOutput, TMNode
 
 
-class TMAgent(Agent):
+class TMAgent(UplinkAgent):
     role = "tm"
 
     def __init__(self, config: NodeConfig):
@@ -36,12 +36,6 @@ class TMAgent(Agent):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
         self._rearm_pending = False
-        self._announce_timer: asyncio.TimerHandle | None = None
-
-    @staticmethod
-    def _distributors(config: NodeConfig) -> dict[str, tuple[str, int]]:
-        """Each [[distributor]] by name: where answers go."""
-        return {name: (str(address), port) for name, (address, port) in zip(config.distributor_names, config.distributors)}
 
     def source_ports(self) -> int:
         # Everything leaves from the well-known port (see the module docstring): no entropy sockets.
@@ -93,16 +87,6 @@ class TMAgent(Agent):
         self._rearm()
         self._announce()
 
-    def _announce(self) -> None:
-        """Sealed announces to every distributor, every `underlay.announce_interval` (auth on only)."""
-        assert self.node is not None and self.udp is not None and self.loop is not None
-        interval = self.config.underlay.announce_interval
-        announcements = self.node.announcements()
-        for datagram, distributor in announcements:
-            self.udp.reply(datagram, distributor)
-        if announcements and interval > 0:
-            self._announce_timer = self.loop.call_later(interval, self._announce)  # re-armed each time
-
     # -- timers ---------------------------------------------------------------------------------------
 
     def _rearm(self) -> None:
@@ -147,9 +131,7 @@ class TMAgent(Agent):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._announce_timer is not None:
-            self._announce_timer.cancel()
-            self._announce_timer = None
+        self._stop_announcing()
 
     # -- status ---------------------------------------------------------------------------------------
 

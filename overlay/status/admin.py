@@ -25,9 +25,11 @@ def load_admin_token(path: str | None) -> str | None:
     """
     if path is not None:
         try:
-            token = Path(path).read_text().strip()
+            token = Path(path).read_text(encoding="utf-8").strip()
         except OSError as error:
             raise AdminTokenError(f"admin token file {path}: {error.strerror or error}") from error
+        except UnicodeDecodeError as error:
+            raise AdminTokenError(f"admin token file {path}: not UTF-8 text (byte at offset {error.start})") from None
         if not token:
             raise AdminTokenError(f"admin token file {path} is empty")
         return token

@@ -67,9 +67,11 @@ async def test_each_request_comes_from_a_fresh_connection_on_a_rotating_source(s
 
 
 async def test_duration_bounds_the_run(server_url: str) -> None:
-    report = await generate(TrafficPlan(SOURCES, url_v4=server_url, count=10**9, duration=0.5, concurrency=4))
+    # A billion requests would never finish: only the duration can end this run. The outer timeout turns a
+    # broken bound into a failure instead of a hang (no timing is asserted: the machine is shared).
+    plan = TrafficPlan(SOURCES, url_v4=server_url, count=10**9, duration=0.5, concurrency=4)
+    report = await asyncio.wait_for(generate(plan), timeout=60)
     assert 0 < report.requests < 10**9 and report.failed == 0
-    assert report.elapsed < 3.0
 
 
 async def test_refused_connections_are_failures_by_kind() -> None:

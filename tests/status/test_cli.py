@@ -174,10 +174,12 @@ def test_no_token_means_none(monkeypatch: pytest.MonkeyPatch, env: str | None) -
     assert load_admin_token(None) is None
 
 
-@pytest.mark.parametrize("content", [None, "", "\n  \n"], ids=["missing", "empty", "blank"])
-def test_configured_but_unusable_token_file_is_an_error(tmp_path: Path, content: str | None) -> None:
+@pytest.mark.parametrize("content", [None, "", "\n  \n", b"\xff\xfe token"], ids=["missing", "empty", "blank", "not UTF-8"])
+def test_configured_but_unusable_token_file_is_an_error(tmp_path: Path, content: str | bytes | None) -> None:
     path = tmp_path / "token"
-    if content is not None:
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
         path.write_text(content)
     with pytest.raises(AdminTokenError, match=str(path)):
         load_admin_token(str(path))

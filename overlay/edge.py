@@ -75,6 +75,9 @@ class EdgeNode(Uplink):
         name, frame, instead = self.receive(payload, peer)
         if frame is None:
             return instead   # a keepalive echo, or refused
+        if frame.protocol == gre.REPLICATION_PROTOCOL:
+            self.drops["unsupported-gre-protocol"] += 1    # TM state: never for an edge
+            return NO_OUTPUT
         inner = frame.inner
         version = inner[0] >> 4 if inner else 0
         if not (version == 4 and len(inner) >= 20 or version == 6 and len(inner) >= 40):

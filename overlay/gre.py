@@ -40,6 +40,8 @@ DECLINED_PROTOCOL = 0x88B7
 # A TM or edge tells the distributor where it is (sealed, empty): behind NAT, the distributor can only
 # reach it at the endpoint its datagrams come from, and these keep the NAT's binding alive.
 ANNOUNCE_PROTOCOL = 0x88B8
+# Connection state a TM replicates (overlay/tm/replication.py): TM → distributor → the row's second choice.
+REPLICATION_PROTOCOL = 0x88B9
 
 # The 32-bit GRE key: high 16 bits an optional fleet id (`underlay.gre_key`), low 16 bits the mark:
 # 0 none, 1-0xFFFE the second-chance TM's stable id (`[[tm]] id`), LAST_CHANCE on the bounce's way to it.

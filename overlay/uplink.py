@@ -80,7 +80,8 @@ class Uplink:
         if payload[2:4] == _KEEPALIVE:
             self.keepalives_echoed += 1
             return name, None, (SEND, self.seal(payload, name), peer)  # to the very port it came from: the prober's
-        if frame.protocol != gre.PROTO_IPV4 and frame.protocol != gre.PROTO_IPV6:
+        if frame.protocol != gre.PROTO_IPV4 and frame.protocol != gre.PROTO_IPV6 \
+                and frame.protocol != gre.REPLICATION_PROTOCOL:
             self.drops["unsupported-gre-protocol"] += 1
             return name, None, NO_OUTPUT
         self.last = name

@@ -35,6 +35,8 @@ from overlay.decision import (
     row_of,
 )
 from overlay.distributor.config import DistributorConfig
+from overlay.tm import replication
+from overlay.tm.packet import ADDRESS_LENGTH
 from overlay.packet import PROTO_ICMP, PROTO_ICMPV6, Flow, parse_flow
 from overlay.selection import SelectionTable, build_table
 
@@ -42,6 +44,7 @@ ACTION_TM = "tm"
 ACTION_FORWARD = "forward"
 ACTION_LOCAL = "local"
 ACTION_DROP = "drop"
+ACTION_FANOUT = "fanout"   # control datagrams to several TMs (replicated connection state)
 
 TM_STATES = ("enabled", "draining", "disabled")
 
@@ -62,6 +65,7 @@ class Verdict:  # built per packet: not frozen (cheaper); treat as read-only
     packet: bytes | None = None
     dest: tuple[str, int] | None = None
     flow_hash: int = 0
+    fanout: list[tuple[bytes, tuple[str, int]]] | None = None   # ACTION_FANOUT: datagrams, each to its TM
 
 
 @dataclass(slots=True)
@@ -360,6 +364,10 @@ class Distributor:
             if tm is None:
                 return self._drop("declined-from-unknown-peer")
             return self._declined(frame.inner)
+        if frame.protocol == gre.REPLICATION_PROTOCOL:
+            if tm is None:
+                return self._drop("replication-from-unknown-peer")
+            return self._replicate(frame.inner, tm)
         if frame.protocol not in (gre.PROTO_IPV4, gre.PROTO_IPV6):
             return self._drop("unsupported-gre-protocol")
         if tm is not None:
@@ -426,6 +434,35 @@ class Distributor:
         self.counters_tm[target] += 1
         datagram, dest = self._wire(target, gre.encapsulate(packet, key=gre.make_key(self.config.gre_key, gre.LAST_CHANCE)))
         return Verdict(ACTION_TM, target, "second-chance", None, datagram, dest, PINNED if target in self._behind_nat else 0)
+
+    def _replicate(self, batch: bytes, sender: str) -> Verdict:
+        """A TM's replicated connections: each entry to the TM that would take its row if the sender failed
+        (the row's second choice; the first, should the sender be second). Fanned out in batches."""
+        entries = replication.decode(batch)
+        if isinstance(entries, str):
+            return self._drop(entries)
+        by_target: dict[str, list[replication.Entry]] = {}
+        for entry in entries:
+            length = ADDRESS_LENGTH[entry.version]
+            ports = entry.key[2 * length:]
+            if len(ports) == 4:
+                sport, dport = int.from_bytes(ports[:2], "big"), int.from_bytes(ports[2:], "big")
+            else:
+                sport = dport = int.from_bytes(ports[1:3], "big")   # echo: the identifier
+            flow = Flow(entry.version, entry.key[:length], entry.key[length:2 * length], entry.protocol,
+                        sport, dport, False, False)
+            decision = self.decide(flow)
+            target = decision.second if decision.first == sender else decision.first
+            if target is not None and target != sender and target in self._active:
+                by_target.setdefault(target, []).append(entry)
+        self.counters_reason["replication"] += 1
+        datagrams = []
+        for target, chosen in by_target.items():
+            for packed in replication.encode(chosen):
+                gre_payload = gre.encapsulate(packed, key=gre.make_key(self.config.gre_key, 0),
+                                              protocol=gre.REPLICATION_PROTOCOL)
+                datagrams.append(self._wire(target, gre_payload))
+        return Verdict(ACTION_FANOUT, sender, "replication", fanout=datagrams)
 
     def _wire(self, peer: str, gre_payload: bytes) -> tuple[bytes, tuple[str, int]]:
         """A GRE payload for a TM or an edge, as it goes on the underlay: sealed to that peer when

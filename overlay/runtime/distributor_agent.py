@@ -19,7 +19,7 @@ import structlog
 
 from overlay import gre
 from overlay.config import NodeConfig
-from overlay.distributor.core import ACTION_FORWARD, ACTION_LOCAL, ACTION_TM, PINNED, Distributor, Verdict
+from overlay.distributor.core import ACTION_FANOUT, ACTION_FORWARD, ACTION_LOCAL, ACTION_TM, PINNED, Distributor, Verdict
 from overlay.health import HealthChecker
 from overlay.runtime.agent import Agent, authenticator, reconfigured_authenticator
 from overlay.runtime.netsetup import NetPlan, distributor_plan
@@ -69,6 +69,9 @@ class DistributorAgent(Agent):
             action = verdict.action
             if action == ACTION_TM:
                 udp_send(verdict.packet, verdict.dest, verdict.flow_hash)  # type: ignore[arg-type]
+            elif action == ACTION_FANOUT:
+                for datagram, destination in verdict.fanout:  # type: ignore[union-attr]
+                    udp_send(datagram, destination, PINNED)
             elif action == ACTION_FORWARD:
                 if verdict.dest is None:
                     tun_write(verdict.packet)  # type: ignore[arg-type]

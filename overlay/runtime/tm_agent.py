@@ -33,6 +33,7 @@ class TMAgent(UplinkAgent):
         super().__init__(config)
         self.core: TrafficManager | None = None
         self.node: TMNode | None = None
+        self._replication_timer: asyncio.TimerHandle | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
         self._rearm_pending = False
@@ -86,6 +87,18 @@ class TMAgent(UplinkAgent):
         self.udp.start(loop, from_overlay)
         self._rearm()
         self._announce()
+        self._replicate()
+
+    def _replicate(self) -> None:
+        """Every `tm.replication.interval`: what changed in the connection table, to the distributor, which
+        hands each entry to its row's second choice (overlay/tm/replication.py)."""
+        assert self.node is not None and self.udp is not None and self.loop is not None and self.config.tm is not None
+        replication = self.config.tm.replication
+        if not replication.enabled:
+            return
+        for datagram, distributor in self.node.replication(self.loop.time()):
+            self.udp.reply(datagram, distributor)
+        self._replication_timer = self.loop.call_later(replication.interval, self._replicate)
 
     # -- timers ---------------------------------------------------------------------------------------
 
@@ -126,12 +139,17 @@ class TMAgent(UplinkAgent):
         self.core.reconfigure(new.tm)
         self.node.configure(self._distributors(new), new.underlay.gre_key, rekeyed)
         self._rearm()
+        if new.tm.replication.enabled and self._replication_timer is None and self.loop is not None:
+            self.loop.call_soon(self._replicate)   # switched on by this reload (after it took effect)
 
     def _close_role(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         self._stop_announcing()
+        if self._replication_timer is not None:
+            self._replication_timer.cancel()
+            self._replication_timer = None
 
     # -- status ---------------------------------------------------------------------------------------
 

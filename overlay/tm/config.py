@@ -71,6 +71,15 @@ class ConntrackConfig:
 
 
 @dataclass(frozen=True)
+class ReplicationConfig:
+    """`[tm.replication]`: send this TM's connection state to each row's second choice (overlay/tm/replication.py)."""
+
+    enabled: bool = False
+    interval: float = 0.2          # seconds between batches: connections younger than this die with the TM
+    max_standby: int = 65536       # entries kept for other TMs
+
+
+@dataclass(frozen=True)
 class TMConfig:
     mode: str = "nat"
     management: tuple[IPAddress, ...] = ()
@@ -81,6 +90,7 @@ class TMConfig:
     conntrack: ConntrackConfig = field(default_factory=ConntrackConfig)
     services: tuple[ServiceConfig, ...] = ()
     firewall_rules: tuple[FirewallRule, ...] = ()
+    replication: ReplicationConfig = field(default_factory=ReplicationConfig)
 
     def __post_init__(self) -> None:
         problems = validate(self)
@@ -155,8 +165,9 @@ def parse_tm_section(section: Section) -> TMConfig:
     firewall = section.section("firewall")
     rules = tuple(_parse_rule(item) for item in firewall.sections("rule"))
     firewall.done()
+    replication = _parse_replication(section.section("replication"))
     section.done()
-    values = (mode, management, xlate, natable, fleet_xlate, port_range, conntrack, services, rules)
+    values = (mode, management, xlate, natable, fleet_xlate, port_range, conntrack, services, rules, replication)
     problems = validate(_unchecked(*values))
     if problems:
         where, message = problems[0]
@@ -182,6 +193,16 @@ def _port_range(value: Any) -> tuple[int, int]:
     if not 1 <= lo <= hi <= 65535:
         raise ValueError(f"{value!r}: needs 1 <= LOW <= HIGH <= 65535")
     return lo, hi
+
+
+def _parse_replication(section: Section) -> ReplicationConfig:
+    config = ReplicationConfig(
+        enabled=section.bool("enabled", False),
+        interval=section.float("interval", 0.2, minimum=0.01),
+        max_standby=section.int("max_standby", 65536, minimum=1),
+    )
+    section.done()
+    return config
 
 
 def _parse_conntrack(section: Section) -> ConntrackConfig:

@@ -22,6 +22,7 @@ from overlay.tm.config import DEFAULT_TIMEOUTS, TMConfig
 from overlay.tm.conntrack import Conn, ConnTable, Half
 from overlay.tm.firewall import RuleList, compile_prefixes, in_prefixes
 from overlay.tm.fragments import FragmentTracker
+from overlay.tm.replication import KIND_DNAT, KIND_FIREWALL, KIND_HAIRPIN, KIND_SNAT, StandbyCache, decode, encode, entry_of
 from overlay.tm.packet import (
     ADDRESS_LENGTH, ECHO_REPLY_MARK, ICMP, ICMPV6, TCP, UDP, IcmpError, parse_first_fragment, parse_fragment, parse_ip,
     parse_transport,
@@ -58,6 +59,7 @@ class TMResult:
 
 
 _BOUNCED = TMResult(BOUNCE, None, R.SECOND_CHANCE)
+_KIND_OF_REASON = {R.DNAT: KIND_DNAT, R.SNAT: KIND_SNAT, R.HAIRPIN: KIND_HAIRPIN, R.FIREWALL_ALLOW: KIND_FIREWALL}
 _DECLINED = TMResult(DECLINE, None, R.DECLINED)
 _HELD = TMResult(HOLD, None, R.FRAGMENT_HELD)
 
@@ -67,6 +69,9 @@ class TrafficManager:
         self._mark = UNMARKED
         self._table = ConnTable(config.conntrack.max_entries, [])
         self._fragments = FragmentTracker()
+        self._dirty: dict[Conn, None] = {}     # changed since the last replication export
+        self._standby = StandbyCache(config.replication.max_standby)
+        self._replication = {"sent": 0, "received": 0, "committed": 0, "not_ours": 0}
         self._allocators: dict[tuple[bytes, int], PortAllocator] = {}
         self._counts = dict.fromkeys(R.ALL_REASONS, 0)
         self._local_counts = dict.fromkeys(R.ALL_REASONS, 0)
@@ -79,6 +84,7 @@ class TrafficManager:
     # -- configuration ------------------------------------------------------------------------------
     def _apply(self, config: TMConfig) -> None:
         self.config = config
+        self._replicate = config.replication.enabled
         self._nat = config.mode == "nat"
         self._management = frozenset(address.packed for address in config.management)
         self._xlate: dict[int, bytes] = {address.version: address.packed for address in config.xlate}
@@ -168,7 +174,10 @@ class TrafficManager:
         table = self._table
         half = table.tables[protocol].get(key)
         if half is None:
-            return self._open(packet, version, protocol, l4, end, key, info, now)
+            if self._standby:
+                half = self._commit(protocol, key, now)   # another TM's connection, replicated to us
+            if half is None:
+                return self._open(packet, version, protocol, l4, end, key, info, now)
         conn = half.conn
         state = conn.state
         if conn.last_seen + table.timeouts[state] <= now:
@@ -186,6 +195,8 @@ class TrafficManager:
             table.by_state[state].move_to_end(conn)
         else:
             table.touch(conn, state, now)
+            if self._replicate:
+                self._dirty[conn] = None
         reason = half.reason
         self._counts[reason] += 1
         if half.addresses is None:
@@ -384,6 +395,8 @@ class TrafficManager:
             return self._drop(R.CONNTRACK_CLASH)
         self._table.add(conn)
         self._created += 1
+        if self._replicate:
+            self._dirty[conn] = None
         self._counts[reasons[0]] += 1
         return TMResult(OVERLAY, rewrite(packet, version, protocol, l4, end, conn.original), reasons[0])
 
@@ -407,8 +420,66 @@ class TrafficManager:
         conn.reply = Half(conn, 1, reply_key, R.FIREWALL_REPLY, None, None, 0, 0)
         self._table.add(conn)
         self._created += 1
+        if self._replicate:
+            self._dirty[conn] = None
         self._counts[R.FIREWALL_ALLOW] += 1
         return TMResult(OVERLAY, packet if end == len(packet) else packet[:end], R.FIREWALL_ALLOW)
+
+    # -- replication (overlay/tm/replication.py) ----------------------------------------------------------
+    def export_replication(self, now: float) -> list[bytes]:
+        """Batches of what changed since the last call (new connections, state changes): for the
+        distributor, which hands each entry to its row's second choice."""
+        if not self._dirty:
+            return []
+        tables = self._table.tables
+        entries = [entry_of(conn, _KIND_OF_REASON[conn.original.reason], now) for conn in self._dirty
+                   if tables[conn.protocol].get(conn.original.key) is conn.original]
+        self._dirty = {}
+        batches = encode(entries)
+        self._replication["sent"] += len(entries)
+        return batches
+
+    def import_replication(self, batch: bytes, now: float) -> str | None:
+        """Entries another TM replicated to us (through the distributor); a reason when malformed."""
+        entries = decode(batch)
+        if isinstance(entries, str):
+            self._counts[R.MALFORMED_REPLICATION] += 1
+            return entries
+        for entry in entries:
+            self._standby.add(entry, now)
+        self._replication["received"] += len(entries)
+        return None
+
+    def _commit(self, protocol: int, key: bytes, now: float) -> Half | None:
+        """A packet we have no state for, of a connection another TM replicated to us: install it with the
+        same translation, and go on. Source-NATed connections stay with their xlate's owner."""
+        taken = self._standby.take(protocol, key, now, self._table.timeouts)
+        if taken is None:
+            return None
+        entry, seen = taken
+        if entry.kind in (KIND_SNAT, KIND_HAIRPIN):
+            self._replication["not_ours"] += 1
+            return None
+        table = self._table
+        if table.clashes(protocol, entry.key) or table.clashes(protocol, entry.reply_key) or not table.make_room(now):
+            return None
+        conn = Conn(protocol, entry.version, entry.state, seen)
+        length = ADDRESS_LENGTH[entry.version]
+        if entry.kind == KIND_FIREWALL:
+            conn.original = Half(conn, 0, entry.key, R.FIREWALL_ALLOW, None, None, 0, 0)
+            conn.reply = Half(conn, 1, entry.reply_key, R.FIREWALL_REPLY, None, None, 0, 0)
+        else:
+            ports = entry.key[2 * length:]
+            old_ports = ports[1:3] if protocol == ICMP or protocol == ICMPV6 else ports
+            _link(conn, entry.key, entry.reply_key, (R.DNAT, R.REVERSE_DNAT), entry.key[:length],
+                  entry.key[length:2 * length], entry.addresses[:length], entry.addresses[length:], old_ports,
+                  entry.ports)
+            conn.server = self._find_server(conn)
+        table.add(conn)
+        self._replication["committed"] += 1
+        if self._replicate:
+            self._dirty[conn] = None      # ours now: our own second choice gets it
+        return conn.original if key == entry.key else conn.reply
 
     # -- time -----------------------------------------------------------------------------------------
     def expire(self, now: float) -> int:
@@ -460,6 +531,8 @@ class TrafficManager:
             "ports": {"range": list(self.config.port_range), "by_address": ports},
             "services": [service.status() for service in self._services.values()],
             "fragments": self._fragments.status(),
+            "replication": {"enabled": self._replicate, "standby_entries": len(self._standby),
+                            "pending": len(self._dirty), **self._replication},
             # Dropped packets by reason, the non-zero ones: the status page's "why" at a glance.
             "drops": {reason: self._counts[reason] + self._local_counts[reason] for reason in R.ALL_REASONS
                       if reason not in R.PASSING and self._counts[reason] + self._local_counts[reason]},

@@ -39,6 +39,12 @@ class TMNode(Uplink):
         name, frame, instead = self.receive(payload, peer)
         if frame is None:
             return instead   # a keepalive echo, or refused
+        if frame.protocol == gre.REPLICATION_PROTOCOL:
+            # Another TM's connections, for which the distributor made us the standby.
+            problem = self.core.import_replication(frame.inner, now)
+            if problem is not None:
+                self.drops[problem] += 1
+            return NO_OUTPUT
         result = self.core.receive(frame.inner, now, _mark(frame.key))
         action = result.action
         if action == BOUNCE:
@@ -50,6 +56,13 @@ class TMNode(Uplink):
             declined = gre.encapsulate(frame.inner, key=frame.key, protocol=gre.DECLINED_PROTOCOL)
             return (SEND, self.seal(declined, name), self.by_name[name])
         return self._output(result, name)
+
+    def replication(self, now: float) -> list[tuple[bytes, Peer]]:
+        """What changed in our connection table since the last call, in sealed batches for the distributor
+        we last heard from (it forwards each entry to its row's second choice)."""
+        name = self.last
+        return [(self.seal(gre.encapsulate(batch, key=self.key, protocol=gre.REPLICATION_PROTOCOL), name),
+                 self.by_name[name]) for batch in self.core.export_replication(now)]
 
     def from_tun(self, packet: bytes, now: float) -> NodeOutput:
         """What the TM host's own stack sent (its management addresses' answers)."""

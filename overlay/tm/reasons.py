@@ -74,6 +74,7 @@ NOT_MANAGEMENT_SOURCE = "not-management-source"
 
 MALFORMED_ICMP_MISMATCH = "malformed:icmp-error-mismatch"   # ICMP error not addressed to the quoted sender
 MALFORMED_TCP_FLAGS = "malformed:tcp-flags"                 # SYN with RST or FIN: never a valid opener
+MALFORMED_REPLICATION = "malformed:replication"             # a replication batch from the distributor we cannot read
 
 FRAGMENT_LIMIT = "fragment-limit"                        # an early fragment no limit lets us hold
 FRAGMENT_ORPHAN = "fragment-orphan"                      # held for a first fragment that was itself dropped

@@ -1,0 +1,80 @@
+"""Issue 13's lab proof with real agents: a TM is SIGKILLed under long-lived TCP streams, and with
+`[tm.replication]` on, its streams go on at their rows' second choice, which commits the state the dead TM
+had replicated to it (overlay/tm/replication.py). Negative control: replication off — the same streams
+break, and the heirs count their packets as invalid.
+
+The streams are established and left to run for several replication intervals before the kill: the
+documented loss window is a connection younger than one interval (0.2 s by default).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from overlay.lab import topology
+from overlay.lab.lab import Lab, unavailable_reason
+
+from .conftest import lab_config_with_admin_token, lab_prefix, lab_running
+from .test_lab_issue5 import DETECTION, Issue5Lab, SlowStreams
+
+pytestmark = pytest.mark.lab
+
+LAB_UNAVAILABLE = unavailable_reason()
+TOKEN = "replication-admin-token-0123456789ab"
+VICTIM = "tm2"
+STREAM_SECONDS = 14.0
+REPLICATION = "\n[tm.replication]\nenabled = true\ninterval = 0.2\n"
+
+
+@pytest.fixture(scope="module", params=["replicated", "not replicated"])
+def lab13(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Issue5Lab]:
+    if LAB_UNAVAILABLE:
+        pytest.skip(f"lab cannot run: {LAB_UNAVAILABLE}")
+    root = tmp_path_factory.mktemp("replication-lab")
+    config_dir = lab_config_with_admin_token(root, TOKEN)
+    if request.param == "replicated":
+        for tm in topology.TMS:
+            path = config_dir / f"{tm}.toml"
+            path.write_text(path.read_text() + REPLICATION)
+    lab = Lab(lab_prefix("r" + request.param[0]), config_dir=config_dir, state_dir=root / "state")
+    with lab_running(lab):
+        yield Issue5Lab(lab, config_dir / "distributor.toml", root / "admin.token")
+
+
+def test_a_sigkilled_tms_streams_survive_only_with_replication(lab13: Issue5Lab) -> None:
+    replicated = lab13.status(VICTIM)["replication"]["enabled"]
+    on_victim = lab13.placement.sources_on(VICTIM, 6)
+    elsewhere = [s for tm in topology.TMS if tm != VICTIM for s in lab13.placement.sources_on(tm, 1)]
+    heirs = {lab13.placement.landing(source, down=[VICTIM]) for source in on_victim}
+    streams = SlowStreams(lab13.lab, [(s, STREAM_SECONDS) for s in on_victim + elsewhere], stall_timeout=8.0)
+    try:
+        streams.wait_flowing()
+        time.sleep(1.0)   # five replication intervals: every stream's state is at its standby
+        before = {tm: lab13.status(tm) for tm in heirs}
+        os.kill(lab13.pid(VICTIM), signal.SIGKILL)
+        detected = lab13.wait_for(lambda status: status["tms"][VICTIM]["up"] is False, timeout=DETECTION + 5)
+    finally:
+        results = streams.results()
+    on_victim_results = [r for r in results if r.source in on_victim]
+    elsewhere_results = [r for r in results if r.source not in on_victim]
+    assert [r for r in elsewhere_results if not r.ok] == [], "streams through the other TMs never notice"
+    committed = sum(lab13.status(tm)["replication"]["committed"] - before[tm]["replication"]["committed"] for tm in heirs)
+    invalid = sum(lab13.status(tm)["counters"].get("invalid.no_state", 0) - before[tm]["counters"].get("invalid.no_state", 0)
+                  for tm in heirs)
+    broken = [r for r in on_victim_results if not r.ok]
+    if replicated:
+        assert broken == [], f"{VICTIM}'s streams must go on at their standby: {broken}"
+        assert committed >= len(on_victim) and invalid == 0, (committed, invalid)
+        # They stall for the detection time plus TCP's retransmission backoff (reported, not asserted).
+    else:
+        assert len(broken) == len(on_victim), "negative control: without replication the streams break"
+        assert committed == 0 and invalid > 0
+    print(f"\n{'replication on' if replicated else 'replication off'}: {VICTIM} SIGKILLed, detected after "
+          f"{detected:.2f}s; its {len(on_victim)} streams: {len(on_victim) - len(broken)} went on (longest gap "
+          f"{max(r.max_gap for r in on_victim_results):.2f}s), committed at {sorted(heirs)}: {committed}, "
+          f"invalid there: {invalid}; {len(elsewhere_results)} streams elsewhere all complete")

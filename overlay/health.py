@@ -81,6 +81,9 @@ class HealthConfig:
     fall: int = 3  # consecutive failures that take an up TM down
     http: bool = False  # also require the TM's /healthz to answer 200
     all_down: str = "drop"  # what the distributor does with traffic when no TM is up
+    # Seconds a TM that came back up shares its rows with the TMs that held them while it was down: they
+    # get its packets it has no state for (second chance), so connections opened or moved there live on.
+    return_grace: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.interval > 0:

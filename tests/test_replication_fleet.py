@@ -7,9 +7,12 @@ as invalid."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from overlay.tm.node import SEND
+from overlay.tm.core import TrafficManager
+from overlay.tm.node import SEND, TMNode
 from tests.test_fleet_in_memory import CLIENTS, Fleet, exchange, open_connection
 
 REPLICATION = "\n[tm.replication]\nenabled = true\n"
@@ -75,3 +78,43 @@ def test_a_malformed_batch_is_refused_whole(garbage: bytes) -> None:
     assert core.import_replication(garbage, 1.0) is not None
     assert core.snapshot()["replication"]["standby_entries"] == 0
     assert core.counters()["malformed.replication"] == 1
+
+
+def restart(fleet: Fleet, name: str) -> None:
+    node = fleet.nodes[name]
+    fresh = TrafficManager(node.core.config)
+    fleet.tms[name] = fresh
+    fleet.nodes[name] = TMNode(fresh, dict(node.by_name), node._fleet_id or None, node.auth)
+
+
+def crash_and_return(grace: bool) -> dict[str, int]:
+    """tm1 crashes (its connections go on at their heirs, replicated), then comes back; with a return
+    grace its rows are shared with the heirs (second chance), so those connections live on."""
+    fleet = Fleet(lambda text: text + REPLICATION)
+    if grace:
+        config = fleet.distributor.config
+        fleet.distributor.reconfigure(dataclasses.replace(config, health=dataclasses.replace(config.health, return_grace=30.0)))
+    connections = [(client, *open_connection(fleet, client)) for client in CLIENTS]
+    replicate(fleet)
+    fleet.distributor.set_tm_up("tm1", False)
+    victims = [(client, server_end) for client, tm, server_end in connections if tm == "tm1"]
+    for client, server_end in victims:
+        assert exchange(fleet, client, server_end)[2], "moved to its heir by replication"
+    restart(fleet, "tm1")                          # a crashed TM comes back empty
+    fleet.distributor.set_tm_up("tm1", True)      # back: its rows are its own again
+    survived = sum(exchange(fleet, client, server_end)[2] for client, server_end in victims)
+    # New connections from those clients open on tm1 again.
+    new = [open_connection(fleet, client.rsplit(":", 1)[0] + ":50001")[0] for client, _ in victims]
+    return {"victims": len(victims), "survived": survived, "invalid": fleet.invalid(), "new_on_tm1": new.count("tm1")}
+
+
+def test_when_the_tm_returns_within_its_grace_the_moved_connections_live_on() -> None:
+    result = crash_and_return(grace=True)
+    assert result["victims"] > 10
+    assert result == {"victims": result["victims"], "survived": result["victims"], "invalid": 0,
+                      "new_on_tm1": result["victims"]}
+
+
+def test_negative_control_without_a_return_grace_the_moved_connections_break_on_return() -> None:
+    result = crash_and_return(grace=False)
+    assert result["survived"] == 0 and result["invalid"] >= result["victims"] and result["new_on_tm1"] == result["victims"]

@@ -170,6 +170,7 @@ def parse_distributor(root: Section, name: str, underlay_address: IPAddress, und
             fall=health_section.int("fall", 3, minimum=1),
             http=health_section.bool("http", False),
             all_down=health_section.str("all_down", "drop", choices=ALL_DOWN_POLICIES),
+            return_grace=health_section.float("return_grace", 0.0, minimum=0.0),
         )
     except ConfigError:
         raise  # already names its field and line (ConfigError is a ValueError: keep it whole)

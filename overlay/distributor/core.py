@@ -107,6 +107,8 @@ class Distributor:
         self.edge_prefixes: dict[str, tuple[str, ...]] = {}   # what each edge last announced it serves
         self._admin: dict[str, str] = {}
         self._up: dict[str, bool] = {}
+        self._returning: set[str] = set()   # back up, within health.return_grace: rows shared with the heirs
+        self._return_tokens: dict[str, int] = {}
         self.counters_tm: Counter[str] = Counter()
         self.counters_cell: Counter[str] = Counter()
         self.counters_reason: Counter[str] = Counter()
@@ -178,6 +180,7 @@ class Distributor:
         self._fleet_id = config.gre_key or 0
         self._admin = {tm.name: self._admin.get(tm.name, "enabled") for tm in config.tms}
         self._up = {tm.name: self._up.get(tm.name, True) for tm in config.tms}
+        self._returning &= set(self._up)
         self.generation += 1
         if hasattr(self, "_table"):
             del self._table  # a kept-last table names the old config's TMs: never carry it across
@@ -188,6 +191,21 @@ class Distributor:
             raise KeyError(name)
         if self._up[name] != up:
             self._up[name] = up
+            if up and self.config.health.return_grace > 0:
+                self._returning.add(name)   # until end_return(name, token): the agent's timer
+                self._return_tokens[name] = self._return_tokens.get(name, 0) + 1
+            else:
+                self._returning.discard(name)
+            self._rebuild()
+
+    def return_token(self, name: str) -> int:
+        """Which return of `name` this is: a timer for an earlier one (the TM flapped) ends nothing."""
+        return self._return_tokens.get(name, 0)
+
+    def end_return(self, name: str, token: int | None = None) -> None:
+        """`health.return_grace` after `name` came back: its rows are its own again, unmarked."""
+        if name in self._returning and (token is None or token == self._return_tokens.get(name)):
+            self._returning.discard(name)
             self._rebuild()
 
     def set_tm_state(self, name: str, state: str) -> None:
@@ -204,7 +222,7 @@ class Distributor:
     def tm_states(self) -> dict[str, dict[str, object]]:
         return {
             name: {"admin": self._admin[name], "up": self._up[name], "serving": name in self._serving,
-                   "reachable": name in self._active}
+                   "reachable": name in self._active, "returning": name in self._returning}
             for name in self._admin
         }
 
@@ -226,15 +244,27 @@ class Distributor:
         # Rows a draining TM would still win get it as their second chance: the new first choice takes
         # new connections and hands back packets it has no state for (see gre.SECOND_CHANCE_PROTOCOL).
         self._fallback: list[int] | None = None
+        ids = {tm.name: tm.id for tm in self.config.tms}
         if draining:
             with_draining = build_table({**serving, **draining}, self.config.seed, self.config.rows_log2)
-            ids = {tm.name: tm.id for tm in self.config.tms}
             fallback = [0] * self._table.rows
             for row, winner in enumerate(with_draining.first):
                 if winner >= 0:
                     name = with_draining.names[winner]
                     if name in draining:
                         fallback[row] = ids[name]
+            self._fallback = fallback
+        returning = self._returning & set(serving)
+        if returning:
+            # Rows a returning TM wins back are marked with the TM that held them while it was down: the
+            # returned TM takes new connections and hands back what it has no state for (second chance).
+            without = build_table({name: w for name, w in serving.items() if name not in returning},
+                                  self.config.seed, self.config.rows_log2)
+            fallback = self._fallback or [0] * self._table.rows
+            names, first, heirs = self._table.names, self._table.first, without.first
+            for row, winner in enumerate(first):
+                if winner >= 0 and names[winner] in returning and heirs[row] >= 0 and not fallback[row]:
+                    fallback[row] = ids[without.names[heirs[row]]]
             self._fallback = fallback
 
     @property

@@ -161,8 +161,11 @@ class DistributorAgent(Agent):
                 log.error("tm.down", tm=tm, detection_time_s=self.health.config.detection_time)
         serving = self.health.serving()
         if serving != self._serving:
+            grace = self.health.config.return_grace
             for tm in serving ^ self._serving:
                 self.core.set_tm_up(tm, tm in serving)
+                if tm in serving and grace > 0 and self.loop is not None:
+                    self.loop.call_later(grace, self.core.end_return, tm, self.core.return_token(tm))
             self._serving = serving
         all_down = self.health.all_down()
         if all_down and not self._all_down_logged:

@@ -1,7 +1,9 @@
 """Issue 13's lab proof with real agents: a TM is SIGKILLed under long-lived TCP streams, and with
 `[tm.replication]` on, its streams go on at their rows' second choice, which commits the state the dead TM
-had replicated to it (overlay/tm/replication.py). Negative control: replication off — the same streams
-break, and the heirs count their packets as invalid.
+had replicated to it (overlay/tm/replication.py); then the TM is restarted (empty) and its rows move back
+while the streams still run — `health.return_grace` shares them with the heirs (second chance), so the
+streams live on. Negative control: replication off — the same streams break at the crash, and the heirs
+count their packets as invalid.
 
 The streams are established and left to run for several replication intervals before the kill: the
 documented loss window is a connection younger than one interval (0.2 s by default).
@@ -20,7 +22,7 @@ from overlay.lab import topology
 from overlay.lab.lab import Lab, unavailable_reason
 
 from .conftest import lab_config_with_admin_token, lab_prefix, lab_running
-from .test_lab_issue5 import DETECTION, Issue5Lab, SlowStreams
+from .test_lab_issue5 import DETECTION, RECOVERY, Issue5Lab, SlowStreams
 
 pytestmark = pytest.mark.lab
 
@@ -41,6 +43,9 @@ def lab13(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         for tm in topology.TMS:
             path = config_dir / f"{tm}.toml"
             path.write_text(path.read_text() + REPLICATION)
+        # A TM back from a crash shares its rows with the TMs that held them meanwhile (second chance).
+        distributor = config_dir / "distributor.toml"
+        distributor.write_text(distributor.read_text().replace("[health]\n", "[health]\nreturn_grace = 30\n", 1))
     lab = Lab(lab_prefix("r" + request.param[0]), config_dir=config_dir, state_dir=root / "state")
     with lab_running(lab):
         yield Issue5Lab(lab, config_dir / "distributor.toml", root / "admin.token")
@@ -58,8 +63,18 @@ def test_a_sigkilled_tms_streams_survive_only_with_replication(lab13: Issue5Lab)
         before = {tm: lab13.status(tm) for tm in heirs}
         os.kill(lab13.pid(VICTIM), signal.SIGKILL)
         detected = lab13.wait_for(lambda status: status["tms"][VICTIM]["up"] is False, timeout=DETECTION + 5)
+        returned = None
+        if replicated:
+            # It comes back, empty: its rows move back to it while the streams still run.
+            time.sleep(1.0)
+            lab13.start_tm(VICTIM)
+            returned = lab13.wait_for(lambda status: status["tms"][VICTIM]["up"] is True, timeout=RECOVERY + 10)
+            returned_at = time.monotonic()
+            assert lab13.status()["tms"][VICTIM]["returning"]
     finally:
         results = streams.results()
+    if returned is not None:
+        assert all(r.ended > returned_at for r in results), "the streams must still run when the TM returns"
     on_victim_results = [r for r in results if r.source in on_victim]
     elsewhere_results = [r for r in results if r.source not in on_victim]
     assert [r for r in elsewhere_results if not r.ok] == [], "streams through the other TMs never notice"
@@ -74,7 +89,13 @@ def test_a_sigkilled_tms_streams_survive_only_with_replication(lab13: Issue5Lab)
     else:
         assert len(broken) == len(on_victim), "negative control: without replication the streams break"
         assert committed == 0 and invalid > 0
+    if replicated:
+        # Back on it after the return: new connections are its own, the moved ones bounced to their heirs.
+        bounced = lab13.status(VICTIM)["counters"].get("bounced.second_chance", 0)
+        assert bounced > 0, "the returned TM hands the moved connections' packets back to their heirs"
     print(f"\n{'replication on' if replicated else 'replication off'}: {VICTIM} SIGKILLed, detected after "
           f"{detected:.2f}s; its {len(on_victim)} streams: {len(on_victim) - len(broken)} went on (longest gap "
           f"{max(r.max_gap for r in on_victim_results):.2f}s), committed at {sorted(heirs)}: {committed}, "
-          f"invalid there: {invalid}; {len(elsewhere_results)} streams elsewhere all complete")
+          f"invalid there: {invalid}; {len(elsewhere_results)} streams elsewhere all complete"
+          + (f"; {VICTIM} restarted and back up after {returned:.2f}s, the streams went on through its return"
+             if returned is not None else ""))

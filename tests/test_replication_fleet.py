@@ -8,12 +8,14 @@ as invalid."""
 from __future__ import annotations
 
 import dataclasses
+import shutil
+from pathlib import Path
 
 import pytest
 
 from overlay.tm.core import TrafficManager
 from overlay.tm.node import SEND, TMNode
-from tests.test_fleet_in_memory import CLIENTS, Fleet, exchange, open_connection
+from tests.test_fleet_in_memory import CLIENTS, CONFIG, Fleet, addresses, exchange, open_connection, tcp
 
 REPLICATION = "\n[tm.replication]\nenabled = true\n"
 
@@ -118,3 +120,59 @@ def test_when_the_tm_returns_within_its_grace_the_moved_connections_live_on() ->
 def test_negative_control_without_a_return_grace_the_moved_connections_break_on_return() -> None:
     result = crash_and_return(grace=False)
     assert result["survived"] == 0 and result["invalid"] >= result["victims"] and result["new_on_tm1"] == result["victims"]
+
+
+# -- source-NATed connections: the xlate's designated backup -----------------------------------------------
+BACKUPS = {"tm1": "tm2", "tm2": "tm3", "tm3": "tm1"}
+
+
+def fleet_with_backups(tmp_path: Path, backups: bool) -> Fleet:
+    shutil.copytree(CONFIG, tmp_path, dirs_exist_ok=True)
+    if backups:
+        path = tmp_path / "distributor.toml"
+        text = path.read_text()
+        for tm, backup in BACKUPS.items():
+            text = text.replace(f'name = "{tm}"\n', f'name = "{tm}"\nbackup = "{backup}"\n', 1)
+        path.write_text(text)
+    for tm in BACKUPS:
+        path = tmp_path / f"{tm}.toml"
+        path.write_text(path.read_text() + REPLICATION)
+    return Fleet(config=tmp_path)
+
+
+def snat_flows_survive(tmp_path: Path, backups: bool) -> dict[str, int]:
+    fleet = fleet_with_backups(tmp_path, backups)
+    flows = []
+    for index in range(60):
+        server, remote = f"203.0.113.1{index % 2}:{5000 + index}", f"198.51.100.{20 + index}:443"
+        tms, out = fleet.send(tcp(server, remote, "S"))
+        assert out is not None
+        public = "{}:{}".format(*addresses(out)[:2])
+        assert fleet.send(tcp(remote, public, "SA"))[1] is not None
+        flows.append((tms[0], server, remote, public))
+    replicate(fleet)
+    victim = max(BACKUPS, key=lambda tm: sum(flow[0] == tm for flow in flows))
+    fleet.distributor.set_tm_up(victim, False)
+    survived = 0
+    on_victim = [flow for flow in flows if flow[0] == victim]
+    for _, server, remote, public in on_victim:
+        tms, out = fleet.send(tcp(server, remote, "PA"))
+        kept = out is not None and "{}:{}".format(*addresses(out)[:2]) == public
+        _, back = fleet.send(tcp(remote, public, "PA"))
+        survived += kept and back is not None and addresses(back)[2:] == tuple(split(server))
+    return {"on_victim": len(on_victim), "survived": survived, "invalid": fleet.invalid()}
+
+
+def split(endpoint: str) -> tuple[str, int]:
+    host, port = endpoint.rsplit(":", 1)
+    return host, int(port)
+
+
+def test_source_nated_connections_survive_through_the_xlates_backup(tmp_path: Path) -> None:
+    result = snat_flows_survive(tmp_path, backups=True)
+    assert result["on_victim"] > 10 and result == {"on_victim": result["on_victim"], "survived": result["on_victim"], "invalid": 0}
+
+
+def test_negative_control_without_a_designated_backup_their_replies_are_dropped(tmp_path: Path) -> None:
+    result = snat_flows_survive(tmp_path, backups=False)
+    assert result["on_victim"] > 10 and result["survived"] == 0

@@ -49,6 +49,7 @@ class TMEntry:
     xlate: tuple[AddressEntry, ...]
     id: int = 0  # stable id in second-chance marks (gre.default_tm_id(name) unless configured)
     public_keys: tuple[bytes, ...] = ()  # with [auth] on: the first is sealed to, all are accepted
+    backup: str | None = None  # owns this TM's xlate while it is down (with [tm.replication]: docs/tm.md)
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,11 @@ def parse_distributor(root: Section, name: str, underlay_address: IPAddress, und
     tms = tuple(_parse_tms(root, sets, underlay_address, capture, capture_from, sealed))
     if not tms:
         raise root.error("tm", "at least one [[tm]] is required")
+    names = {tm.name for tm in tms}
+    for index, tm in enumerate(tms):
+        if tm.backup is not None and (tm.backup not in names or tm.backup == tm.name):
+            section = next(s for i, s in enumerate(root.sections("tm")) if i == index)
+            raise section.error("backup", f"must name another [[tm]]; {tm.backup!r} is not one")
     if all(tm.weight == 0 for tm in tms):
         raise root.error("tm", "all TM weights are zero: no TM could ever be chosen")
 
@@ -274,8 +280,9 @@ def _parse_tms(root: Section, sets: dict[str, tuple[AddressEntry, ...]], underla
                     raise section.error(field_name, f"{entry} is also owned by TM {owner!r} ({other_field}): an address or port block has one owner")
             owned.append((entry, name, f"tm[{index}].{field_name}"))
         public_keys = parse_public_keys(section, required=sealed)
+        backup = section.str("backup", None)
         section.done()
-        tms.append(TMEntry(name, underlay, weight, management, xlate, tm_id, public_keys))
+        tms.append(TMEntry(name, underlay, weight, management, xlate, tm_id, public_keys, backup))
     return tms
 
 

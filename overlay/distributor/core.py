@@ -177,6 +177,10 @@ class Distributor:
         # Second-chance marks name TMs by their stable id: a reload that adds or removes TMs never
         # re-targets marks already in flight.
         self._tm_by_id = {tm.id: tm.name for tm in config.tms}
+        # Each TM's designated backup (`[[tm]] backup`): the owner of its xlate addresses while it is down,
+        # and a standby of its source-NATed connections (they are replicated there). Without one, replies to
+        # a down TM's xlate are dropped (`owner-down`): nobody else holds their state.
+        self._backup = {tm.name: tm.backup for tm in config.tms if tm.backup is not None}
         self._fleet_id = config.gre_key or 0
         self._admin = {tm.name: self._admin.get(tm.name, "enabled") for tm in config.tms}
         self._up = {tm.name: self._up.get(tm.name, True) for tm in config.tms}
@@ -316,6 +320,11 @@ class Distributor:
                 decision.first = owner
                 if owner in self._active:
                     decision.action, decision.tm, decision.reason = ACTION_TM, owner, "owner"
+                elif self._backup.get(owner) in self._active:
+                    # Its xlate's replies go to its designated backup, which holds its replicated bindings.
+                    backup = self._backup[owner]
+                    decision.second = backup
+                    decision.action, decision.tm, decision.reason = ACTION_TM, backup, "owner-backup"
                 else:
                     decision.reason = "owner-down"
                 return decision
@@ -482,9 +491,13 @@ class Distributor:
             flow = Flow(entry.version, entry.key[:length], entry.key[length:2 * length], entry.protocol,
                         sport, dport, False, False)
             decision = self.decide(flow)
-            target = decision.second if decision.first == sender else decision.first
-            if target is not None and target != sender and target in self._active:
-                by_target.setdefault(target, []).append(entry)
+            targets = {decision.second if decision.first == sender else decision.first}
+            if entry.kind in (replication.KIND_SNAT, replication.KIND_HAIRPIN):
+                # Its replies come to the xlate's owner — the sender's backup once the sender is down.
+                targets.add(self._backup.get(sender))
+            for target in targets:
+                if target is not None and target != sender and target in self._active:
+                    by_target.setdefault(target, []).append(entry)
         self.counters_reason["replication"] += 1
         datagrams = []
         for target, chosen in by_target.items():

@@ -60,6 +60,8 @@ class TMResult:
 
 _BOUNCED = TMResult(BOUNCE, None, R.SECOND_CHANCE)
 _KIND_OF_REASON = {R.DNAT: KIND_DNAT, R.SNAT: KIND_SNAT, R.HAIRPIN: KIND_HAIRPIN, R.FIREWALL_ALLOW: KIND_FIREWALL}
+_REASONS_OF_KIND = {KIND_DNAT: (R.DNAT, R.REVERSE_DNAT), KIND_SNAT: (R.SNAT, R.REVERSE_SNAT),
+                    KIND_HAIRPIN: (R.HAIRPIN, R.REVERSE_HAIRPIN)}
 _DECLINED = TMResult(DECLINE, None, R.DECLINED)
 _HELD = TMResult(HOLD, None, R.FRAGMENT_HELD)
 
@@ -71,7 +73,7 @@ class TrafficManager:
         self._fragments = FragmentTracker()
         self._dirty: dict[Conn, None] = {}     # changed since the last replication export
         self._standby = StandbyCache(config.replication.max_standby)
-        self._replication = {"sent": 0, "received": 0, "committed": 0, "not_ours": 0}
+        self._replication = {"sent": 0, "received": 0, "committed": 0}
         self._allocators: dict[tuple[bytes, int], PortAllocator] = {}
         self._counts = dict.fromkeys(R.ALL_REASONS, 0)
         self._local_counts = dict.fromkeys(R.ALL_REASONS, 0)
@@ -457,9 +459,6 @@ class TrafficManager:
         if taken is None:
             return None
         entry, seen = taken
-        if entry.kind in (KIND_SNAT, KIND_HAIRPIN):
-            self._replication["not_ours"] += 1
-            return None
         table = self._table
         if table.clashes(protocol, entry.key) or table.clashes(protocol, entry.reply_key) or not table.make_room(now):
             return None
@@ -471,10 +470,13 @@ class TrafficManager:
         else:
             ports = entry.key[2 * length:]
             old_ports = ports[1:3] if protocol == ICMP or protocol == ICMPV6 else ports
-            _link(conn, entry.key, entry.reply_key, (R.DNAT, R.REVERSE_DNAT), entry.key[:length],
+            # A source-NATed connection keeps the failed TM's xlate address and port: its replies reach us
+            # because the distributor routes that address to us, its backup, while it is down.
+            _link(conn, entry.key, entry.reply_key, _REASONS_OF_KIND[entry.kind], entry.key[:length],
                   entry.key[length:2 * length], entry.addresses[:length], entry.addresses[length:], old_ports,
                   entry.ports)
-            conn.server = self._find_server(conn)
+            if entry.kind != KIND_SNAT:
+                conn.server = self._find_server(conn)
         table.add(conn)
         self._replication["committed"] += 1
         if self._replicate:

@@ -176,3 +176,33 @@ def test_source_nated_connections_survive_through_the_xlates_backup(tmp_path: Pa
 def test_negative_control_without_a_designated_backup_their_replies_are_dropped(tmp_path: Path) -> None:
     result = snat_flows_survive(tmp_path, backups=False)
     assert result["on_victim"] > 10 and result["survived"] == 0
+
+
+def test_source_nated_connections_live_on_when_their_tm_returns_within_its_grace(tmp_path: Path) -> None:
+    """Back from the crash (empty), the TM owns its xlate again: replies to it are marked with its backup,
+    which held them meanwhile, and its rows with their heirs."""
+    fleet = fleet_with_backups(tmp_path, backups=True)
+    config = fleet.distributor.config
+    fleet.distributor.reconfigure(dataclasses.replace(config, health=dataclasses.replace(config.health, return_grace=30.0)))
+    flows = []
+    for index in range(60):
+        server, remote = f"203.0.113.1{index % 2}:{5000 + index}", f"198.51.100.{20 + index}:443"
+        tms, out = fleet.send(tcp(server, remote, "S"))
+        public = "{}:{}".format(*addresses(out)[:2])  # type: ignore[arg-type]
+        fleet.send(tcp(remote, public, "SA"))
+        flows.append((tms[0], server, remote, public))
+    replicate(fleet)
+    victim = max(BACKUPS, key=lambda tm: sum(flow[0] == tm for flow in flows))
+    fleet.distributor.set_tm_up(victim, False)
+    on_victim = [flow for flow in flows if flow[0] == victim]
+    for _, server, remote, public in on_victim:         # moved to the heirs and the backup
+        fleet.send(tcp(server, remote, "PA"))
+        fleet.send(tcp(remote, public, "PA"))
+    restart(fleet, victim)
+    fleet.distributor.set_tm_up(victim, True)
+    survived = 0
+    for _, server, remote, public in on_victim:
+        _, out = fleet.send(tcp(server, remote, "PA"))
+        _, back = fleet.send(tcp(remote, public, "PA"))
+        survived += out is not None and back is not None and "{}:{}".format(*addresses(out)[:2]) == public
+    assert len(on_victim) > 10 and survived == len(on_victim) and fleet.invalid() == 0

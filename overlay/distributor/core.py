@@ -177,6 +177,7 @@ class Distributor:
         # Second-chance marks name TMs by their stable id: a reload that adds or removes TMs never
         # re-targets marks already in flight.
         self._tm_by_id = {tm.id: tm.name for tm in config.tms}
+        self._tm_ids = {tm.name: tm.id for tm in config.tms}
         # Each TM's designated backup (`[[tm]] backup`): the owner of its xlate addresses while it is down,
         # and a standby of its source-NATed connections (they are replicated there). Without one, replies to
         # a down TM's xlate are dropped (`owner-down`): nobody else holds their state.
@@ -435,6 +436,11 @@ class Distributor:
             fallback = 0
             if mark and self._fallback is not None and decision.table_row is not None:
                 fallback = self._fallback[decision.table_row]
+            elif mark and self._returning and decision.reason == "owner" and tm in self._returning:
+                # Replies to a returning TM's xlate: its backup held them while it was down (second chance).
+                backup = self._backup.get(tm)
+                if backup in self._active:
+                    fallback = self._tm_ids[backup]
             flow_hash = decision.hash_value
             if flow_hash is None:
                 # Owner and management traffic is not hashed for selection; hash the flow anyway so its

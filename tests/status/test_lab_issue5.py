@@ -139,11 +139,12 @@ class SlowResult:
 
 
 def slow_stream(source: str, seconds: float, interval: float, stall_timeout: float,
-                flowing: threading.Semaphore | None = None) -> SlowResult:
-    """GET /slow from `source` (run inside the client namespace): one TCP connection for `seconds`.
-    `flowing` is released at the first line: the connection is established end to end."""
+                flowing: threading.Semaphore | None = None, destination: str | None = None) -> SlowResult:
+    """GET /slow from `source` (run inside the client namespace) to the VIP of its family, or to
+    `destination`: one TCP connection for `seconds`. `flowing` is released at the first line: the
+    connection is established end to end."""
     result = SlowResult(source)
-    vip = topology.VIP_V6 if ":" in source else topology.VIP_V4
+    vip = destination or (topology.VIP_V6 if ":" in source else topology.VIP_V4)
     connection = http.client.HTTPConnection(vip, topology.HTTP_PORT, timeout=stall_timeout, source_address=(source, 0))
     try:
         connection.request("GET", f"/slow?seconds={seconds}&interval={interval}", headers={"Connection": "close"})
@@ -181,17 +182,19 @@ class SlowStreams:
     """Start `/slow` streams (source, seconds) in the background; `results()` waits for them (bounded)."""
 
     def __init__(self, lab: Lab, streams: list[tuple[str, float]], interval: float = 0.25,
-                 stall_timeout: float = 10.0):
+                 stall_timeout: float = 10.0, role: str = "client", destinations: list[str] | None = None):
+        """From `role`'s namespace; to the VIP, or stream by stream to `destinations`."""
         self.plan = streams
         self.longest = max(seconds for _, seconds in streams)
         self.interval = interval
         self._flowing = threading.Semaphore(0)
         self._pool = ThreadPoolExecutor(max_workers=len(streams), thread_name_prefix="slow")
-        namespace = lab.ns("client")
+        namespace = lab.ns(role)
+        targets = destinations or [None] * len(streams)
         self._futures: list[Future[SlowResult]] = [
             self._pool.submit(nsnet.in_namespace, namespace, slow_stream, source, seconds, interval, stall_timeout,
-                              self._flowing)
-            for source, seconds in streams
+                              self._flowing, target)
+            for (source, seconds), target in zip(streams, targets)
         ]
 
     def wait_flowing(self, timeout: float = 15.0) -> None:

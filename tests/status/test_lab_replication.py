@@ -18,8 +18,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from overlay.distributor.core import Distributor
 from overlay.lab import topology
 from overlay.lab.lab import Lab, unavailable_reason
+from tests.tm.packets import SYN, tcp
 
 from .conftest import lab_config_with_admin_token, lab_prefix, lab_running
 from .test_lab_issue5 import DETECTION, RECOVERY, Issue5Lab, SlowStreams
@@ -31,6 +33,8 @@ TOKEN = "replication-admin-token-0123456789ab"
 VICTIM = "tm2"
 STREAM_SECONDS = 14.0
 REPLICATION = "\n[tm.replication]\nenabled = true\ninterval = 0.2\n"
+BACKUPS = {"tm1": "tm2", "tm2": "tm3", "tm3": "tm1"}
+REMOTES = tuple(f"198.51.100.{host}" for host in range(30, 60))
 
 
 @pytest.fixture(scope="module", params=["replicated", "not replicated"])
@@ -43,22 +47,43 @@ def lab13(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         for tm in topology.TMS:
             path = config_dir / f"{tm}.toml"
             path.write_text(path.read_text() + REPLICATION)
-        # A TM back from a crash shares its rows with the TMs that held them meanwhile (second chance).
+        # A TM back from a crash shares its rows with the TMs that held them meanwhile (second chance), and
+        # each TM's xlate has a designated backup that holds its source-NAT bindings.
         distributor = config_dir / "distributor.toml"
-        distributor.write_text(distributor.read_text().replace("[health]\n", "[health]\nreturn_grace = 30\n", 1))
+        text = distributor.read_text().replace("[health]\n", "[health]\nreturn_grace = 30\n", 1)
+        for tm, backup in BACKUPS.items():
+            text = text.replace(f'name = "{tm}"\n', f'name = "{tm}"\nbackup = "{backup}"\n', 1)
+        distributor.write_text(text)
     lab = Lab(lab_prefix("r" + request.param[0]), config_dir=config_dir, state_dir=root / "state")
     with lab_running(lab):
+        for address in REMOTES:   # more remote hosts: source-NATed streams hash the remote
+            result = lab.exec("remote", ["ip", "address", "add", f"{address}/24", "dev", "outside"])
+            assert result.returncode == 0, result.stderr
         yield Issue5Lab(lab, config_dir / "distributor.toml", root / "admin.token")
+
+
+def remotes_on(lab13: Issue5Lab, tm: str, count: int) -> list[str]:
+    """Remote addresses whose connections from server1 (hash of the remote) land on `tm`."""
+    core = Distributor(lab13.placement._config)
+    server = topology.SERVERS_V4["server1"]
+    chosen = [r for r in REMOTES if core.from_tun(tcp(server, 40000, r, 80, SYN)).tm == tm][:count]
+    assert len(chosen) == count, f"not enough remote addresses land on {tm}"
+    return chosen
 
 
 def test_a_sigkilled_tms_streams_survive_only_with_replication(lab13: Issue5Lab) -> None:
     replicated = lab13.status(VICTIM)["replication"]["enabled"]
     on_victim = lab13.placement.sources_on(VICTIM, 6)
     elsewhere = [s for tm in topology.TMS if tm != VICTIM for s in lab13.placement.sources_on(tm, 1)]
-    heirs = {lab13.placement.landing(source, down=[VICTIM]) for source in on_victim}
+    heirs = ({lab13.placement.landing(source, down=[VICTIM]) for source in on_victim} | {BACKUPS[VICTIM]}) - {VICTIM}
     streams = SlowStreams(lab13.lab, [(s, STREAM_SECONDS) for s in on_victim + elsewhere], stall_timeout=8.0)
+    # Source-NATed streams: server1 → remote hosts whose rows are VICTIM's, leaving with its xlate address.
+    outbound_remotes = remotes_on(lab13, VICTIM, 3)
+    outbound = SlowStreams(lab13.lab, [(topology.SERVERS_V4["server1"], STREAM_SECONDS)] * 3, stall_timeout=8.0,
+                           role="server1", destinations=outbound_remotes)
     try:
         streams.wait_flowing()
+        outbound.wait_flowing()
         time.sleep(1.0)   # five replication intervals: every stream's state is at its standby
         before = {tm: lab13.status(tm) for tm in heirs}
         os.kill(lab13.pid(VICTIM), signal.SIGKILL)
@@ -73,6 +98,7 @@ def test_a_sigkilled_tms_streams_survive_only_with_replication(lab13: Issue5Lab)
             assert lab13.status()["tms"][VICTIM]["returning"]
     finally:
         results = streams.results()
+        snat_results = outbound.results()
     if returned is not None:
         assert all(r.ended > returned_at for r in results), "the streams must still run when the TM returns"
     on_victim_results = [r for r in results if r.source in on_victim]
@@ -82,6 +108,11 @@ def test_a_sigkilled_tms_streams_survive_only_with_replication(lab13: Issue5Lab)
     invalid = sum(lab13.status(tm)["counters"].get("invalid.no_state", 0) - before[tm]["counters"].get("invalid.no_state", 0)
                   for tm in heirs)
     broken = [r for r in on_victim_results if not r.ok]
+    snat_broken = [r for r in snat_results if not r.ok]
+    if replicated:
+        assert snat_broken == [], f"source-NATed streams through {VICTIM} must go on: {snat_broken}"
+    else:
+        assert len(snat_broken) == len(snat_results), "negative control: their replies find no state"
     if replicated:
         assert broken == [], f"{VICTIM}'s streams must go on at their standby: {broken}"
         assert committed >= len(on_victim) and invalid == 0, (committed, invalid)
@@ -97,5 +128,6 @@ def test_a_sigkilled_tms_streams_survive_only_with_replication(lab13: Issue5Lab)
           f"{detected:.2f}s; its {len(on_victim)} streams: {len(on_victim) - len(broken)} went on (longest gap "
           f"{max(r.max_gap for r in on_victim_results):.2f}s), committed at {sorted(heirs)}: {committed}, "
           f"invalid there: {invalid}; {len(elsewhere_results)} streams elsewhere all complete"
+          + f"; {len(snat_results) - len(snat_broken)} of {len(snat_results)} source-NATed streams went on"
           + (f"; {VICTIM} restarted and back up after {returned:.2f}s, the streams went on through its return"
              if returned is not None else ""))

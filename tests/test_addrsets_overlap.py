@@ -6,6 +6,7 @@ in O(n log n) instead of O(n^2). The timing of a 150,000-entry config is a bench
 from __future__ import annotations
 
 import ipaddress
+import os
 import time
 from pathlib import Path
 
@@ -99,13 +100,18 @@ def big_distributor(entries: int) -> str:
     return text
 
 
+# The issue's 150,000 entries in CI; 30,000 in the fast suite, which the quadratic check would still hold
+# for many minutes (it took 48.8 s for 8,000).
+BIG = 150_000 if os.environ.get("CI") == "true" else 30_000
+
+
 @pytest.mark.benchmark
 def test_a_150k_entry_config_is_checked(capsys: pytest.CaptureFixture[str]) -> None:
-    """Reports the time to parse and check a distributor config of 150,000 set entries (was hours)."""
-    text = big_distributor(150_000)
+    """Reports the time to parse and check a distributor config of BIG set entries (was hours for 150,000)."""
+    text = big_distributor(BIG)
     start = time.perf_counter()
     config = parse_node_config(text, "big.toml")
     elapsed = time.perf_counter() - start
-    assert config.distributor is not None and len(config.distributor.sets["node"]) == 75_002
+    assert config.distributor is not None and len(config.distributor.sets["node"]) == BIG // 2 + 2
     with capsys.disabled():
-        print(f"\n150,000 set entries, {len(text) / 1e6:.1f} MB: parsed and checked in {elapsed:.2f} s")
+        print(f"\n{BIG:,} set entries, {len(text) / 1e6:.1f} MB: parsed and checked in {elapsed:.2f} s")

@@ -19,6 +19,7 @@ and the agreement tests run over those packets too.
 from __future__ import annotations
 
 import ipaddress
+import os
 import struct
 from dataclasses import dataclass
 
@@ -30,6 +31,12 @@ from overlay import packet as distributor_packet
 from overlay.packet import parse_flow, parse_flow_checked
 from overlay.tm import reasons as R
 from overlay.tm.packet import IcmpError, parse_first_fragment, parse_fragment, parse_ip, parse_transport
+
+
+def examples(count: int) -> int:
+    """All of them in CI (CI=true); a fifth in the fast suite, which must stay under a minute."""
+    return count if os.environ.get("CI") == "true" else count // 5
+
 
 HOP_BY_HOP, ROUTING, FRAGMENT, DEST_OPTS = 0, 43, 44, 60
 TCP, UDP, ICMP, ICMPV6 = 6, 17, 1, 58
@@ -314,13 +321,13 @@ def mutated(draw: st.DrawFn) -> bytes:
     return bytes(packet)
 
 
-@settings(max_examples=1500)
+@settings(max_examples=examples(1500))
 @given(packets())
 def test_parsers_agree_on_generated_packets(packet: bytes) -> None:
     assert disagreement(packet) is None, packet.hex()
 
 
-@settings(max_examples=1500)
+@settings(max_examples=examples(1500))
 @given(mutated())
 def test_parsers_agree_on_mutated_packets(packet: bytes) -> None:
     assert disagreement(packet) is None, packet.hex()
@@ -414,14 +421,14 @@ def test_the_fast_path_takes_the_common_packets(packet: bytes, monkeypatch: pyte
     assert disagreement(packet) is None
 
 
-@settings(max_examples=3000)
+@settings(max_examples=examples(3000))
 @given(fast_path_shaped())
 def test_fast_path_is_the_checked_walk_on_its_shapes(packet: bytes) -> None:
     assert parse_flow(packet) == parse_flow_checked(packet), packet.hex()
     assert disagreement(packet) is None, packet.hex()
 
 
-@settings(max_examples=1000)
+@settings(max_examples=examples(1000))
 @given(st.one_of(packets(), mutated()))
 def test_fast_path_is_the_checked_walk_on_generated_packets(packet: bytes) -> None:
     assert parse_flow(packet) == parse_flow_checked(packet), packet.hex()

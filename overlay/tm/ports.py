@@ -13,10 +13,18 @@ from collections import deque
 
 
 class PortAllocator:
+    """Never-used ports of the block come first, in ascending order (a cursor: nothing is built up front,
+    which matters because every TM starts with idle allocators); released ports follow, oldest release
+    first. That is one FIFO queue of the whole block, kept in O(1) space until ports come back."""
+
     def __init__(self, low: int, high: int) -> None:
         self.low = low
         self.high = high
-        self._free: deque[int] | None = None    # built on first use: most (address, protocol) pairs stay idle
+        self._cursor = low                      # the block's ports from here up were never handed out
+        self._released: deque[int] = deque()    # handed out and given back, in the order they came back
+        # Ports ahead of the cursor that already went through `_released` (reserved after a reconfiguration,
+        # then given back): the cursor skips them, so they are reused as late as every other released port.
+        self._behind: set[int] = set()
         self._used: set[int] = set()
         self.exhausted = 0                      # allocations refused because the block was full
 
@@ -28,19 +36,20 @@ class PortAllocator:
     def in_use(self) -> int:
         return len(self._used)
 
-    def _queue(self) -> deque[int]:
-        if self._free is None:
-            self._free = deque(port for port in range(self.low, self.high + 1) if port not in self._used)
-        return self._free
-
     def allocate(self) -> int | None:
         """A port nobody uses, or None when the block is exhausted."""
-        free = self._queue()
-        if not free:
+        used = self._used
+        while self._cursor <= self.high:
+            port = self._cursor
+            self._cursor += 1
+            if port not in used and port not in self._behind:   # reserved after a reconfiguration: skipped
+                used.add(port)
+                return port
+        if not self._released:
             self.exhausted += 1
             return None
-        port = free.popleft()
-        self._used.add(port)
+        port = self._released.popleft()
+        used.add(port)
         return port
 
     def reserve(self, port: int) -> None:
@@ -49,15 +58,20 @@ class PortAllocator:
         if port in self._used:
             return
         self._used.add(port)
-        if self._free is not None and self.low <= port <= self.high:
-            self._free.remove(port)   # O(n), but only during reconfiguration
+        if self.low <= port <= self.high:
+            try:
+                self._released.remove(port)     # O(n), but only during reconfiguration
+            except ValueError:
+                pass
 
     def release(self, port: int) -> None:
         if port not in self._used:
             return
         self._used.discard(port)
         if self.low <= port <= self.high:
-            self._queue().append(port)
+            if port >= self._cursor:
+                self._behind.add(port)
+            self._released.append(port)
 
     def is_used(self, port: int) -> bool:
         return port in self._used

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from overlay.tm.ports import PortAllocator
@@ -56,3 +56,46 @@ def test_never_hands_out_a_port_in_use(operations: list[tuple[bool, int]]) -> No
         else:
             allocator.release(live.pop(pick % len(live)))
         assert allocator.in_use == len(live)
+
+
+class _QueueModel:
+    """The allocator as a plain FIFO of the whole block: an independent model of the hand-out order."""
+
+    def __init__(self, low: int, high: int) -> None:
+        from collections import deque
+        self.low, self.high = low, high
+        self.free = deque(range(low, high + 1))
+        self.used: set[int] = set()
+
+    def allocate(self) -> int | None:
+        if not self.free:
+            return None
+        port = self.free.popleft()
+        self.used.add(port)
+        return port
+
+    def release(self, port: int) -> None:
+        if port in self.used:
+            self.used.discard(port)
+            if self.low <= port <= self.high:
+                self.free.append(port)
+
+    def reserve(self, port: int) -> None:
+        if port not in self.used:
+            self.used.add(port)
+            if port in self.free:
+                self.free.remove(port)
+
+
+@settings(max_examples=1000)
+@given(st.lists(st.tuples(st.sampled_from(["allocate", "release", "reserve"]), st.integers(1000, 1012)), max_size=120))
+@example([("reserve", 1005), ("release", 1005)] + [("allocate", 0)] * 11)   # a reserved port goes to the back
+def test_hand_out_order_is_the_fifo_of_the_whole_block(operations: list[tuple[str, int]]) -> None:
+    allocator, model = PortAllocator(1000, 1009), _QueueModel(1000, 1009)
+    for operation, port in operations:
+        if operation == "allocate":
+            assert allocator.allocate() == model.allocate()
+        else:
+            getattr(allocator, operation)(port)
+            getattr(model, operation)(port)
+        assert allocator.in_use == len(model.used)

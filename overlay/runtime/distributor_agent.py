@@ -43,6 +43,7 @@ class DistributorAgent(Agent):
         self._http_checks: set[asyncio.Task[None]] = set()
         self._all_down_logged = False
         self._probes_sent = 0
+        self._replication_seen: dict[str, float] = {}   # TM → when its last replication batch came
 
     def net_plan(self) -> NetPlan:
         return distributor_plan(self.config.tun)
@@ -62,6 +63,7 @@ class DistributorAgent(Agent):
         for tm in dconfig.tms:
             core.set_tm_up(tm.name, tm.name in self._serving)
         tun_write, udp_send = self.tun.write, self.udp.send
+        clock, replication_seen = loop.time, self._replication_seen
 
         # The per-packet path: closures over locals (no attribute lookups, no Optional checks per packet).
         # `reconfigure` changes the core in place, so these stay valid across reloads.
@@ -70,6 +72,7 @@ class DistributorAgent(Agent):
             if action == ACTION_TM:
                 udp_send(verdict.packet, verdict.dest, verdict.flow_hash)  # type: ignore[arg-type]
             elif action == ACTION_FANOUT:
+                replication_seen[verdict.tm] = clock()  # type: ignore[index]   # the sender's last batch
                 for datagram, destination in verdict.fanout:  # type: ignore[union-attr]
                     udp_send(datagram, destination, PINNED)
             elif action == ACTION_FORWARD:
@@ -217,7 +220,10 @@ class DistributorAgent(Agent):
         snapshot = self.core.snapshot()
         counters = self.transport_counters()
         counters.update(self.core.counters())
-        return {**snapshot, "health": self.health.snapshot(), "counters": counters}
+        # Replication lag per TM: seconds since its last batch (≈ its [tm.replication] interval when healthy).
+        now = self.loop.time() if self.loop is not None else 0.0
+        replication = {tm: {"last_batch_age_s": round(now - seen, 3)} for tm, seen in sorted(self._replication_seen.items())}
+        return {**snapshot, "health": self.health.snapshot(), "counters": counters, "replication": replication}
 
     def healthy(self) -> tuple[bool, dict]:
         if self.health is None:

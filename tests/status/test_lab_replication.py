@@ -121,6 +121,11 @@ def test_a_sigkilled_tms_streams_survive_only_with_replication(lab13: Issue5Lab)
         assert len(broken) == len(on_victim), "negative control: without replication the streams break"
         assert committed == 0 and invalid > 0
     if replicated:
+        # Status shows, per TM, how long ago its last batch came: the heirs, whose new connections keep
+        # changing state, replicate every interval (a TM without changes sends nothing: its age grows).
+        lag = lab13.status()["replication"]
+        assert set(lag) == set(topology.TMS), lag
+        assert all(lag[tm]["last_batch_age_s"] < 5.0 for tm in heirs), lag
         # Back on it after the return: new connections are its own, the moved ones bounced to their heirs.
         bounced = lab13.status(VICTIM)["counters"].get("bounced.second_chance", 0)
         assert bounced > 0, "the returned TM hands the moved connections' packets back to their heirs"

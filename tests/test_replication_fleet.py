@@ -94,8 +94,7 @@ def crash_and_return(grace: bool) -> dict[str, int]:
     grace its rows are shared with the heirs (second chance), so those connections live on."""
     fleet = Fleet(lambda text: text + REPLICATION)
     if grace:
-        config = fleet.distributor.config
-        fleet.distributor.reconfigure(dataclasses.replace(config, health=dataclasses.replace(config.health, return_grace=30.0)))
+        with_return_grace(fleet)
     connections = [(client, *open_connection(fleet, client)) for client in CLIENTS]
     replicate(fleet)
     fleet.distributor.set_tm_up("tm1", False)
@@ -140,8 +139,13 @@ def fleet_with_backups(tmp_path: Path, backups: bool) -> Fleet:
     return Fleet(config=tmp_path)
 
 
-def snat_flows_survive(tmp_path: Path, backups: bool) -> dict[str, int]:
-    fleet = fleet_with_backups(tmp_path, backups)
+def with_return_grace(fleet: Fleet, seconds: float = 30.0) -> None:
+    config = fleet.distributor.config
+    fleet.distributor.reconfigure(dataclasses.replace(config, health=dataclasses.replace(config.health, return_grace=seconds)))
+
+
+def open_snat_flows(fleet: Fleet) -> list[tuple[str, str, str, str]]:
+    """60 server → remote TCP connections through SNAT: (TM, server, remote, public source) each."""
     flows = []
     for index in range(60):
         server, remote = f"203.0.113.1{index % 2}:{5000 + index}", f"198.51.100.{20 + index}:443"
@@ -150,6 +154,12 @@ def snat_flows_survive(tmp_path: Path, backups: bool) -> dict[str, int]:
         public = "{}:{}".format(*addresses(out)[:2])
         assert fleet.send(tcp(remote, public, "SA"))[1] is not None
         flows.append((tms[0], server, remote, public))
+    return flows
+
+
+def snat_flows_survive(tmp_path: Path, backups: bool) -> dict[str, int]:
+    fleet = fleet_with_backups(tmp_path, backups)
+    flows = open_snat_flows(fleet)
     replicate(fleet)
     victim = max(BACKUPS, key=lambda tm: sum(flow[0] == tm for flow in flows))
     fleet.distributor.set_tm_up(victim, False)
@@ -182,15 +192,8 @@ def test_source_nated_connections_live_on_when_their_tm_returns_within_its_grace
     """Back from the crash (empty), the TM owns its xlate again: replies to it are marked with its backup,
     which held them meanwhile, and its rows with their heirs."""
     fleet = fleet_with_backups(tmp_path, backups=True)
-    config = fleet.distributor.config
-    fleet.distributor.reconfigure(dataclasses.replace(config, health=dataclasses.replace(config.health, return_grace=30.0)))
-    flows = []
-    for index in range(60):
-        server, remote = f"203.0.113.1{index % 2}:{5000 + index}", f"198.51.100.{20 + index}:443"
-        tms, out = fleet.send(tcp(server, remote, "S"))
-        public = "{}:{}".format(*addresses(out)[:2])  # type: ignore[arg-type]
-        fleet.send(tcp(remote, public, "SA"))
-        flows.append((tms[0], server, remote, public))
+    with_return_grace(fleet)
+    flows = open_snat_flows(fleet)
     replicate(fleet)
     victim = max(BACKUPS, key=lambda tm: sum(flow[0] == tm for flow in flows))
     fleet.distributor.set_tm_up(victim, False)

@@ -379,7 +379,8 @@ class Distributor:
             edge = sender if sender in self._edge_dest else None
         else:
             tm = self._tm_by_underlay.get(peer) or self._tm_by_address.get(peer[0])
-            edge = self._edge_by_underlay.get(peer) or self._edge_by_address.get(peer[0])
+            # Looked up only for what is not a TM's: a TM's datagram (the bulk) pays for one lookup.
+            edge = None if tm is not None else self._edge_by_underlay.get(peer) or self._edge_by_address.get(peer[0])
         frame = gre.decapsulate(payload)
         if frame is None:
             return self._drop("malformed:gre")

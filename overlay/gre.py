@@ -42,6 +42,8 @@ DECLINED_PROTOCOL = 0x88B7
 ANNOUNCE_PROTOCOL = 0x88B8
 # Connection state a TM replicates (overlay/tm/replication.py): TM → distributor → the row's second choice.
 REPLICATION_PROTOCOL = 0x88B9
+# A standby's acknowledgement of a replication batch: standby → distributor → the batch's origin.
+REPLICATION_ACK_PROTOCOL = 0x88BA
 
 # The 32-bit GRE key: high 16 bits an optional fleet id (`underlay.gre_key`), low 16 bits the mark:
 # 0 none, 1-0xFFFE the second-chance TM's stable id (`[[tm]] id`), LAST_CHANCE on the bounce's way to it.

@@ -22,11 +22,12 @@ from overlay.auth import Authenticator
 Peer = tuple[str, int]
 
 # What the runtime does with a node's result: (SEND, datagram, peer) | (TUN, packet, None) |
-# (SEND_ALL, [datagram, ...], peer) | (NOTHING, None, None).
+# (SEND_ALL, [datagram, ...], peer) | (NOTHING, None, None) | (FLUSH, None, None).
 NOTHING = 0
 SEND = 1
 TUN = 2
 SEND_ALL = 3
+FLUSH = 4   # nothing to send now, but replication must be flushed soon: a packet waits for its standbys
 NodeOutput = tuple[int, bytes | list[bytes] | None, Peer | None]
 NO_OUTPUT: NodeOutput = (NOTHING, None, None)
 
@@ -81,7 +82,7 @@ class Uplink:
             self.keepalives_echoed += 1
             return name, None, (SEND, self.seal(payload, name), peer)  # to the very port it came from: the prober's
         if frame.protocol != gre.PROTO_IPV4 and frame.protocol != gre.PROTO_IPV6 \
-                and frame.protocol != gre.REPLICATION_PROTOCOL:
+                and frame.protocol != gre.REPLICATION_PROTOCOL and frame.protocol != gre.REPLICATION_ACK_PROTOCOL:
             self.drops["unsupported-gre-protocol"] += 1
             return name, None, NO_OUTPUT
         self.last = name

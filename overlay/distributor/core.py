@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import xxhash
@@ -114,6 +116,10 @@ class Distributor:
         self.counters_reason: Counter[str] = Counter()
         self.counters_drop: Counter[str] = Counter()  # the subset of reasons that dropped the packet
         self.generation = 0
+        # Replication telemetry (when each TM's last batch came, each standby's ack lag) needs the time:
+        # the agent sets its loop's clock; the core itself never reads one for a decision.
+        self.clock: Callable[[], float] = time.monotonic
+        self.replication_lag = replication.StandbyLag()
         self.reconfigure(config)
 
     # -- configuration and fleet state ----------------------------------------------------------------
@@ -409,6 +415,10 @@ class Distributor:
             if tm is None:
                 return self._drop("replication-from-unknown-peer")
             return self._replicate(frame.inner, tm)
+        if frame.protocol == gre.REPLICATION_ACK_PROTOCOL:
+            if tm is None:
+                return self._drop("replication-from-unknown-peer")
+            return self._replication_ack(frame.inner, tm)
         if frame.protocol not in (gre.PROTO_IPV4, gre.PROTO_IPV6):
             return self._drop("unsupported-gre-protocol")
         if tm is not None:
@@ -483,10 +493,15 @@ class Distributor:
 
     def _replicate(self, batch: bytes, sender: str) -> Verdict:
         """A TM's replicated connections: each entry to the TM that would take its row if the sender failed
-        (the row's second choice; the first, should the sender be second). Fanned out in batches."""
-        entries = replication.decode(batch)
+        (the row's second choice; the first, should the sender be second). Fanned out in batches, each
+        copy telling its standby the origin and how many standbys to expect acks from; to none, we
+        acknowledge the batch ourselves (strict mode need not wait for a standby there is none of)."""
+        parts = replication.split(batch)
+        entries = parts if isinstance(parts, str) else replication.decode_entries(parts[1])
         if isinstance(entries, str):
             return self._drop(entries)
+        assert not isinstance(parts, str)
+        sequence = parts[0].sequence
         by_target: dict[str, list[replication.Entry]] = {}
         for entry in entries:
             length = ADDRESS_LENGTH[entry.version]
@@ -506,13 +521,35 @@ class Distributor:
                 if target is not None and target != sender and target in self._active:
                     by_target.setdefault(target, []).append(entry)
         self.counters_reason["replication"] += 1
-        datagrams = []
-        for target, chosen in by_target.items():
-            for packed in replication.encode(chosen):
-                gre_payload = gre.encapsulate(packed, key=gre.make_key(self.config.gre_key, 0),
-                                              protocol=gre.REPLICATION_PROTOCOL)
-                datagrams.append(self._wire(target, gre_payload))
+        self.replication_lag.fanned(sender, sequence, self.clock())
+        key = gre.make_key(self.config.gre_key, 0)
+        if not by_target:
+            ack = replication.BatchHeader(0, 0, sequence).pack()
+            return Verdict(ACTION_FANOUT, sender, "replication",
+                           fanout=[self._wire(sender, gre.encapsulate(ack, key=key, protocol=gre.REPLICATION_ACK_PROTOCOL))])
+        # A subset of one batch's entries fits one batch again (a longer batch is split: every copy is
+        # acknowledged, and `targets` counts the copies).
+        copies = [(target, packed) for target, chosen in by_target.items() for packed, _ in replication.pack(chosen)]
+        header = replication.BatchHeader(min(len(copies), 255), self._tm_ids[sender], sequence).pack()
+        datagrams = [self._wire(target, gre.encapsulate(header + packed, key=key, protocol=gre.REPLICATION_PROTOCOL))
+                     for target, packed in copies]
         return Verdict(ACTION_FANOUT, sender, "replication", fanout=datagrams)
+
+    def _replication_ack(self, ack: bytes, standby: str) -> Verdict:
+        """A standby acknowledges a batch it took: on to the batch's origin, naming the standby."""
+        parts = replication.split(ack)
+        if isinstance(parts, str):
+            return self._drop(parts)
+        header = parts[0]
+        origin = self._tm_by_id.get(header.peer)
+        if origin is None:
+            return self._drop("replication-ack-unknown-origin")
+        self.counters_reason["replication-ack"] += 1
+        self.replication_lag.acked(origin, standby, header.sequence, self.clock())
+        forwarded = replication.BatchHeader(header.targets, self._tm_ids[standby], header.sequence).pack()
+        gre_payload = gre.encapsulate(forwarded, key=gre.make_key(self.config.gre_key, 0),
+                                      protocol=gre.REPLICATION_ACK_PROTOCOL)
+        return Verdict(ACTION_FANOUT, origin, "replication-ack", fanout=[self._wire(origin, gre_payload)])
 
     def _wire(self, peer: str, gre_payload: bytes) -> tuple[bytes, tuple[str, int]]:
         """A GRE payload for a TM or an edge, as it goes on the underlay: sealed to that peer when

@@ -43,7 +43,6 @@ class DistributorAgent(Agent):
         self._http_checks: set[asyncio.Task[None]] = set()
         self._all_down_logged = False
         self._probes_sent = 0
-        self._replication_seen: dict[str, float] = {}   # TM → when its last replication batch came
 
     def net_plan(self) -> NetPlan:
         return distributor_plan(self.config.tun)
@@ -57,13 +56,13 @@ class DistributorAgent(Agent):
         assert self.config.distributor is not None and self.tun is not None and self.udp is not None
         dconfig = self.config.distributor
         self.core = core = Distributor(dconfig, authenticator(self.config))
+        core.clock = loop.time
         now = loop.time()
         self.health = HealthChecker(dconfig.health, [tm.name for tm in dconfig.tms], now, sender=self.config.name)
         self._serving = self.health.serving()
         for tm in dconfig.tms:
             core.set_tm_up(tm.name, tm.name in self._serving)
         tun_write, udp_send = self.tun.write, self.udp.send
-        clock, replication_seen = loop.time, self._replication_seen
 
         # The per-packet path: closures over locals (no attribute lookups, no Optional checks per packet).
         # `reconfigure` changes the core in place, so these stay valid across reloads.
@@ -72,7 +71,6 @@ class DistributorAgent(Agent):
             if action == ACTION_TM:
                 udp_send(verdict.packet, verdict.dest, verdict.flow_hash)  # type: ignore[arg-type]
             elif action == ACTION_FANOUT:
-                replication_seen[verdict.tm] = clock()  # type: ignore[index]   # the sender's last batch
                 for datagram, destination in verdict.fanout:  # type: ignore[union-attr]
                     udp_send(datagram, destination, PINNED)
             elif action == ACTION_FORWARD:
@@ -220,9 +218,10 @@ class DistributorAgent(Agent):
         snapshot = self.core.snapshot()
         counters = self.transport_counters()
         counters.update(self.core.counters())
-        # Replication lag per TM: seconds since its last batch (≈ its [tm.replication] interval when healthy).
+        # Replication per TM: seconds since its last batch (≈ its [tm.replication] interval while it has
+        # changes), and per standby the lag of its acks (distributor → standby → distributor).
         now = self.loop.time() if self.loop is not None else 0.0
-        replication = {tm: {"last_batch_age_s": round(now - seen, 3)} for tm, seen in sorted(self._replication_seen.items())}
+        replication = self.core.replication_lag.status(now)
         return {**snapshot, "health": self.health.snapshot(), "counters": counters, "replication": replication}
 
     def healthy(self) -> tuple[bool, dict]:

@@ -16,12 +16,13 @@ port) — what the `[[tm]] underlay` of its config says — so a TM cannot sprea
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from overlay.config import NodeConfig
 from overlay.runtime.agent import UplinkAgent, authenticator, reconfigured_authenticator
 from overlay.runtime.netsetup import NetPlan, tm_plan
 from overlay.tm.core import TrafficManager
-from overlay.tm.node import SEND, SEND_ALL, TUN, NodeOutput, TMNode
+from overlay.tm.node import FLUSH, SEND, SEND_ALL, TUN, NodeOutput, TMNode
 
 
 class TMAgent(UplinkAgent):
@@ -34,6 +35,10 @@ class TMAgent(UplinkAgent):
         self.core: TrafficManager | None = None
         self.node: TMNode | None = None
         self._replication_timer: asyncio.TimerHandle | None = None
+        self._flush_pending = False
+        self._release_timer: asyncio.TimerHandle | None = None
+        self._release_at = float("inf")
+        self._execute: Callable[[NodeOutput], None] = lambda output: None   # the packet path's, once open
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
         self._rearm_pending = False
@@ -69,6 +74,12 @@ class TMAgent(UplinkAgent):
             elif action == SEND_ALL:
                 for datagram in data:  # type: ignore[union-attr]
                     udp_reply(datagram, peer)  # type: ignore[arg-type]
+            elif action == FLUSH:
+                # Strict replication holds a new connection's packets until its standbys have it: send the
+                # batch at the end of this loop iteration (one batch for all of its new connections).
+                if not self._flush_pending:
+                    self._flush_pending = True
+                    call_soon(self._flush)
             else:
                 return
             if not self._rearm_pending:
@@ -83,6 +94,7 @@ class TMAgent(UplinkAgent):
         def from_tun(packet: bytes) -> None:
             execute(node_from_tun(packet, clock()))
 
+        self._execute = execute
         self.tun.start(loop, from_tun, self.tun_lost)
         self.udp.start(loop, from_overlay)
         self._rearm()
@@ -92,13 +104,39 @@ class TMAgent(UplinkAgent):
     def _replicate(self) -> None:
         """Every `tm.replication.interval`: what changed in the connection table, to the distributor, which
         hands each entry to its row's second choice (overlay/tm/replication.py)."""
-        assert self.node is not None and self.udp is not None and self.loop is not None and self.config.tm is not None
+        assert self.loop is not None and self.config.tm is not None
         replication = self.config.tm.replication
         if not replication.enabled:
             return
+        self._send_replication()
+        self._replication_timer = self.loop.call_later(replication.interval, self._replicate)
+
+    def _flush(self) -> None:
+        self._flush_pending = False
+        self._send_replication()
+
+    def _send_replication(self) -> None:
+        assert self.node is not None and self.udp is not None and self.loop is not None and self.core is not None
         for datagram, distributor in self.node.replication(self.loop.time()):
             self.udp.reply(datagram, distributor)
-        self._replication_timer = self.loop.call_later(replication.interval, self._replicate)
+        self._arm_release()
+
+    def _arm_release(self) -> None:
+        """Strict mode: a timer for the first held packet whose acks are overdue (`defer_timeout`)."""
+        assert self.core is not None and self.loop is not None
+        deadline = self.core.next_release()
+        if deadline is None or deadline >= self._release_at:
+            return
+        if self._release_timer is not None:
+            self._release_timer.cancel()
+        self._release_at = deadline
+        self._release_timer = self.loop.call_at(deadline, self._on_release)
+
+    def _on_release(self) -> None:
+        assert self.node is not None and self.loop is not None
+        self._release_timer, self._release_at = None, float("inf")
+        self._execute(self.node.overdue(self.loop.time()))
+        self._arm_release()
 
     # -- timers ---------------------------------------------------------------------------------------
 
@@ -150,6 +188,9 @@ class TMAgent(UplinkAgent):
         if self._replication_timer is not None:
             self._replication_timer.cancel()
             self._replication_timer = None
+        if self._release_timer is not None:
+            self._release_timer.cancel()
+            self._release_timer = None
 
     # -- status ---------------------------------------------------------------------------------------
 

@@ -77,6 +77,8 @@ class ReplicationConfig:
     enabled: bool = False
     interval: float = 0.2          # seconds between batches: connections younger than this die with the TM
     max_standby: int = 65536       # entries kept for other TMs
+    strict: bool = False           # hold a new connection's packets until its standbys have its state
+    defer_timeout: float = 0.05    # strict: release held packets after this long without every ack
 
 
 @dataclass(frozen=True)
@@ -200,6 +202,8 @@ def _parse_replication(section: Section) -> ReplicationConfig:
         enabled=section.bool("enabled", False),
         interval=section.float("interval", 0.2, minimum=0.01),
         max_standby=section.int("max_standby", 65536, minimum=1),
+        strict=section.bool("strict", False),
+        defer_timeout=section.float("defer_timeout", 0.05, minimum=0.001),
     )
     section.done()
     return config

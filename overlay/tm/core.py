@@ -22,7 +22,10 @@ from overlay.tm.config import DEFAULT_TIMEOUTS, TMConfig
 from overlay.tm.conntrack import Conn, ConnTable, Half
 from overlay.tm.firewall import RuleList, compile_prefixes, in_prefixes
 from overlay.tm.fragments import FragmentTracker
-from overlay.tm.replication import KIND_DNAT, KIND_FIREWALL, KIND_HAIRPIN, KIND_SNAT, StandbyCache, decode, encode, entry_of
+from overlay.tm.replication import (
+    KIND_DNAT, KIND_FIREWALL, KIND_HAIRPIN, KIND_SNAT, Acknowledgements, BatchHeader, StandbyCache, decode_entries, entry_of,
+    pack, split,
+)
 from overlay.tm.packet import (
     ADDRESS_LENGTH, ECHO_REPLY_MARK, ICMP, ICMPV6, TCP, UDP, IcmpError, parse_first_fragment, parse_fragment, parse_ip,
     parse_transport,
@@ -40,6 +43,7 @@ DROP = "drop"
 BOUNCE = "bounce"    # no state here, but the distributor named a second-chance TM: hand the packet back
 DECLINE = "decline"  # a last-chance packet we have no state for would open a flow: it is new, not ours
 HOLD = "hold"        # a fragment that came before its first fragment: nothing to send yet
+DEFER = "defer"      # strict replication: held until the standbys have the connection (flush replication now)
 
 # How the distributor marked a packet (the GRE key's low half, decoded by the node core):
 UNMARKED = 0
@@ -51,7 +55,7 @@ _PROTOCOL_NAMES = {TCP: "tcp", UDP: "udp", ICMP: "icmp", ICMPV6: "icmpv6"}
 
 @dataclass(frozen=True, slots=True)
 class TMResult:
-    action: str           # "overlay" | "local" | "drop" | "bounce" | "decline" | "hold"
+    action: str           # "overlay" | "local" | "drop" | "bounce" | "decline" | "hold" | "defer"
     packet: bytes | None
     reason: str
     # "overlay" only: fragments held for this first fragment, translated, to send after `packet`.
@@ -64,6 +68,7 @@ _REASONS_OF_KIND = {KIND_DNAT: (R.DNAT, R.REVERSE_DNAT), KIND_SNAT: (R.SNAT, R.R
                     KIND_HAIRPIN: (R.HAIRPIN, R.REVERSE_HAIRPIN)}
 _DECLINED = TMResult(DECLINE, None, R.DECLINED)
 _HELD = TMResult(HOLD, None, R.FRAGMENT_HELD)
+HELD_PER_CONNECTION = 32   # strict mode: packets of one connection held at most; later ones go on unheld
 
 
 class TrafficManager:
@@ -71,9 +76,16 @@ class TrafficManager:
         self._mark = UNMARKED
         self._table = ConnTable(config.conntrack.max_entries, [])
         self._fragments = FragmentTracker()
-        self._dirty: dict[Conn, None] = {}     # changed since the last replication export
+        self._dirty: dict[Conn, float] = {}    # changed since the last replication export → when it first did
         self._standby = StandbyCache(config.replication.max_standby)
-        self._replication = {"sent": 0, "received": 0, "committed": 0}
+        self._replication = {"sent": 0, "received": 0, "committed": 0, "batches_sent": 0, "acks_sent": 0,
+                             "held": 0, "released_acked": 0, "released_timeout": 0}
+        self._acks = Acknowledgements()
+        self._sequence = 0
+        # Strict mode: a new connection's packets, held until its standbys acknowledged its entry.
+        self._held: dict[Conn, list[bytes]] = {}
+        self._awaiting: set[Conn] = set()      # held connections already in a batch sent
+        self._in_fragment = False
         self._allocators: dict[tuple[bytes, int], PortAllocator] = {}
         self._counts = dict.fromkeys(R.ALL_REASONS, 0)
         self._local_counts = dict.fromkeys(R.ALL_REASONS, 0)
@@ -87,6 +99,8 @@ class TrafficManager:
     def _apply(self, config: TMConfig) -> None:
         self.config = config
         self._replicate = config.replication.enabled
+        self._strict = config.replication.enabled and config.replication.strict
+        self._defer_timeout = config.replication.defer_timeout
         self._nat = config.mode == "nat"
         self._management = frozenset(address.packed for address in config.management)
         self._xlate: dict[int, bytes] = {address.version: address.packed for address in config.xlate}
@@ -198,9 +212,12 @@ class TrafficManager:
         else:
             table.touch(conn, state, now)
             if self._replicate:
-                self._dirty[conn] = None
+                self._dirty.setdefault(conn, now)
         reason = half.reason
         self._counts[reason] += 1
+        if self._held and conn in self._held:
+            return self._hold(conn, packet[:end] if half.addresses is None
+                              else rewrite(packet, version, protocol, l4, end, half), reason)
         if half.addresses is None:
             return TMResult(OVERLAY, packet if end == len(packet) else packet[:end], reason)
         return TMResult(OVERLAY, rewrite(packet, version, protocol, l4, end, half), reason)
@@ -221,7 +238,12 @@ class TrafficManager:
             if isinstance(flow, str):
                 self._fragments.release(datagram)
                 return self._drop(flow)
-            result = self._flow(packet, version, protocol, l4, end, flow[0], flow[1], now)
+            # Fragments are not held for strict replication: their translation must be known now.
+            self._in_fragment = True
+            try:
+                result = self._flow(packet, version, protocol, l4, end, flow[0], flow[1], now)
+            finally:
+                self._in_fragment = False
             if not datagram:
                 return result    # an IPv6 atomic fragment: a whole packet
             half = self._table.tables[protocol].get(flow[0]) if result.action == OVERLAY else None
@@ -398,8 +420,10 @@ class TrafficManager:
         self._table.add(conn)
         self._created += 1
         if self._replicate:
-            self._dirty[conn] = None
+            self._dirty[conn] = now
         self._counts[reasons[0]] += 1
+        if self._strict and not self._in_fragment:
+            return self._hold(conn, rewrite(packet, version, protocol, l4, end, conn.original), reasons[0])
         return TMResult(OVERLAY, rewrite(packet, version, protocol, l4, end, conn.original), reasons[0])
 
     def _open_firewall(self, packet: bytes, version: int, protocol: int, end: int, key: bytes, state: int,
@@ -423,34 +447,92 @@ class TrafficManager:
         self._table.add(conn)
         self._created += 1
         if self._replicate:
-            self._dirty[conn] = None
+            self._dirty[conn] = now
         self._counts[R.FIREWALL_ALLOW] += 1
+        if self._strict and not self._in_fragment:
+            return self._hold(conn, packet[:end], R.FIREWALL_ALLOW)
         return TMResult(OVERLAY, packet if end == len(packet) else packet[:end], R.FIREWALL_ALLOW)
 
     # -- replication (overlay/tm/replication.py) ----------------------------------------------------------
     def export_replication(self, now: float) -> list[bytes]:
         """Batches of what changed since the last call (new connections, state changes): for the
-        distributor, which hands each entry to its row's second choice."""
+        distributor, which hands each entry to its row's second choice. Each is numbered; the connections
+        held for strict mode wait for its acknowledgements (`replication_acked`)."""
         if not self._dirty:
             return []
         tables = self._table.tables
-        entries = [entry_of(conn, _KIND_OF_REASON[conn.original.reason], now) for conn in self._dirty
-                   if tables[conn.protocol].get(conn.original.key) is conn.original]
+        live = [(conn, since) for conn, since in self._dirty.items()
+                if tables[conn.protocol].get(conn.original.key) is conn.original]
         self._dirty = {}
-        batches = encode(entries)
+        released = [conn for conn in self._held if conn not in self._awaiting
+                    and tables[conn.protocol].get(conn.original.key) is not conn.original]
+        entries = [entry_of(conn, _KIND_OF_REASON[conn.original.reason], now) for conn, _ in live]
+        batches = []
+        start = 0
+        for chunk, count in pack(entries):
+            batch_conns = live[start:start + count]
+            start += count
+            held = [conn for conn, _ in batch_conns if conn in self._held]
+            self._awaiting.update(held)
+            sequence = self._sequence
+            self._sequence = (sequence + 1) & 0xFFFFFFFF
+            released += self._acks.sent(sequence, now, min(since for _, since in batch_conns), held)
+            batches.append(BatchHeader(0, 0, sequence).pack() + chunk)
         self._replication["sent"] += len(entries)
+        self._replication["batches_sent"] += len(batches)
+        if released:   # connections that died while held, or batches pushed out of the bound
+            self._released(released, "released_timeout")
         return batches
 
-    def import_replication(self, batch: bytes, now: float) -> str | None:
-        """Entries another TM replicated to us (through the distributor); a reason when malformed."""
-        entries = decode(batch)
+    def import_replication(self, batch: bytes, now: float) -> bytes | str:
+        """Entries another TM replicated to us (through the distributor): the ack to send back (a batch
+        header), or a reason when malformed (nothing of it is used, and it is not acknowledged)."""
+        parts = split(batch)
+        entries = parts if isinstance(parts, str) else decode_entries(parts[1])
         if isinstance(entries, str):
             self._counts[R.MALFORMED_REPLICATION] += 1
             return entries
+        assert not isinstance(parts, str)
         for entry in entries:
             self._standby.add(entry, now)
         self._replication["received"] += len(entries)
-        return None
+        self._replication["acks_sent"] += 1
+        return parts[0].pack()
+
+    def replication_acked(self, ack: bytes, now: float) -> list[bytes] | str:
+        """A standby's acknowledgement of one of our batches: the packets it releases (strict mode: once
+        every standby has acknowledged), or a reason when malformed."""
+        parts = split(ack)
+        if isinstance(parts, str):
+            self._counts[R.MALFORMED_REPLICATION] += 1
+            return parts
+        done = self._acks.ack(parts[0], now)
+        return self._released(done, "released_acked") if done else []
+
+    def release_overdue(self, now: float) -> list[bytes]:
+        """Strict mode: packets held longer than `defer_timeout` without every ack go on (counted)."""
+        overdue = self._acks.overdue(now, self._defer_timeout)
+        return self._released(overdue, "released_timeout") if overdue else []
+
+    def next_release(self) -> float | None:
+        """When `release_overdue` next has packets to release (None: nothing is held in a batch sent)."""
+        return self._acks.next_release(self._defer_timeout) if self._awaiting else None
+
+    def _hold(self, conn: Conn, packet: bytes, reason: str) -> TMResult:
+        held = self._held.setdefault(conn, [])
+        if len(held) >= HELD_PER_CONNECTION:
+            return TMResult(OVERLAY, packet, reason)   # bounded: the rest go on unheld
+        held.append(packet)
+        self._replication["held"] += 1
+        return TMResult(DEFER, None, reason)
+
+    def _released(self, conns: list[Conn], counter: str) -> list[bytes]:
+        packets: list[bytes] = []
+        for conn in conns:
+            self._awaiting.discard(conn)
+            packets += self._held.pop(conn, ())
+        self._replication[counter] += len(packets)
+        return packets
 
     def _commit(self, protocol: int, key: bytes, now: float) -> Half | None:
         """A packet we have no state for, of a connection another TM replicated to us: install it with the
@@ -480,7 +562,7 @@ class TrafficManager:
         table.add(conn)
         self._replication["committed"] += 1
         if self._replicate:
-            self._dirty[conn] = None      # ours now: our own second choice gets it
+            self._dirty[conn] = now       # ours now: our own second choice gets it
         return conn.original if key == entry.key else conn.reply
 
     # -- time -----------------------------------------------------------------------------------------
@@ -533,8 +615,9 @@ class TrafficManager:
             "ports": {"range": list(self.config.port_range), "by_address": ports},
             "services": [service.status() for service in self._services.values()],
             "fragments": self._fragments.status(),
-            "replication": {"enabled": self._replicate, "standby_entries": len(self._standby),
-                            "pending": len(self._dirty), **self._replication},
+            "replication": {"enabled": self._replicate, "strict": self._strict,
+                            "standby_entries": len(self._standby), "pending": len(self._dirty),
+                            "held_connections": len(self._held), **self._replication, **self._acks.status()},
             # Dropped packets by reason, the non-zero ones: the status page's "why" at a glance.
             "drops": {reason: self._counts[reason] + self._local_counts[reason] for reason in R.ALL_REASONS
                       if reason not in R.PASSING and self._counts[reason] + self._local_counts[reason]},

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 from overlay import gre
 from overlay.auth import Authenticator
-from overlay.tm.core import BOUNCE, DECLINE, LAST_CHANCE, LOCAL, OVERLAY, SECOND_CHANCE, UNMARKED, TrafficManager
+from overlay.tm.core import BOUNCE, DECLINE, DEFER, LAST_CHANCE, LOCAL, OVERLAY, SECOND_CHANCE, UNMARKED, TrafficManager
 from overlay.tm.core import TMResult
-from overlay.uplink import NO_OUTPUT, NOTHING, SEND, SEND_ALL, TUN, NodeOutput, Peer, Uplink
+from overlay.uplink import FLUSH, NO_OUTPUT, NOTHING, SEND, SEND_ALL, TUN, NodeOutput, Peer, Uplink
 
-__all__ = ["TMNode", "NodeOutput", "NOTHING", "SEND", "SEND_ALL", "TUN"]
+__all__ = ["TMNode", "NodeOutput", "FLUSH", "NOTHING", "SEND", "SEND_ALL", "TUN"]
+
+_FLUSH: NodeOutput = (FLUSH, None, None)
 
 
 def _mark(key: int | None) -> int:
@@ -40,11 +42,20 @@ class TMNode(Uplink):
         if frame is None:
             return instead   # a keepalive echo, or refused
         if frame.protocol == gre.REPLICATION_PROTOCOL:
-            # Another TM's connections, for which the distributor made us the standby.
-            problem = self.core.import_replication(frame.inner, now)
-            if problem is not None:
-                self.drops[problem] += 1
-            return NO_OUTPUT
+            # Another TM's connections, for which the distributor made us the standby: acknowledged.
+            ack = self.core.import_replication(frame.inner, now)
+            if isinstance(ack, str):
+                self.drops[ack] += 1
+                return NO_OUTPUT
+            acked = gre.encapsulate(ack, key=self.key, protocol=gre.REPLICATION_ACK_PROTOCOL)
+            return (SEND, self.seal(acked, name), self.by_name[name])
+        if frame.protocol == gre.REPLICATION_ACK_PROTOCOL:
+            # A standby has one of our batches: in strict mode, the packets held for it go on.
+            released = self.core.replication_acked(frame.inner, now)
+            if isinstance(released, str):
+                self.drops[released] += 1
+                return NO_OUTPUT
+            return self._release(released)
         result = self.core.receive(frame.inner, now, _mark(frame.key))
         action = result.action
         if action == BOUNCE:
@@ -64,6 +75,16 @@ class TMNode(Uplink):
         return [(self.seal(gre.encapsulate(batch, key=self.key, protocol=gre.REPLICATION_PROTOCOL), name),
                  self.by_name[name]) for batch in self.core.export_replication(now)]
 
+    def overdue(self, now: float) -> NodeOutput:
+        """Strict mode: packets held past `defer_timeout` without every standby's ack, sent anyway."""
+        return self._release(self.core.release_overdue(now))
+
+    def _release(self, packets: list[bytes]) -> NodeOutput:
+        if not packets:
+            return NO_OUTPUT
+        name = self.last
+        return (SEND_ALL, [self.datagram(packet, name) for packet in packets], self.by_name[name])
+
     def from_tun(self, packet: bytes, now: float) -> NodeOutput:
         """What the TM host's own stack sent (its management addresses' answers)."""
         return self._output(self.core.from_local(packet, now), self.last)
@@ -77,4 +98,6 @@ class TMNode(Uplink):
             return self.send(packet, name)
         if result.action == LOCAL:
             return (TUN, result.packet, None)
+        if result.action == DEFER:
+            return _FLUSH
         return NO_OUTPUT

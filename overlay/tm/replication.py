@@ -8,10 +8,24 @@ this one fails. That TM keeps the entries in a bounded cache; when a packet arri
 for, it looks in the cache first and, on a hit, commits the entry into its connection table with the
 same translation, and the connection goes on. Sans-I/O.
 
-What this covers: connections to a virtual service (DNAT) and firewall-mode connections. A source-NATed
-connection's replies go to the address of the TM that chose it, so they cannot reach the standby: they
-are not committed (counted as `replication.not_ours`) until xlate ownership moves with the failover.
-Connections whose entry had not been sent yet when the TM died (the replication interval) are lost.
+Source-NATed connections also go to the TM's designated backup (`[[tm]] backup`), which takes its
+xlate's replies while it is down. Connections whose entry had not reached the standby when the TM died —
+younger than about one interval — are lost: the loss window. Strict mode closes it (pfsync's `defer`):
+a new connection's packets are held at its TM until every standby has acknowledged its entry.
+
+Acknowledgements: every batch carries a sequence number, and every standby acknowledges every batch it
+took (GRE 0x88BA, standby → distributor → origin). The origin measures its replication lag from them —
+from a change to the last standby's ack — and in strict mode releases the packets it held for the batch's
+connections; after `defer_timeout` without all acks it releases them anyway (counted). The distributor,
+which fans a batch out, writes into each copy how many standbys it went to, so the origin knows how many
+acks to wait for; to none, the distributor acknowledges itself.
+
+Batch header (big-endian, 8 bytes), then the entries:
+
+    format(1) targets(1) peer(2) sequence(4)
+
+`peer` is 0 from the origin; the origin's TM id in the copies to standbys (and in their acks); the
+standby's TM id in the acks the distributor forwards to the origin. An ack is the header alone.
 
 Entry wire format (big-endian), one after another in a batch:
 
@@ -37,7 +51,9 @@ KIND_FIREWALL = 3
 _KINDS = (KIND_DNAT, KIND_SNAT, KIND_HAIRPIN, KIND_FIREWALL)
 
 _HEADER = struct.Struct("!BBBBI")
-BATCH_BYTES = 1200   # one batch fits one datagram on any underlay
+BATCH_HEADER = struct.Struct("!BBHI")
+BATCH_FORMAT = 1
+BATCH_BYTES = 1200   # one batch, header included, fits one datagram on any underlay
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,25 +83,63 @@ def entry_of(conn: Conn, kind: int, now: float) -> Entry:
                  conn.reply.key, original.addresses or b"", original.ports or b"")
 
 
-def encode(entries: list[Entry]) -> list[bytes]:
-    """Entries packed into batches of at most BATCH_BYTES."""
-    batches: list[bytes] = []
+@dataclass(frozen=True, slots=True)
+class BatchHeader:
+    targets: int     # how many standbys the distributor sent this batch's entries to
+    peer: int        # a TM id: see the module docstring
+    sequence: int
+
+    def pack(self) -> bytes:
+        return BATCH_HEADER.pack(BATCH_FORMAT, self.targets, self.peer, self.sequence)
+
+
+def split(batch: bytes) -> tuple[BatchHeader, bytes] | str:
+    """A batch's (or an ack's) header and its packed entries, or a reason it is malformed."""
+    if len(batch) < BATCH_HEADER.size:
+        return "malformed:replication-header"
+    form, targets, peer, sequence = BATCH_HEADER.unpack_from(batch)
+    if form != BATCH_FORMAT:
+        return "malformed:replication-format"
+    return BatchHeader(targets, peer, sequence), batch[BATCH_HEADER.size:]
+
+
+def pack(entries: list[Entry]) -> list[tuple[bytes, int]]:
+    """Entries packed into chunks that fit one batch each (BATCH_BYTES with its header), in order:
+    (chunk, how many entries it holds)."""
+    chunks: list[tuple[bytes, int]] = []
     current = bytearray()
+    count = 0
+    room = BATCH_BYTES - BATCH_HEADER.size
     for entry in entries:
         packed = _HEADER.pack(entry.version, entry.protocol, entry.state, entry.kind,
                               min(int(entry.idle * 1000), 0xFFFFFFFF)) \
             + entry.key + entry.reply_key + entry.addresses + entry.ports
-        if current and len(current) + len(packed) > BATCH_BYTES:
-            batches.append(bytes(current))
-            current = bytearray()
+        if current and len(current) + len(packed) > room:
+            chunks.append((bytes(current), count))
+            current, count = bytearray(), 0
         current += packed
+        count += 1
     if current:
-        batches.append(bytes(current))
-    return batches
+        chunks.append((bytes(current), count))
+    return chunks
+
+
+def encode(entries: list[Entry], sequence: int = 0) -> list[bytes]:
+    """Entries in whole batches, numbered from `sequence` (the origin's view: targets and peer 0)."""
+    return [BatchHeader(0, 0, (sequence + index) & 0xFFFFFFFF).pack() + chunk
+            for index, (chunk, _) in enumerate(pack(entries))]
 
 
 def decode(batch: bytes) -> list[Entry] | str:
-    """The entries of a batch, or a reason it is malformed (nothing of a malformed batch is used)."""
+    """The entries of a batch (header and all), or a reason it is malformed (nothing of it is used)."""
+    parts = split(batch)
+    if isinstance(parts, str):
+        return parts
+    return decode_entries(parts[1])
+
+
+def decode_entries(batch: bytes) -> list[Entry] | str:
+    """Packed entries (a batch without its header), or a reason they are malformed."""
     entries: list[Entry] = []
     offset = 0
     while offset < len(batch):
@@ -147,3 +201,122 @@ class StandbyCache:
         if seen + timeouts[entry.state] <= now:
             return None
         return entry, seen
+
+
+@dataclass(slots=True)
+class _Sent:
+    sent: float              # when the batch left
+    oldest: float            # when the oldest change in it was made
+    held: list[Conn]         # strict mode: connections whose packets wait for this batch's acks
+    acks: int = 0
+
+
+class Acknowledgements:
+    """The origin's batches awaiting their standbys' acknowledgements: the measured replication lag, and in
+    strict mode which held connections each ack completes. Bounded: a batch unacknowledged after HORIZON
+    seconds (a lost datagram, a standby gone) is counted as `unacked` and forgotten."""
+
+    HORIZON = 5.0
+    MAX_BATCHES = 4096
+
+    def __init__(self) -> None:
+        self._batches: OrderedDict[int, _Sent] = OrderedDict()
+        self.acked = 0            # batches every standby acknowledged
+        self.unacked = 0          # batches given up on
+        self.lag_last_ms = 0.0    # from the oldest change in a batch to its last ack
+        self.lag_max_ms = 0.0
+        self.rtt_last_ms = 0.0    # from a batch's sending to its last ack
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def sent(self, sequence: int, now: float, oldest: float, held: list[Conn]) -> list[Conn]:
+        """Record a batch; returns the held connections of batches pushed out to stay bounded."""
+        self._batches[sequence] = _Sent(now, oldest, held)
+        released: list[Conn] = []
+        while len(self._batches) > self.MAX_BATCHES:
+            _, dropped = self._batches.popitem(last=False)
+            self.unacked += 1
+            released += dropped.held
+        return released
+
+    def ack(self, header: BatchHeader, now: float) -> list[Conn] | None:
+        """A standby's ack (through the distributor); the batch's held connections once every standby it
+        went to has acknowledged it, else None."""
+        batch = self._batches.get(header.sequence)
+        if batch is None:
+            return None      # a duplicate, or a batch given up on
+        batch.acks += 1
+        if batch.acks < header.targets:
+            return None
+        del self._batches[header.sequence]
+        self.acked += 1
+        self.rtt_last_ms = round((now - batch.sent) * 1000, 3)
+        self.lag_last_ms = round((now - batch.oldest) * 1000, 3)
+        self.lag_max_ms = max(self.lag_max_ms, self.lag_last_ms)
+        return batch.held
+
+    def overdue(self, now: float, timeout: float) -> list[Conn]:
+        """Held connections of batches sent `timeout` or more ago and not yet fully acknowledged (their
+        packets go on without the guarantee); batches past HORIZON are given up on."""
+        released: list[Conn] = []
+        for sequence, batch in list(self._batches.items()):
+            if batch.sent + timeout > now:
+                break
+            if batch.held:
+                released += batch.held
+                batch.held = []
+            if batch.sent + self.HORIZON <= now:
+                del self._batches[sequence]
+                self.unacked += 1
+        return released
+
+    def next_release(self, timeout: float) -> float | None:
+        """When `overdue` next releases held connections (None: nothing is held)."""
+        for batch in self._batches.values():
+            if batch.held:
+                return batch.sent + timeout
+        return None
+
+    def status(self) -> dict[str, float | int]:
+        return {"awaiting_ack": len(self._batches), "acked_batches": self.acked, "unacked_batches": self.unacked,
+                "lag_ms": self.lag_last_ms, "lag_max_ms": self.lag_max_ms, "ack_rtt_ms": self.rtt_last_ms}
+
+
+class StandbyLag:
+    """The distributor's view, per (origin, standby): when each batch was fanned out, and how long each
+    standby took to acknowledge it (distributor → standby → distributor). Bounded per origin."""
+
+    MAX_BATCHES = 1024
+
+    def __init__(self) -> None:
+        self._fanned: dict[str, OrderedDict[int, float]] = {}
+        self.last_batch: dict[str, float] = {}                 # origin → when its last batch came
+        self.peers: dict[tuple[str, str], list[float]] = {}    # (origin, standby) → [acks, last ms, max ms]
+
+    def fanned(self, origin: str, sequence: int, now: float) -> None:
+        self.last_batch[origin] = now
+        batches = self._fanned.setdefault(origin, OrderedDict())
+        batches[sequence] = now
+        if len(batches) > self.MAX_BATCHES:
+            batches.popitem(last=False)
+
+    def acked(self, origin: str, standby: str, sequence: int, now: float) -> None:
+        batches = self._fanned.get(origin)
+        sent = batches.get(sequence) if batches is not None else None
+        if sent is None:
+            return
+        lag = round((now - sent) * 1000, 3)
+        record = self.peers.setdefault((origin, standby), [0, 0.0, 0.0])
+        record[0] += 1
+        record[1] = lag
+        record[2] = max(record[2], lag)
+
+    def status(self, now: float) -> dict[str, dict]:
+        result: dict[str, dict] = {}
+        for origin, seen in sorted(self.last_batch.items()):
+            result[origin] = {"last_batch_age_s": round(now - seen, 3), "standbys": {}}
+        for (origin, standby), (acks, last, most) in sorted(self.peers.items()):
+            result.setdefault(origin, {"standbys": {}})["standbys"][standby] = {
+                "acks": int(acks), "lag_ms": last, "lag_max_ms": most}
+        return result

@@ -131,6 +131,8 @@ class SlowResult:
     server: str | None = None  # who answered, for failure reports
     max_gap: float = 0.0   # longest wait between two lines: a stall shows here even if the stream recovers
     ended: float = 0.0     # time.monotonic() at the end of the stream
+    started: float = 0.0   # time.monotonic() when it connected, and when its first line came (end to end)
+    established: float = 0.0
     error: str | None = None
 
     @property
@@ -143,7 +145,7 @@ def slow_stream(source: str, seconds: float, interval: float, stall_timeout: flo
     """GET /slow from `source` (run inside the client namespace) to the VIP of its family, or to
     `destination`: one TCP connection for `seconds`. `flowing` is released at the first line: the
     connection is established end to end."""
-    result = SlowResult(source)
+    result = SlowResult(source, started=time.monotonic())
     vip = destination or (topology.VIP_V6 if ":" in source else topology.VIP_V4)
     connection = http.client.HTTPConnection(vip, topology.HTTP_PORT, timeout=stall_timeout, source_address=(source, 0))
     try:
@@ -160,8 +162,10 @@ def slow_stream(source: str, seconds: float, interval: float, stall_timeout: flo
             now = time.monotonic()
             result.max_gap = max(result.max_gap, now - last)
             last = now
-            if flowing is not None and result.lines == 0:
-                flowing.release()
+            if result.lines == 0:
+                result.established = now
+                if flowing is not None:
+                    flowing.release()
             words = line.decode().split()
             result.server = words[0]
             if words[1:2] == ["done"]:

@@ -7,6 +7,8 @@ every path, and ratios are against the same paths measured in the same round wit
 - exporting, at the sender, and importing, at the standby, one entry (ns per connection);
 - the distributor's fan-out of one entry (decode, decide the row, encode for the second choice);
 - the established path with replication on vs off (it should not move: nothing is replicated per packet);
+- strict mode: a new connection held, exported, acknowledged and released, against the same with
+  replication on but not strict (the SYN passes at once, the export comes later);
 - bytes on the wire per replicated connection (entry, and the batch's share of GRE + UDP + IP).
 """
 
@@ -32,9 +34,26 @@ from tests.tm.conftest import lab_config
 CONFIG = Path(__file__).resolve().parents[2] / "config"
 
 
-def replicating(on: bool) -> TrafficManager:
+def replicating(on: bool, strict: bool = False) -> TrafficManager:
     config = lab_config()
-    return TrafficManager(dataclasses.replace(config, replication=ReplicationConfig(enabled=on)))
+    return TrafficManager(dataclasses.replace(config, replication=ReplicationConfig(enabled=on, strict=strict)))
+
+
+def open_export_ack(strict: bool, syns: list[bytes], per_batch: int | None = None) -> float:
+    """ns per connection: its SYN, its export, and its batch's ack (which, in strict mode, releases the
+    held SYN). The ack names one standby, as the distributor's copy would. `per_batch`: export after
+    every so many SYNs (strict mode flushes once per loop iteration: at low load, one a batch)."""
+    tm = replicating(True, strict)
+    step = per_batch or len(syns)
+    start = time.perf_counter_ns()
+    for first in range(0, len(syns), step):
+        for packet in syns[first:first + step]:
+            tm.receive(packet, 1.0)
+        for batch in tm.export_replication(1.0):
+            tm.replication_acked(b"\x01\x01\x00\x00" + batch[4:8], 1.001)
+    elapsed = time.perf_counter_ns() - start
+    assert tm.snapshot()["replication"]["released_acked"] == (len(syns) if strict else 0)
+    return elapsed / len(syns)
 
 
 def new_connections(on: bool, syns: list[bytes]) -> float:
@@ -100,6 +119,9 @@ def main(rounds: int = 9, connections: int = 4000, calls: int = 20000) -> None:
         samples.setdefault("export, per connection", []).append(exported)
         samples.setdefault("import at the standby, per connection", []).append(imported)
         samples.setdefault("distributor fan-out, per connection", []).append(fanout(syns))
+        samples.setdefault("open + export + ack, on", []).append(open_export_ack(False, syns))
+        samples.setdefault("open + export + ack, strict", []).append(open_export_ack(True, syns))
+        samples.setdefault("... strict, one connection a batch", []).append(open_export_ack(True, syns, 1))
         samples.setdefault("established, off", []).append(established(False, calls))
         samples.setdefault("established, on", []).append(established(True, calls))
         sizes = (entries, size)
@@ -108,12 +130,14 @@ def main(rounds: int = 9, connections: int = 4000, calls: int = 20000) -> None:
     for name, value in median.items():
         print(f"{name:44} {value:8.0f}")
     print(f"new connection on/off: {median['new connection, on'] / median['new connection, off']:.2f}x; "
-          f"established on/off: {median['established, on'] / median['established, off']:.2f}x")
+          f"established on/off: {median['established, on'] / median['established, off']:.2f}x; "
+          f"strict/on per new connection: {median['open + export + ack, strict'] / median['open + export + ack, on']:.2f}x")
     entries, size = sizes
     batches = -(-size // BATCH_BYTES)
     overhead = batches * (20 + 8 + 4)   # IPv4 + UDP + GRE per batch datagram (no auth)
     print(f"bytes per replicated connection: {size / entries:.1f} entry + {overhead / entries:.1f} headers "
-          f"(+34 per datagram with [auth]), sent twice: TM -> distributor -> standby")
+          f"(+34 per datagram with [auth]), sent twice: TM -> distributor -> standby; each batch's ack "
+          f"{8 + 20 + 8 + 4} bytes back, twice (standby -> distributor -> TM)")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ EXIT_BROKEN_PIPE = 128 + 13
 COMMAND_MODULES: tuple[str, ...] = (
     "overlay.tools_cli",
     "overlay.keys_cli",
+    "overlay.fleet_cli",
     "overlay.runtime.cli",
     "overlay.lab.cli",
     "overlay.status.cli",

@@ -38,7 +38,7 @@ ROLES = ("distributor", "tm", "edge")
 # `[sest]` must be named, not reported as the TM xlate addresses it leaves outside any set.
 COMMON_TABLES = ("node", "status", "log", "underlay", "tun", "auth")
 ROLE_TABLES = {
-    "distributor": ("hash", "sets", "tm", "decision", "edge", "health"),
+    "distributor": ("hash", "sets", "tm", "decision", "edge", "health", "fleet"),
     "tm": ("distributor", "tm"),
     "edge": ("distributor", "edge"),
 }
@@ -110,7 +110,9 @@ def load_node_config(path: str | Path) -> NodeConfig:
     return parse_node_config(read_text(path), str(path), base=path.parent)
 
 
-def parse_node_config(text: str, source: str = "config", base: Path | None = None) -> NodeConfig:
+def parse_node_config(text: str, source: str = "config", base: Path | None = None,
+                      fleet_document: Section | None = None) -> NodeConfig:
+    """`fleet_document`: a distributor's [[tm]] tables from its fleet store, replacing the file's."""
     root = parse_toml(text, source)
     node = root.section("node", required=True)
     role = node.str("role", choices=ROLES)
@@ -135,7 +137,7 @@ def parse_node_config(text: str, source: str = "config", base: Path | None = Non
 
         distributor = parse_distributor(
             root, name, underlay.address, underlay.mtu, underlay.gre_key, tun.capture, tun.capture_from, base,
-            auth_mode != "off",
+            auth_mode != "off", fleet_document,
         )
         peer_keys = {tm.name: tm.public_keys for tm in distributor.tms}
         peer_keys.update({edge.name: edge.public_keys for edge in distributor.edges})

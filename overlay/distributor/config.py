@@ -32,6 +32,7 @@ from overlay.configlib import (
     to_network,
 )
 from overlay.decision import CELL_ACTIONS, COLUMNS, ROWS, DecisionTable
+from overlay.fleetview import FleetStoreConfig, parse_fleet_section
 from overlay.gre import TM_ID_MAX, UDP_PORT, default_tm_id
 from overlay.health import ALL_DOWN_POLICIES, HealthConfig
 from overlay.keyconfig import parse_public_keys
@@ -79,6 +80,7 @@ class DistributorConfig:
     capture: tuple[IPNetwork, ...] = ()
     capture_from: tuple[IPNetwork, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
+    fleet: FleetStoreConfig = FleetStoreConfig()   # [fleet]: where the TM set and its state live
 
     def tm(self, name: str) -> TMEntry:
         for entry in self.tms:
@@ -127,7 +129,13 @@ def _parse_seed(hash_section: Section, base: Path | None) -> bytes:
 
 def parse_distributor(root: Section, name: str, underlay_address: IPAddress, underlay_mtu: int,
                       gre_key: int | None, capture: tuple[IPNetwork, ...], capture_from: tuple[IPNetwork, ...],
-                      base: Path | None, sealed: bool = False) -> DistributorConfig:
+                      base: Path | None, sealed: bool = False, fleet_document: Section | None = None) -> DistributorConfig:
+    """`fleet_document`: the [[tm]] tables to use instead of the file's (the fleet store's `tms` document,
+    overlay/fleetview.py): errors in them name the document and its lines."""
+    fleet = parse_fleet_section(root.section("fleet"))
+    tm_root = root if fleet_document is None else fleet_document
+    if fleet_document is not None:
+        list(root.sections("tm"))   # the file's own [[tm]] tables: the bootstrap fleet, replaced by the store's
     hash_section = root.section("hash", required=True)
     seed = _parse_seed(hash_section, base)
     hash_key = hash_section.str("key", "addr", choices=HASH_KEYS)
@@ -141,16 +149,16 @@ def parse_distributor(root: Section, name: str, underlay_address: IPAddress, und
     sets_section.done()
     _check_sets(sets_section, sets)
 
-    tms = tuple(_parse_tms(root, sets, underlay_address, capture, capture_from, sealed))
+    tms = tuple(_parse_tms(tm_root, sets, underlay_address, capture, capture_from, sealed))
     if not tms:
-        raise root.error("tm", "at least one [[tm]] is required")
+        raise tm_root.error("tm", "at least one [[tm]] is required")
     names = {tm.name for tm in tms}
     for index, tm in enumerate(tms):
         if tm.backup is not None and (tm.backup not in names or tm.backup == tm.name):
-            section = next(s for i, s in enumerate(root.sections("tm")) if i == index)
+            section = next(s for i, s in enumerate(tm_root.sections("tm")) if i == index)
             raise section.error("backup", f"must name another [[tm]]; {tm.backup!r} is not one")
     if all(tm.weight == 0 for tm in tms):
-        raise root.error("tm", "all TM weights are zero: no TM could ever be chosen")
+        raise tm_root.error("tm", "all TM weights are zero: no TM could ever be chosen")
 
     edges = tuple(_parse_edges(root, underlay_address, sealed))
 
@@ -199,6 +207,7 @@ def parse_distributor(root: Section, name: str, underlay_address: IPAddress, und
         health=health,
         capture=capture,
         capture_from=capture_from,
+        fleet=fleet,
     )
 
 

@@ -198,7 +198,7 @@ class Agent(abc.ABC):
         """Re-read the config file; apply it atomically or keep the old one. Returns what the admin API shows."""
         path = self.config.source
         try:
-            new = load_node_config(path)
+            new = self._load_config(path)
             blocked = restart_only_changes(self.config, new)
             if blocked:
                 raise ConfigError("", f"changed {', '.join(blocked)}: these apply only at restart", None, path)
@@ -218,6 +218,14 @@ class Agent(abc.ABC):
         self.last_reload_error = None
         log.info("config.reloaded", generation=self.generation, digest=new.digest[:12])
         return {"ok": True, "error": None, "generation": self.generation}
+
+    def _load_config(self, path: str) -> NodeConfig:
+        """The config a reload applies (a distributor with a fleet store adds the store's [[tm]] tables)."""
+        return load_node_config(path)
+
+    async def leave(self) -> None:
+        """Before closing: say goodbye to whatever shares our state (a distributor's fleet store)."""
+        return None
 
     def _reload_failed(self, error: str) -> dict:
         self.reloads["failed"] += 1
@@ -312,6 +320,10 @@ async def run_agent(agent: Agent) -> int:
             log.error("agent.cannot_start", role=agent.role, name=agent.config.name, error=str(error))
             return 2
         finally:
+            try:
+                await asyncio.wait_for(agent.leave(), 2.0)
+            except Exception:   # leaving is a courtesy (a timeout included): never block the close
+                log.warning("agent.leave_failed", role=agent.role)
             agent.close()
         return agent.exit_code
     finally:

@@ -13,12 +13,17 @@ table serves follows `HealthChecker.serving()`, so the all-down policy `keep-las
 from __future__ import annotations
 
 import asyncio
+import time
+from pathlib import Path
 from typing import Any
 
 import structlog
 
 from overlay import gre
-from overlay.config import NodeConfig
+from overlay.config import NodeConfig, load_node_config, parse_node_config
+from overlay.configlib import read_text
+from overlay.fleetview import FleetView, parse_fleet_document
+from overlay.runtime.fleet_sync import FleetSync
 from overlay.distributor.core import ACTION_FANOUT, ACTION_FORWARD, ACTION_LOCAL, ACTION_TM, PINNED, Distributor, Verdict
 from overlay.health import HealthChecker
 from overlay.runtime.agent import Agent, authenticator, reconfigured_authenticator
@@ -43,6 +48,11 @@ class DistributorAgent(Agent):
         self._http_checks: set[asyncio.Task[None]] = set()
         self._all_down_logged = False
         self._probes_sent = 0
+        # [fleet] store = "etcd": the TM set, admin states and agreed health come from the store.
+        self.fleet: FleetSync | None = None
+        self._fleet_view: FleetView | None = None
+        self._fleet_document_revision = 0
+        self.fleet_document_error: str | None = None
 
     def net_plan(self) -> NetPlan:
         return distributor_plan(self.config.tun)
@@ -93,6 +103,42 @@ class DistributorAgent(Agent):
         self.tun.start(loop, from_tun, self.tun_lost)
         self.udp.start(loop, from_overlay)
         self._arm_health(now)
+        if dconfig.fleet.store == "etcd":
+            registration = {"underlay": f"{self.config.underlay.address}:{self.config.underlay.port}",
+                            "status": f"{self.config.status.host}:{self.config.status.port}",
+                            "started": time.time()}
+            self.fleet = FleetSync(dconfig.fleet, self.config.name, registration, self._apply_fleet)
+            self.fleet.start(loop)
+
+    # -- the fleet store ------------------------------------------------------------------------------
+
+    def _apply_fleet(self, view: FleetView) -> None:
+        """A new view of the store (coalesced): its [[tm]] document through the reload path (validated the
+        same way; a bad one is refused and the running fleet kept), then admin states, then agreed health."""
+        assert self.core is not None and self.loop is not None
+        self._fleet_view = view
+        if view.document is not None and view.document_revision != self._fleet_document_revision:
+            self._fleet_document_revision = view.document_revision
+            result = self.reload()
+            self.fleet_document_error = None if result["ok"] else result["error"]
+        states = self.core.tm_states()
+        for tm, state in states.items():
+            wanted = view.admin.get(tm, "enabled")
+            if state["admin"] != wanted:
+                log.warning("tm.admin_state", tm=tm, state=wanted, previous=state["admin"], by="fleet store")
+                self.core.set_tm_state(tm, wanted)
+        self._apply_health(self.loop.time())
+
+    def _load_config(self, path: str) -> NodeConfig:
+        view = self._fleet_view
+        if self.fleet is None or view is None or view.document is None:
+            return load_node_config(path)
+        document = parse_fleet_document(view.document, f"etcd:{self.fleet.prefix}tms")
+        return parse_node_config(read_text(Path(path)), path, Path(path).parent, document)
+
+    async def leave(self) -> None:
+        if self.fleet is not None:
+            await self.fleet.stop()
 
     def _on_keepalive(self, payload: bytes) -> None:
         assert self.health is not None and self.loop is not None
@@ -161,6 +207,17 @@ class DistributorAgent(Agent):
             else:
                 log.error("tm.down", tm=tm, detection_time_s=self.health.config.detection_time)
         serving = self.health.serving()
+        if self.fleet is not None:
+            # Ours is one vote; the table follows what a majority of the distributors observe, and while
+            # the store is unreachable, the last agreed view (the same at every distributor).
+            tms = set(self.health.up()) | set(self._tm_names())
+            self.fleet.publish(serving, tms - serving)
+            if self._fleet_view is not None:
+                if self.fleet.state == "ok":
+                    names = self._tm_names()
+                    serving = set(names) - self._fleet_view.agreed_down(names)
+                else:
+                    serving = self._serving
         if serving != self._serving:
             grace = self.health.config.return_grace
             for tm in serving ^ self._serving:
@@ -177,9 +234,15 @@ class DistributorAgent(Agent):
 
     # -- control --------------------------------------------------------------------------------------
 
+    def _tm_names(self) -> list[str]:
+        assert self.config.distributor is not None
+        return [tm.name for tm in self.config.distributor.tms]
+
     def set_tm_state(self, name: str, state: str) -> dict:
         """Admin API: drain/enable/disable a TM (KeyError for an unknown TM, ValueError for a bad state)."""
         assert self.core is not None
+        if self.fleet is not None:
+            raise ValueError("this fleet's admin states live in its store: use `overlay fleet drain|enable|disable`")
         previous = self.core.tm_states()[name]["admin"]
         self.core.set_tm_state(name, state)
         log.warning("tm.admin_state", tm=name, state=state, previous=previous)
@@ -222,7 +285,17 @@ class DistributorAgent(Agent):
         # changes), and per standby the lag of its acks (distributor → standby → distributor).
         now = self.loop.time() if self.loop is not None else 0.0
         replication = self.core.replication_lag.status(now)
-        return {**snapshot, "health": self.health.snapshot(), "counters": counters, "replication": replication}
+        fleet: dict[str, Any] = {"store": "file"}
+        if self.fleet is not None:
+            fleet = self.fleet.status()
+            fleet["document_error"] = self.fleet_document_error
+            names = self._tm_names()
+            fleet["agreed_down"] = sorted(self._fleet_view.agreed_down(names)) if self._fleet_view else None
+            counters["fleet.rebuilds"] = self.fleet.rebuilds
+            counters["fleet.store_outages"] = self.fleet.outages
+            counters["fleet.store_available"] = int(self.fleet.state == "ok")
+        return {**snapshot, "health": self.health.snapshot(), "counters": counters, "replication": replication,
+                "fleet": fleet}
 
     def healthy(self) -> tuple[bool, dict]:
         if self.health is None:

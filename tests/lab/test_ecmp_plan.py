@@ -1,0 +1,125 @@
+"""The ECMP lab's plan and configs as data (no root): addresses, interface names, the routers' groups, and
+the per-distributor configs derived from the reference ones. The lab itself runs in
+tests/status/test_lab_ecmp.py."""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import re
+from pathlib import Path
+
+import pytest
+
+from overlay.config import load_node_config
+from overlay.lab import ecmp, topology
+
+from .test_topology import DOCUMENTATION_RANGES, plan_addresses
+
+CONFIG = Path(__file__).resolve().parents[2] / "config"
+
+
+def test_plan_uses_only_documentation_addresses_and_lab_namespaces() -> None:
+    plan = ecmp.build_plan("a-very-long-prefix-for-a-test-", 8)
+    addresses = [a for a in plan_addresses(plan) if a != "blackhole"] + [
+        word for lines in (*plan.commands6.values(), *(ns.commands for ns in plan.namespaces.values()))
+        for line in lines for word in re.findall(r"(?:via|from) (\S+)", line)
+    ]
+    assert len(addresses) > 356
+    for address in addresses:
+        network = ipaddress.ip_network(address, strict=False)
+        assert any(network.subnet_of(r) for r in DOCUMENTATION_RANGES if r.version == network.version), address
+    for line in plan.links:
+        names = re.findall(r"(?:link add|peer name) (\S+)", line)
+        namespaces = re.findall(r"netns (\S+)", line)
+        assert len(names) == 2 and len(namespaces) == 2, line
+        assert all(len(name) <= 15 for name in names), line
+        assert all(ns.startswith(plan.prefix) for ns in namespaces), line
+
+
+def test_every_distributor_has_addresses_of_its_own() -> None:
+    hosts = ecmp.distributor_hosts(ecmp.MAX_DISTRIBUTORS)
+    assert hosts[0].underlay == topology.DISTRIBUTOR_UNDERLAY
+    every = [a for h in hosts for a in (h.underlay, *h.outside, *h.router_out, *h.inside, *h.router_in)]
+    assert len(set(every)) == len(every)
+    for host in hosts:
+        for (mine, router) in ((host.outside, host.router_out), (host.inside, host.router_in)):
+            assert ipaddress.ip_interface(f"{mine[0]}/30").network == ipaddress.ip_interface(f"{router[0]}/30").network
+            assert ipaddress.ip_interface(f"{mine[1]}/64").network == ipaddress.ip_interface(f"{router[1]}/64").network
+    with pytest.raises(ValueError):
+        ecmp.distributor_hosts(0)
+    with pytest.raises(ValueError):
+        ecmp.distributor_hosts(ecmp.MAX_DISTRIBUTORS + 1)
+
+
+def test_the_fail_closed_prefixes_are_what_the_distributor_config_captures() -> None:
+    tun = load_node_config(CONFIG / "distributor.toml").tun
+    assert {str(p) for p in tun.capture} == {*ecmp.CAPTURE_V4, *ecmp.CAPTURE_V6}
+    assert {str(p) for p in tun.capture_from} == {ecmp.INSIDE_V4, ecmp.INSIDE_V6}
+    plan = ecmp.build_plan("t-", 2, fail_closed=False)
+    assert not plan.commands6 and not any("blackhole" in line for line in plan.namespaces["dist1"].commands)
+
+
+def test_routers_spread_over_a_resilient_group_of_every_distributor() -> None:
+    plan = ecmp.build_plan("t-", 3)
+    for router in ecmp.ROUTERS:
+        commands = plan.namespaces[router].commands
+        assert "nexthop add id 4 group 41/42/43 type resilient buckets 128 idle_timer 0" in commands
+        assert "nexthop add id 6 group 61/62/63 type resilient buckets 128 idle_timer 0" in commands
+        # Every nexthop and group exists before a route uses it, every address before a nexthop.
+        first_route = min(i for i, line in enumerate(commands) if "nhid" in line)
+        assert all(i < first_route for i, line in enumerate(commands) if line.startswith("nexthop"))
+        assert max(i for i, line in enumerate(commands) if line.startswith("address")) < first_route
+        assert "net.ipv4.fib_multipath_hash_policy=1" in plan.namespaces[router].sysctls
+        assert "net.ipv6.fib_multipath_hash_policy=1" in plan.namespaces[router].sysctls
+    assert f"route add {topology.VIP_V4}/27 nhid 4".replace(".80/27", ".64/27") in plan.namespaces["router-out"].commands
+
+
+def test_group_updates_withdraw_restore_and_never_leave_an_empty_group() -> None:
+    plan = ecmp.build_plan("t-", 2)
+    withdraw = plan.group_update(["dist1"], ["dist1", "dist2"])
+    assert withdraw["router-out"] == [
+        "nexthop replace id 4 group 41 type resilient buckets 128 idle_timer 0",
+        "nexthop replace id 6 group 61 type resilient buckets 128 idle_timer 0",
+    ]
+    assert withdraw["router-in"] == withdraw["router-out"]
+    assert plan.group_update(["dist2", "dist1"], ["dist1"])["router-in"][0] == \
+        "nexthop replace id 4 group 41/42 type resilient buckets 128 idle_timer 0"
+    assert plan.group_update([], ["dist1"])["router-out"] == ["nexthop del id 4", "nexthop del id 6"]
+    back = plan.group_update(["dist2"], [])["router-out"]
+    assert back[:2] == ["nexthop add id 4 group 42 type resilient buckets 128 idle_timer 0",
+                        "nexthop add id 6 group 62 type resilient buckets 128 idle_timer 0"]
+    assert back[2:] == plan.group_routes["router-out"] and len(back) == 2 + 7
+    with pytest.raises(KeyError):
+        plan.group_update(["dist9"], ["dist1"])
+
+
+def test_distributor_configs_differ_only_in_name_and_underlay_address(tmp_path: Path) -> None:
+    hosts = ecmp.distributor_hosts(3)
+    configs = ecmp.write_configs(CONFIG, tmp_path / "config", hosts)
+    reference = load_node_config(CONFIG / "distributor.toml")
+    assert reference.distributor is not None
+    for host in hosts:
+        node = load_node_config(configs.distributors[host.name])
+        assert node.name == host.name and str(node.underlay.address) == host.underlay
+        assert node.distributor is not None
+        assert node.distributor.tms == reference.distributor.tms
+        assert (node.distributor.seed, node.distributor.hash_key) == (reference.distributor.seed, reference.distributor.hash_key)
+        assert node.tun == reference.tun
+        changed = [line for line in difflib.ndiff((CONFIG / "distributor.toml").read_text().splitlines(),
+                                                   configs.distributors[host.name].read_text().splitlines())
+                   if line.startswith(("+", "-"))]
+        assert len(changed) <= 4, changed  # name and address, each - and +
+    for tm in topology.TMS:
+        node = load_node_config(configs.tms[tm])
+        assert node.distributor_names == tuple(h.name for h in hosts)
+        assert [(str(a), p) for a, p in node.distributors] == [(h.underlay, 4754) for h in hosts]
+        assert node.tm == load_node_config(CONFIG / f"{tm}.toml").tm
+    assert (tmp_path / "config" / "systemd").is_dir(), "the rest of the directory is copied along"
+
+
+def test_tm_configs_with_per_distributor_keys_are_refused() -> None:
+    text = (CONFIG / "tm1.toml").read_text().replace('underlay = "192.0.2.2:4754"\n',
+                                                     'underlay = "192.0.2.2:4754"\npublic_key = "x"\n')
+    with pytest.raises(ValueError, match="public_key"):
+        ecmp.tm_config_text(text, ecmp.distributor_hosts(2))

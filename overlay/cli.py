@@ -24,6 +24,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "overlay.tools_cli",
     "overlay.keys_cli",
     "overlay.fleet_cli",
+    "overlay.ecmp_cli",
     "overlay.runtime.cli",
     "overlay.lab.cli",
     "overlay.status.cli",

@@ -293,9 +293,11 @@ class DistributorAgent(Agent):
             fleet["agreed_down"] = sorted(self._fleet_view.agreed_down(names)) if self._fleet_view else None
             counters["fleet.rebuilds"] = self.fleet.rebuilds
             counters["fleet.store_outages"] = self.fleet.outages
-            counters["fleet.store_available"] = int(self.fleet.state == "ok")
+            gauges = {"fleet.store_available": int(self.fleet.state == "ok"), "fleet.distributors": len(fleet["distributors"])}
+        else:
+            gauges = {}
         return {**snapshot, "health": self.health.snapshot(), "counters": counters, "replication": replication,
-                "fleet": fleet}
+                "fleet": fleet, **({"gauges": gauges} if gauges else {})}
 
     def healthy(self) -> tuple[bool, dict]:
         if self.health is None:

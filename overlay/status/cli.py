@@ -134,6 +134,7 @@ def format_summary(status: Mapping[str, Any], health: Mapping[str, Any], history
     if all_down:
         policy = ((status.get("health") or {}).get("config") or {}).get("all_down", "?")
         lines.append(f"!! every TM is down (all-down policy: {policy})")
+    lines += _fleet_lines(status.get("fleet"))
     drops = {reason: count for reason, count in (status.get("drops") or {}).items() if count}
     lines += ["", f"drops: {_pairs(drops) if drops else 'none'}"]
     if status.get("cells"):
@@ -153,6 +154,30 @@ def format_summary(status: Mapping[str, Any], health: Mapping[str, Any], history
     if config.get("last_reload_error"):
         lines.append(f"!! last reload refused, generation {config.get('generation', '?')} stays: {config['last_reload_error']}")
     return "\n".join(lines)
+
+
+def _fleet_lines(fleet: Any) -> list[str]:
+    """A distributor sharing its fleet through etcd: the store's state and the fleet of distributors."""
+    if not isinstance(fleet, Mapping) or fleet.get("store") != "etcd":
+        return []
+    state = str(fleet.get("state", "?"))
+    lines = ["", f"fleet store: etcd {fleet.get('prefix', '?')} · {state.upper() if state != 'ok' else state} · "
+             f"revision {fleet.get('applied_revision', '?')} · rebuilds {fleet.get('rebuilds', '?')}"]
+    if state != "ok":
+        lines.append(f"!! fleet store unreachable for {_duration(fleet.get('unavailable_for_s'))}: forwarding on the "
+                     f"last agreed view ({fleet.get('last_error') or 'no answer'})")
+    votes = fleet.get("votes") or {}
+    rows = []
+    for name, registration in sorted((fleet.get("distributors") or {}).items()):
+        down = (votes.get(name) or {}).get("down") or []
+        rows.append([name, str((registration or {}).get("underlay", "-")), ", ".join(down) or "-"])
+    if rows:
+        lines += _table(["DISTRIBUTOR", "UNDERLAY", "SEES DOWN"], rows)
+    if fleet.get("agreed_down"):
+        lines.append(f"agreed down: {', '.join(fleet['agreed_down'])}")
+    if fleet.get("document_error"):
+        lines.append(f"!! fleet document refused, the running fleet stays: {fleet['document_error']}")
+    return lines
 
 
 # -- admin calls ------------------------------------------------------------------------------------------

@@ -243,3 +243,17 @@ def test_reload_command_uses_the_token_and_reports_refusal(
     monkeypatch.setenv("OVERLAY_ADMIN_TOKEN", ADMIN_TOKEN)
     assert main(["reload", dist_url]) == 1
     assert "reload refused" in capsys.readouterr().err
+
+
+def test_the_summary_shows_the_fleet_of_distributors_and_an_unreachable_store() -> None:
+    fleet = {"store": "etcd", "prefix": "/overlay/lab", "state": "unavailable", "unavailable_for_s": 4.2,
+             "last_error": "no etcd endpoint answered", "applied_revision": 12, "rebuilds": 5,
+             "distributors": {"dist1": {"underlay": "192.0.2.2:4754"}, "dist2": {"underlay": "192.0.2.3:4754"}},
+             "votes": {"dist1": {"up": ["tm1"], "down": ["tm2"]}}, "agreed_down": ["tm2"]}
+    text = format_summary({"role": "distributor", "name": "dist1", "fleet": fleet}, {"ok": True}, {})
+    assert "fleet store: etcd /overlay/lab · UNAVAILABLE · revision 12" in text
+    assert "forwarding on the last agreed view (no etcd endpoint answered)" in text
+    assert [line.split() for line in text.splitlines() if line.startswith("dist")][1:] == [
+        ["dist1", "192.0.2.2:4754", "tm2"], ["dist2", "192.0.2.3:4754", "-"]]
+    assert "agreed down: tm2" in text
+    assert "fleet store" not in format_summary({"role": "distributor", "fleet": {"store": "file"}}, {"ok": True}, {})

@@ -131,6 +131,8 @@ async def _set_tm_state(request: web.Request) -> web.Response:
         result = await _resolve(request.app[ADMIN_KEY].set_tm_state(name, state))
     except KeyError:
         return _json({"ok": False, "error": f"unknown TM {name!r}"}, status=404)
+    except ValueError as error:   # refused by the agent: e.g. its admin states live in a fleet store
+        return _json({"ok": False, "error": str(error)}, status=409)
     log.info("admin.tm_state", tm=name, state=state, remote=request.remote)
     return _json({"ok": True, "tm": name, "state": state, **result})
 

@@ -269,3 +269,17 @@ async def test_start_status_server_reports_a_port_in_use(distributor: FakeDistri
             await start_status_server(distributor, "127.0.0.1", first.port)
     finally:
         await first.close()
+
+
+async def test_admin_refused_by_the_agent_is_a_409_with_its_reason(make_client: MakeClient, distributor: FakeDistributor) -> None:
+    class FleetManaged:
+        def set_tm_state(self, name: str, state: str) -> dict:
+            raise ValueError("this fleet's admin states live in its store: use `overlay fleet drain|enable|disable`")
+
+        def reload(self) -> dict:
+            return distributor.reload()
+
+    client = await make_client(build_app(distributor, admin=FleetManaged(), admin_token=ADMIN_TOKEN))
+    response = await client.post("/admin/tm/tm1/drain", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert response.status == 409
+    assert "overlay fleet drain" in (await response.json())["error"]

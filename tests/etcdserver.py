@@ -55,14 +55,18 @@ def free_ports(count: int) -> list[int]:
 class EtcdServer:
     """One etcd member. Ports are chosen once, so `url` stays valid across kill() and start()."""
 
-    def __init__(self, directory: Path, binary: str = ETCD) -> None:
+    def __init__(self, directory: Path, binary: str = ETCD, *, namespace: str | None = None,
+                 address: str = "127.0.0.1") -> None:
+        """`namespace`: run inside that network namespace (a lab's), listening on `address` there, on etcd's
+        own ports (the namespace is ours alone); otherwise on free loopback ports here."""
         self.binary = binary
         self.directory = directory
         self.data_dir = directory / "data"
         self.log_path = directory / "etcd.log"
-        client_port, peer_port = free_ports(2)
-        self.url = f"http://127.0.0.1:{client_port}"
-        self.peer_url = f"http://127.0.0.1:{peer_port}"
+        self.namespace = namespace
+        client_port, peer_port = (2379, 2380) if namespace else free_ports(2)
+        self.url = f"http://{address}:{client_port}"
+        self.peer_url = f"http://{address}:{peer_port}"
         self.process: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> EtcdServer:
@@ -87,6 +91,8 @@ class EtcdServer:
             "--heartbeat-interval", "10", "--election-timeout", "100",
             "--logger", "zap", "--log-level", "warn",
         ]
+        if self.namespace is not None:
+            command = ["ip", "netns", "exec", self.namespace, *command]   # exec: the PID is etcd's
         # A file, not a pipe: a pipe nobody reads would fill and stall etcd.
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
@@ -102,6 +108,11 @@ class EtcdServer:
 
     def healthy(self) -> bool:
         try:
+            if self.namespace is not None:
+                from overlay.lab import nsnet
+
+                status, body = nsnet.http_request(self.namespace, self.url + "/health", timeout=1.0)
+                return status == 200 and json.loads(body).get("health") == "true"
             with urllib.request.urlopen(self.url + "/health", timeout=1) as response:
                 return bool(json.load(response).get("health") == "true")
         except (OSError, ValueError):

@@ -30,8 +30,9 @@ addresses of their own:
 Routers. router-out routes the inside prefix, the VIP, the xlate and the management prefixes to resilient
 group 4 (IPv4: nexthops 40+K via distK's outside transit address) and 6 (IPv6: nexthops 60+K); router-in
 routes the outside prefixes, the VIP and the xlate prefixes back to its own groups 4 and 6 over the
-distributors' inside transit addresses. Both hash on L4 (`fib_multipath_hash_policy=1`), with
-`buckets 128 idle_timer 0`: when a distributor is withdrawn only its buckets move, and when it is restored
+distributors' inside transit addresses. Both hash on L4 — the packet's addresses, protocol and ports
+(`fib_multipath_hash_policy=3` with `fib_multipath_hash_fields=0x0037`; policy 1 would hash the sending
+socket's random txhash across veths, see MULTIPATH_HASH) — with `buckets 128 idle_timer 0`: when a distributor is withdrawn only its buckets move, and when it is restored
 buckets move back at once (idle_timer 0: every bucket counts as idle). `EcmpPlan.group_update` gives the
 `ip nexthop` lines for any set of active distributors (a group cannot be empty: at 0 it is deleted, and
 with it the routes through it).
@@ -100,7 +101,17 @@ BUCKETS = 128
 FAIL_CLOSED_METRIC = 4_000_000_000      # above any metric the agents' routes get (IPv6 default: 1024)
 FAIL_CLOSED_RULE_PRIORITY = FROM_RULE_PRIORITY + 1
 ROUTERS: tuple[str, ...] = ("router-out", "router-in")
-ROUTER_SYSCTLS: tuple[str, ...] = ("net.ipv4.fib_multipath_hash_policy=1", "net.ipv6.fib_multipath_hash_policy=1")
+# How the routers hash a flow onto a group member. "5-tuple": policy 3 (custom fields) over source and
+# destination address, protocol, source and destination port (0x0037; for IPv6 without the flow label):
+# what a router hashing the packet computes. "skb": policy 1 (L4), which on a forwarded packet first takes
+# the skb's L4 hash if it has one — across veths that is the *sending socket's* txhash, random per
+# connection and drawn anew by TCP on every retransmission timeout, so a flow changes path when it
+# retransmits (a lost SYN or a dead distributor is then escaped by chance, not by the withdrawal).
+MULTIPATH_HASH: dict[str, tuple[str, ...]] = {
+    "5-tuple": ("net.ipv4.fib_multipath_hash_policy=3", "net.ipv4.fib_multipath_hash_fields=0x0037",
+                "net.ipv6.fib_multipath_hash_policy=3", "net.ipv6.fib_multipath_hash_fields=0x0037"),
+    "skb": ("net.ipv4.fib_multipath_hash_policy=1", "net.ipv6.fib_multipath_hash_policy=1"),
+}
 SERVER_ROLES: tuple[str, ...] = ("server1", "server2", "plain", "remote")  # Lab.up starts these
 
 
@@ -203,15 +214,15 @@ def roles(count: int = DEFAULT_DISTRIBUTORS) -> tuple[str, ...]:
 
 
 def build_plan(prefix: str = DEFAULT_PREFIX, distributors: int = DEFAULT_DISTRIBUTORS, *,
-               fail_closed: bool = True) -> EcmpPlan:
-    """The whole ECMP lab for namespaces named `prefix + role`."""
+               fail_closed: bool = True, multipath_hash: str = "5-tuple") -> EcmpPlan:
+    """The whole ECMP lab for namespaces named `prefix + role`; `multipath_hash` one of MULTIPATH_HASH."""
     hosts = distributor_hosts(distributors)
     namespaces = {role: NamespacePlan(role, prefix + role, sysctls=list(_BASE_SYSCTLS))
                   for role in roles(distributors)}
     for role in (*ROUTERS, "router", *(h.name for h in hosts)):
         namespaces[role].sysctls.extend(_FORWARDING_SYSCTLS)
     for router in ROUTERS:
-        namespaces[router].sysctls.extend(ROUTER_SYSCTLS)
+        namespaces[router].sysctls.extend(MULTIPATH_HASH[multipath_hash])
     namespaces["switch"].sysctls.extend(["net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"])
     links: list[str] = []
     plan = EcmpPlan(prefix, namespaces, links, hosts=hosts, commands6={}, group_routes={})
@@ -401,10 +412,12 @@ class EcmpLab(Lab):
     nothing is left (no namespace with the prefix, no process it started)."""
 
     def __init__(self, prefix: str | None = None, *, distributors: int = DEFAULT_DISTRIBUTORS,
-                 config_dir: Path | None = None, state_dir: Path | None = None, fail_closed: bool = True):
+                 config_dir: Path | None = None, state_dir: Path | None = None, fail_closed: bool = True,
+                 multipath_hash: str = "5-tuple"):
         super().__init__(prefix or DEFAULT_PREFIX, config_dir=config_dir or default_config_dir(), state_dir=state_dir)
         self.source_config_dir = self.config_dir
-        self.plan: EcmpPlan = build_plan(self.prefix, distributors, fail_closed=fail_closed)
+        self.plan: EcmpPlan = build_plan(self.prefix, distributors, fail_closed=fail_closed,
+                                             multipath_hash=multipath_hash)
         self.distributors = self.plan.distributors
         # The agents run from a copy, written by up(): config_dir is the copy (Lab runs agents from its parent).
         self.config_dir = self.state_dir / "config"

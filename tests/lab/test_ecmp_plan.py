@@ -70,8 +70,11 @@ def test_routers_spread_over_a_resilient_group_of_every_distributor() -> None:
         first_route = min(i for i, line in enumerate(commands) if "nhid" in line)
         assert all(i < first_route for i, line in enumerate(commands) if line.startswith("nexthop"))
         assert max(i for i, line in enumerate(commands) if line.startswith("address")) < first_route
-        assert "net.ipv4.fib_multipath_hash_policy=1" in plan.namespaces[router].sysctls
-        assert "net.ipv6.fib_multipath_hash_policy=1" in plan.namespaces[router].sysctls
+        sysctls = plan.namespaces[router].sysctls
+        for family in ("ipv4", "ipv6"):  # L4: addresses, protocol and ports of the packet itself
+            assert {f"net.{family}.fib_multipath_hash_policy=3", f"net.{family}.fib_multipath_hash_fields=0x0037"} <= set(sysctls)
+    sysctls = ecmp.build_plan("t-", 2, multipath_hash="skb").namespaces["router-in"].sysctls
+    assert "net.ipv4.fib_multipath_hash_policy=1" in sysctls and "net.ipv6.fib_multipath_hash_policy=1" in sysctls
     assert f"route add {topology.VIP_V4}/27 nhid 4".replace(".80/27", ".64/27") in plan.namespaces["router-out"].commands
 
 

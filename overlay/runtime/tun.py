@@ -15,6 +15,8 @@ import os
 import struct
 from collections.abc import Callable
 
+from overlay.runtime.batchio import BATCH, read_batch
+
 TUN_PATH = "/dev/net/tun"
 
 # linux/if_tun.h
@@ -25,7 +27,6 @@ IFF_MULTI_QUEUE = 0x0100
 
 IFNAMSIZ = 16
 # Larger than any MTU we configure; a TUN read never returns more than the device MTU (+ nothing, NO_PI).
-READ_BUFFER_SIZE = 65535
 # Bounds one readiness callback so a flood on one fd cannot starve the other readers and the timers.
 DRAIN_BUDGET = 256
 
@@ -85,8 +86,6 @@ class TunDevice:
 
     def __init__(self, name: str, *, multi_queue: bool = False):
         self.fd, self.name = open_tun_fd(name, multi_queue=multi_queue)
-        self._buffer = bytearray(READ_BUFFER_SIZE)
-        self._view = memoryview(self._buffer)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_packet: Callable[[bytes], None] | None = None
         self._on_lost: Callable[[OSError], None] | None = None
@@ -123,14 +122,11 @@ class TunDevice:
     def _drain(self) -> int:
         if self.lost:
             return 0
-        fd, buffers, view, on_packet = self.fd, [self._buffer], self._view, self._on_packet
-        counters = self.counters
+        fd, on_packet, counters = self.fd, self._on_packet, self.counters
         handled = 0
         while handled < DRAIN_BUDGET:
             try:
-                size = os.readv(fd, buffers)
-            except BlockingIOError:
-                break
+                packets = read_batch(fd, BATCH)   # up to a batch in one call into C (batchio)
             except OSError as error:
                 # EBADFD when the device was deleted under us: the descriptor stays "readable" with an
                 # error for ever, so keep reading it and the loop spins. Stop and tell the owner.
@@ -140,11 +136,16 @@ class TunDevice:
                 if self._on_lost is not None:
                     self._on_lost(error)
                 break
-            handled += 1
-            counters["tun_rx_packets"] += 1
-            counters["tun_rx_bytes"] += size
+            if not packets:
+                break
+            handled += len(packets)
+            counters["tun_rx_packets"] += len(packets)
+            counters["tun_rx_bytes"] += sum([len(packet) for packet in packets])
             if on_packet is not None:
-                on_packet(bytes(view[:size]))
+                for packet in packets:
+                    on_packet(packet)
+            if len(packets) < BATCH:
+                break
         return handled
 
     def write(self, packet: bytes) -> bool:

@@ -9,6 +9,11 @@ is read, and everything read goes to the same callback.
 
 ENVIRONMENT.md measured `add_reader` + `recvfrom_into` a preallocated buffer ~15 % faster than uvloop's
 DatagramProtocol, and asyncio's default transport allocates 256 KiB per datagram; hence no protocol here.
+
+Batching (issue 10, overlay/runtime/batchio.py): a readable socket is drained with `recvmmsg`, up to 64
+datagrams a system call; once the endpoint is started, what is sent is queued per socket and leaves with
+`sendmmsg` at the end of the event-loop iteration — a datagram that a drained batch produced leaves in the
+same iteration, in order, one system call per 64. Before `start` (and in unit tests) sends are immediate.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ import ipaddress
 import socket
 from collections.abc import Callable
 
-READ_BUFFER_SIZE = 65535
+from overlay.runtime.batchio import BATCH, recv_batch, send_batch
+
 DRAIN_BUDGET = 256
 SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
 
@@ -108,8 +114,8 @@ class UnderlayEndpoint:
             self.close()
             raise
         self.source_ports = [sock.getsockname()[1] for sock in self.send_sockets]
-        self._buffer = bytearray(READ_BUFFER_SIZE)
-        self._view = memoryview(self._buffer)
+        self._queues: dict[socket.socket, list[tuple[bytes, Peer]]] = {}
+        self._flush_scheduled = False
         self._on_datagram: Callable[[bytes, Peer], None] | None = None
         self.counters: dict[str, int] = {
             "udp_rx_datagrams": 0,
@@ -138,32 +144,38 @@ class UnderlayEndpoint:
 
     def drain_all(self) -> int:
         """One final pass over every socket, e.g. to handle what already arrived before shutting down."""
-        return sum(self._drain(sock) for sock in self.sockets)
+        handled = sum(self._drain(sock) for sock in self.sockets)
+        self.flush()
+        return handled
 
     def _drain(self, sock: socket.socket) -> int:
-        buffer, view, on_datagram, counters = self._buffer, self._view, self._on_datagram, self.counters
+        on_datagram, counters = self._on_datagram, self.counters
         handled = 0
         while handled < DRAIN_BUDGET:
             try:
-                size, peer = sock.recvfrom_into(buffer)
-            except BlockingIOError:
-                break
+                batch = recv_batch(sock, BATCH)
             except OSError:
                 # ICMP errors from earlier sends surface here as ECONNREFUSED etc.: not fatal, keep reading
                 # (within the budget: an error that repeats must not hold the loop).
                 counters["udp_rx_errors"] += 1
                 handled += 1
                 continue
-            handled += 1
-            counters["udp_rx_datagrams"] += 1
-            counters["udp_rx_bytes"] += size
+            if not batch:
+                break
+            handled += len(batch)
+            counters["udp_rx_datagrams"] += len(batch)
+            counters["udp_rx_bytes"] += sum([len(payload) for payload, _ in batch])
             if on_datagram is not None:
-                on_datagram(bytes(view[:size]), (peer[0], peer[1]))
+                for payload, peer in batch:
+                    on_datagram(payload, peer)
+            if len(batch) < BATCH:
+                break        # that was all of it: no empty read to find out
         return handled
 
     def send(self, payload: bytes, peer: Peer, flow_hash: int = 0) -> bool:
         """Send from the socket `flow_hash` picks (so one inner flow keeps one outer source port); a
-        negative `flow_hash` pins the well-known port (a peer behind NAT answers only what comes from it)."""
+        negative `flow_hash` pins the well-known port (a peer behind NAT answers only what comes from it).
+        Once started: queued, and False only if the datagram is refused at once (not started)."""
         sockets = self.send_sockets
         sock = sockets[flow_hash % len(sockets)] if sockets and flow_hash >= 0 else self.receive_socket
         return self._send(sock, payload, peer)
@@ -173,19 +185,56 @@ class UnderlayEndpoint:
         return self._send(self.receive_socket, payload, peer)
 
     def _send(self, sock: socket.socket, payload: bytes, peer: Peer) -> bool:
+        if self._loop is not None:
+            queue = self._queues.get(sock)
+            if queue is None:
+                queue = self._queues[sock] = []
+            queue.append((payload, peer))
+            if not self._flush_scheduled:
+                try:
+                    self._loop.call_soon(self.flush)
+                    self._flush_scheduled = True
+                except RuntimeError:   # the loop is closed (shutting down): send now
+                    self.flush()
+            return True
         try:
             sock.sendto(payload, peer)
         except OSError as error:
-            # EAGAIN/ENOBUFS (queue full), EHOSTUNREACH/ENETUNREACH, EMSGSIZE: lose this datagram, keep going.
-            key = f"udp_tx_error_{errno_name(error)}"
-            self.counters[key] = self.counters.get(key, 0) + 1
+            self._count_error(error.errno)
             return False
         self.counters["udp_tx_datagrams"] += 1
         self.counters["udp_tx_bytes"] += len(payload)
         return True
 
+    def flush(self) -> None:
+        """Send what is queued: one `sendmmsg` per 64 datagrams per socket. A datagram the kernel refuses
+        is counted by errno and skipped; the rest still go."""
+        self._flush_scheduled = False
+        counters = self.counters
+        for sock, queue in self._queues.items():
+            if not queue:
+                continue
+            start, total = 0, len(queue)
+            while start < total:
+                sent, error = send_batch(sock, queue, start)
+                if sent:
+                    counters["udp_tx_datagrams"] += sent
+                    counters["udp_tx_bytes"] += sum([len(payload) for payload, _ in queue[start:start + sent]])
+                    start += sent
+                if error:
+                    self._count_error(error)
+                    start += 1
+            queue.clear()
+
+    def _count_error(self, code: int | None) -> None:
+        # EAGAIN/ENOBUFS (queue full), EHOSTUNREACH/ENETUNREACH, EMSGSIZE: lose this datagram, keep going.
+        key = f"udp_tx_error_{errno.errorcode.get(code or 0, 'other').lower()}"
+        self.counters[key] = self.counters.get(key, 0) + 1
+
     def close(self) -> None:
         self.stop_reading()
+        if self._loop is not None and not self._loop.is_closed():
+            self.flush()
         for sock in self.sockets:
             sock.close()
 

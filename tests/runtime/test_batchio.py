@@ -129,3 +129,32 @@ def test_both_implementations_agree_on_a_random_exchange() -> None:
             sender.close()
             receiver.close()
     assert outcomes[0] == outcomes[1] and len(outcomes[0]) == 120
+
+
+@requires_both
+@pytest.mark.parametrize("gso", [True, False], ids=["gso", "no-gso"])
+def test_runs_of_equal_datagrams_to_one_peer_arrive_as_sent_with_and_without_gso(gso: bool) -> None:
+    """Equal-sized runs to one peer leave as UDP GSO messages (the kernel segments them): the receiver
+    must still see exactly the datagrams sent, boundaries and order, a shorter last one included."""
+    rng = random.Random(5)
+    sender, receivers = udp(), [udp(), udp()]
+    previous = _fastio.set_gso(gso)
+    try:
+        items = []
+        for receiver in (0, 0, 1, 0, 1, 1):           # runs to one peer, broken by the other
+            size = rng.choice((64, 1400, 1472, 9000))
+            items += [(rng.randbytes(size), receivers[receiver].getsockname()) for _ in range(rng.randrange(1, 60))]
+            items.append((rng.randbytes(size // 2), receivers[receiver].getsockname()))   # a shorter last
+        sent = 0
+        while sent < len(items):                      # the receivers drain between sends: nothing overflows
+            count, error = _fastio.send_batch(sender, items[sent:sent + 64], 0)
+            assert error == 0 and count == len(items[sent:sent + 64])
+            sent += count
+        for receiver in receivers:
+            expected = [payload for payload, peer in items if peer == receiver.getsockname()]
+            got = [payload for payload, _ in receive_all(batchio.py_recv_batch, receiver, 64)]
+            assert got == expected
+    finally:
+        _fastio.set_gso(previous)
+        for sock in (sender, *receivers):
+            sock.close()

@@ -14,6 +14,14 @@ TABLE. What the distributor writes back into the TUN arrives with iif TUN and, b
 priority, is routed by the main table — so its own output never loops back into the TUN, whatever source
 address it carries.
 
+Fail closed: each of those routes has a `blackhole` twin of a worse metric (`FAIL_CLOSED_METRIC`). While
+the TUN lives, its route wins; when the agent dies without undoing its setup (SIGKILL), the TUN and its
+routes go, the rules and blackholes stay, and the host drops what it would otherwise have forwarded itself
+— clients' packets to the virtual addresses, and the servers' replies *without their NAT undone*, which
+reach the clients as strays and get the servers' side of live connections reset (found in the ECMP lab:
+half the streams another distributor carried broke). A clean exit removes the blackholes with the rest;
+the next start's `clean_stale` removes a crashed run's.
+
 TM: the management addresses live on the TUN, and `from MGMT lookup TABLE` sends what the TM host's own
 stack answers from them (its status service) back into the TUN, hence into the overlay, whatever route the
 host would otherwise take to the client.
@@ -46,6 +54,8 @@ FROM_RULE_PRIORITY = 4756
 MAIN_TABLE = 254
 FR_ACT_TO_TBL = 1
 FR_ACT_UNREACHABLE = 7
+RTN_BLACKHOLE = 6
+FAIL_CLOSED_METRIC = 4754   # worse than any route of ours (0 for IPv4, 1024 for IPv6 by default)
 ADDR_GEN_MODE_NONE = 1  # IN6_ADDR_GEN_MODE_NONE
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -54,10 +64,11 @@ IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
 @dataclass(frozen=True)
 class Route:
-    """`dst dev TUN table TABLE`."""
+    """`dst dev TUN table TABLE`, or with `blackhole`: `blackhole dst table TABLE metric FAIL_CLOSED_METRIC`."""
 
     dst: IPNetwork
     table: int
+    blackhole: bool = False
 
 
 @dataclass(frozen=True)
@@ -93,10 +104,12 @@ def _default_route(version: int, table: int) -> Route:
 def distributor_plan(tun: Any, *, table: int = DEFAULT_TABLE) -> NetPlan:
     """The plan for a distributor from its `[tun]` section (`name`, `mtu`, `capture`, `capture_from`)."""
     routes = [Route(prefix, MAIN_TABLE) for prefix in tun.capture]
+    routes += [Route(prefix, MAIN_TABLE, blackhole=True) for prefix in tun.capture]
     rules: list[Rule] = []
     versions = sorted({prefix.version for prefix in tun.capture_from})
     for version in versions:
         routes.append(_default_route(version, table))
+        routes.append(Route(_default_route(version, table).dst, table, blackhole=True))
         rules.append(Rule(IIF_RULE_PRIORITY, MAIN_TABLE, version, iif=tun.name))
         rules.append(Rule(IIF_UNREACHABLE_PRIORITY, 0, version, iif=tun.name, unreachable=True))
     for prefix in tun.capture_from:
@@ -159,13 +172,17 @@ def _rule_args(rule: Rule) -> dict[str, Any]:
 
 
 def _route_args(route: Route, index: int) -> dict[str, Any]:
-    return {
+    args: dict[str, Any] = {
         "family": _family(route.dst.version),
         "dst": str(route.dst.network_address),
         "dst_len": route.dst.prefixlen,
-        "oif": index,
         "table": route.table,
     }
+    if route.blackhole:
+        args.update(type=RTN_BLACKHOLE, priority=FAIL_CLOSED_METRIC)
+    else:
+        args["oif"] = index
+    return args
 
 
 @dataclass
@@ -208,6 +225,16 @@ class NetSetup:
                 for route in ipr.get_routes(family=family, table=self.plan.table):
                     if route.get_attr("RTA_TABLE") == self.plan.table:
                         ipr.route("del", **_stale_route_args(route, family))
+                        removed += 1
+                # A crashed run's fail-closed blackholes in main, for the prefixes this plan captures.
+                captured = {(route.dst.network_address.packed, route.dst.prefixlen) for route in self.plan.routes
+                            if route.blackhole and route.table == MAIN_TABLE}
+                for route in ipr.get_routes(family=family, table=MAIN_TABLE):
+                    dst = route.get_attr("RTA_DST")
+                    if (route["type"] == RTN_BLACKHOLE and route.get_attr("RTA_PRIORITY") == FAIL_CLOSED_METRIC
+                            and dst is not None
+                            and (ipaddress.ip_address(dst).packed, route["dst_len"]) in captured):
+                        ipr.route("del", **_stale_route_args(route, family), priority=FAIL_CLOSED_METRIC)
                         removed += 1
         return removed
 

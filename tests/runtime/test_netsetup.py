@@ -11,6 +11,7 @@ import pytest
 
 from overlay.runtime.netsetup import (
     DEFAULT_TABLE,
+    FAIL_CLOSED_METRIC,
     FROM_RULE_PRIORITY,
     IIF_RULE_PRIORITY,
     IIF_UNREACHABLE_PRIORITY,
@@ -39,7 +40,12 @@ DISTRIBUTOR_PLANS = [
                            capture_from=["203.0.113.0/26", "2001:db8:2::/64"]),
         "routes": {Route(net("203.0.113.80/32"), MAIN_TABLE), Route(net("203.0.113.96/27"), MAIN_TABLE),
                    Route(net("2001:db8:80::80/128"), MAIN_TABLE),
-                   Route(net("0.0.0.0/0"), DEFAULT_TABLE), Route(net("::/0"), DEFAULT_TABLE)},
+                   Route(net("0.0.0.0/0"), DEFAULT_TABLE), Route(net("::/0"), DEFAULT_TABLE),
+                   # fail closed: each has a blackhole twin that takes over when the TUN dies with its agent
+                   Route(net("203.0.113.80/32"), MAIN_TABLE, blackhole=True),
+                   Route(net("203.0.113.96/27"), MAIN_TABLE, blackhole=True),
+                   Route(net("2001:db8:80::80/128"), MAIN_TABLE, blackhole=True),
+                   Route(net("0.0.0.0/0"), DEFAULT_TABLE, blackhole=True), Route(net("::/0"), DEFAULT_TABLE, blackhole=True)},
         "rules": {Rule(IIF_RULE_PRIORITY, MAIN_TABLE, 4, iif="rtxd0"), Rule(IIF_RULE_PRIORITY, MAIN_TABLE, 6, iif="rtxd0"),
                   Rule(IIF_UNREACHABLE_PRIORITY, 0, 4, iif="rtxd0", unreachable=True),
                   Rule(IIF_UNREACHABLE_PRIORITY, 0, 6, iif="rtxd0", unreachable=True),
@@ -49,13 +55,13 @@ DISTRIBUTOR_PLANS = [
     {
         "description": "capture only: no policy routing at all, no table of our own",
         "tun": tun_section(capture=["198.51.100.0/24"]),
-        "routes": {Route(net("198.51.100.0/24"), MAIN_TABLE)},
+        "routes": {Route(net("198.51.100.0/24"), MAIN_TABLE), Route(net("198.51.100.0/24"), MAIN_TABLE, blackhole=True)},
         "rules": set(),
     },
     {
         "description": "IPv4-only capture_from adds no IPv6 rules or routes",
         "tun": tun_section(capture_from=["203.0.113.0/26"]),
-        "routes": {Route(net("0.0.0.0/0"), DEFAULT_TABLE)},
+        "routes": {Route(net("0.0.0.0/0"), DEFAULT_TABLE), Route(net("0.0.0.0/0"), DEFAULT_TABLE, blackhole=True)},
         "rules": {Rule(IIF_RULE_PRIORITY, MAIN_TABLE, 4, iif="rtxd0"),
                   Rule(IIF_UNREACHABLE_PRIORITY, 0, 4, iif="rtxd0", unreachable=True),
                   Rule(FROM_RULE_PRIORITY, DEFAULT_TABLE, 4, src=net("203.0.113.0/26"))},
@@ -196,11 +202,24 @@ def test_clean_stale_removes_leftovers_of_a_crashed_run_only() -> None:
             crashed = NetSetup(distributor_plan(REFERENCE_TUN))
             crashed.apply()
         device.close()
+        # Fail closed: with the TUN gone, the host drops what it would otherwise forward itself — a VIP's
+        # packets, and the servers' replies with their NAT not undone (negative control: the stray route).
+        # (`ip route get` answers EINVAL for a blackhole; the tables say which route is left.)
+        in_ns(ns["net"], "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        for shown, destination in ((in_ns(ns["net"], "ip", "route", "show", "203.0.113.80/32"), "203.0.113.80"),
+                                   (in_ns(ns["net"], "ip", "route", "show", "table", str(DEFAULT_TABLE)), "default")):
+            words = shown.split()
+            assert words[:2] == ["blackhole", destination] and words[-2:] == ["metric", str(FAIL_CLOSED_METRIC)], shown
+        for lookup in (["203.0.113.80", "from", "198.51.100.10"], ["198.51.100.10", "from", "203.0.113.10"]):
+            with pytest.raises(RuntimeError, match="Invalid argument"):
+                in_ns(ns["net"], "ip", "route", "get", *lookup, "iif", "rtxdummy")
         in_ns(ns["net"], "ip", "route", "add", "default", "dev", "rtxdummy", "table", str(DEFAULT_TABLE))
         assert net_state(ns["net"])["rules4"] != before["rules4"]
         with inside(ns["net"]):
             removed = NetSetup(distributor_plan(REFERENCE_TUN)).clean_stale()
-        assert removed == 3 * 2 + 1  # iif, unreachable and from rules (v4, v6), the stray table route
+        # iif, unreachable and from rules (v4, v6); the stray table route; the table's two blackholes and
+        # one per captured prefix in main.
+        assert removed == 3 * 2 + 1 + 2 + len(REFERENCE_TUN.capture)
         after = net_state(ns["net"])
         for key in ("rules4", "rules6", "routes4", "routes6"):
             assert after[key] == before[key], key

@@ -5,13 +5,16 @@ measured here are the numbers in docs/design-selection.md."""
 from __future__ import annotations
 
 import hashlib
+import os
 import random
+import time
 from collections.abc import Mapping
 
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from overlay import selection
 from overlay.selection import MIN_ROWS_LOG2, SelectionTable, build_table
 from tests.distributor.configs import CELLS, distributor
 
@@ -204,3 +207,63 @@ def test_tables_are_those_shipped_distributors_build(weights: dict[str, int], ro
 def test_refusals(weights: dict[str, int], rows_log2: int, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         build_table(weights, SEED, rows_log2)
+
+
+# -- derived tables (table_for): equal to full builds, bit for bit ---------------------------------------------------
+@settings(max_examples=25 if os.environ.get("CI") == "true" else 8, deadline=None, derandomize=True)
+@given(st.data())
+def test_derived_tables_equal_full_builds(data: st.DataObject) -> None:
+    """A fleet's life — TMs going down and up, drained, re-weighted, added — through `table_for`, each
+    table compared with a fresh `build_table` of the same set."""
+    selection._recent.clear()
+    fleet = {f"tm{i}": data.draw(st.integers(0, 3), label=f"weight{i}") for i in range(data.draw(st.integers(1, 7)))}
+    current = dict(fleet)
+    derived_any = False
+    for _ in range(data.draw(st.integers(1, 6))):
+        action = data.draw(st.sampled_from(["down", "up", "weight", "add"]))
+        names = sorted(current)
+        if action == "down" and len(current) > 1:
+            current.pop(data.draw(st.sampled_from(names)))
+        elif action == "up":
+            missing = sorted(set(fleet) - set(current))
+            if missing:
+                name = data.draw(st.sampled_from(missing))
+                current[name] = fleet[name]
+        elif action == "weight":
+            current[data.draw(st.sampled_from(names))] = data.draw(st.integers(0, 4))
+        else:
+            name = f"new{len(fleet)}"
+            fleet[name] = current[name] = data.draw(st.integers(1, 3))
+        before = len(selection._recent)
+        table = selection.table_for(current, SEED)
+        derived_any |= len(selection._recent) > before
+        full = build_table(current, SEED)
+        assert (table.names, table.first, table.second) == (full.names, full.first, full.second), (action, current)
+    assert derived_any
+
+
+def test_a_large_fleet_losing_and_regaining_tms_is_derived_not_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The control plane off the hot path: after the first build, a TM down, drained or back costs a
+    few vector passes or one TM's scores, never a whole build (reported: the times; asserted: no build)."""
+    selection._recent.clear()
+    fleet = {f"tm{i:04}": 1 for i in range(1000 if os.environ.get("CI") == "true" else 200)}
+    start = time.perf_counter()
+    selection.table_for(fleet, SEED)
+    full = time.perf_counter() - start
+    builds: list[int] = []
+    real_build = selection.build_table
+    monkeypatch.setattr(selection, "build_table", lambda *args: builds.append(1) or real_build(*args))
+    start = time.perf_counter()
+    down = selection.table_for({name: w for name, w in fleet.items() if name != "tm0042"}, SEED)
+    back = selection.table_for(fleet, SEED)                   # recent: no work at all
+    drained = selection.table_for({name: w for name, w in fleet.items() if name not in ("tm0042", "tm0007")}, SEED)
+    returned = selection.table_for({**fleet, "tm-new": 2}, SEED)
+    derived = time.perf_counter() - start
+    print(f"\n{len(fleet)} TMs: full build {full * 1000:.0f} ms; down, back, two down, one new: {derived * 1000:.1f} ms")
+    assert builds == [], "derived from the recent tables, never built again"
+    monkeypatch.undo()
+    for table, weights in ((down, {n: w for n, w in fleet.items() if n != "tm0042"}), (back, fleet),
+                           (drained, {n: w for n, w in fleet.items() if n not in ("tm0042", "tm0007")}),
+                           (returned, {**fleet, "tm-new": 2})):
+        full_table = build_table(weights, SEED)
+        assert (table.first, table.second) == (full_table.first, full_table.second)

@@ -40,7 +40,7 @@ from overlay.distributor.config import DistributorConfig
 from overlay.tm import replication
 from overlay.tm.packet import ADDRESS_LENGTH
 from overlay.packet import PROTO_ICMP, PROTO_ICMPV6, Flow, parse_flow
-from overlay.selection import SelectionTable, build_table
+from overlay.selection import SelectionTable, table_for
 
 ACTION_TM = "tm"
 ACTION_FORWARD = "forward"
@@ -250,14 +250,14 @@ class Distributor:
         # owns its xlate addresses, so replies to its source-NATed connections must reach it.
         self._active = frozenset({**serving, **draining})
         self._serving = frozenset(name for name, weight in serving.items() if weight > 0)
-        self._table: SelectionTable = build_table(serving, self.config.seed, self.config.rows_log2)
+        self._table: SelectionTable = table_for(serving, self.config.seed, self.config.rows_log2)
         self._mask = self._table.rows - 1
         # Rows a draining TM would still win get it as their second chance: the new first choice takes
         # new connections and hands back packets it has no state for (see gre.SECOND_CHANCE_PROTOCOL).
         self._fallback: list[int] | None = None
         ids = {tm.name: tm.id for tm in self.config.tms}
         if draining:
-            with_draining = build_table({**serving, **draining}, self.config.seed, self.config.rows_log2)
+            with_draining = table_for({**serving, **draining}, self.config.seed, self.config.rows_log2)
             fallback = [0] * self._table.rows
             for row, winner in enumerate(with_draining.first):
                 if winner >= 0:
@@ -269,7 +269,7 @@ class Distributor:
         if returning:
             # Rows a returning TM wins back are marked with the TM that held them while it was down: the
             # returned TM takes new connections and hands back what it has no state for (second chance).
-            without = build_table({name: w for name, w in serving.items() if name not in returning},
+            without = table_for({name: w for name, w in serving.items() if name not in returning},
                                   self.config.seed, self.config.rows_log2)
             fallback = self._fallback or [0] * self._table.rows
             names, first, heirs = self._table.names, self._table.first, without.first
@@ -629,6 +629,7 @@ class Distributor:
 
     def snapshot(self) -> dict[str, object]:
         share = self._table.share()
+        states = self.tm_states()   # once: per TM it would make the status O(TMs²) (1,000 TMs: a second)
         return {
             "generation": self.generation,
             "hash_key": self.config.hash_key,
@@ -639,7 +640,7 @@ class Distributor:
                     "weight": tm.weight,
                     "table_share": round(share.get(tm.name, 0.0), 6),
                     "packets": self.counters_tm.get(tm.name, 0),
-                    **self.tm_states()[tm.name],
+                    **states[tm.name],
                 }
                 for tm in self.config.tms
             },

@@ -142,6 +142,12 @@ def _table(names: tuple[str, ...], levels: np.ndarray, depth: np.ndarray) -> Sel
 
 
 # -- derived tables ----------------------------------------------------------------------------------------
+CACHED_BYTES = 64 << 20
+
+
+def _cached_bytes() -> int:
+    return sum(table.levels.nbytes for table in _recent.values() if table.levels is not None)
+
 _recent: OrderedDict[tuple[bytes, int, frozenset[tuple[str, int]]], SelectionTable] = OrderedDict()
 
 
@@ -155,7 +161,9 @@ def table_for(weights: Mapping[str, int], seed: bytes, rows_log2: int = MIN_ROWS
     if table is None:
         table = _derive(weights, seed, rows_log2) or build_table(weights, seed, rows_log2)
         _recent[key] = table
-        while len(_recent) > CACHED_TABLES:
+        # Bounded in count and in bytes (a 2^22-row table's scores are 128 MiB), keeping at least two: a
+        # drain needs the tables with and without the draining TM.
+        while len(_recent) > CACHED_TABLES or (len(_recent) > 2 and _cached_bytes() > CACHED_BYTES):
             _recent.popitem(last=False)
     else:
         _recent.move_to_end(key)

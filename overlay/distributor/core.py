@@ -163,6 +163,16 @@ class Distributor:
             for src in range(16)
             for dst in range(16)
         }
+        # The fast path's cells (`from_tun`): the hashing ones, except where the owner refinement looks first.
+        self._fast_cells = {
+            roles: (f"{row}>{column}", cell, cell == HASH_SRC)
+            for roles, (row, column, cell) in self._cells.items()
+            if cell in (HASH_SRC, HASH_DST) and not (cell == HASH_SRC and row == "unknown" and roles[1] & XLATE)
+        }
+        self._largest_inner = config.underlay_mtu - gre.overhead(config.underlay_ipv6, 0)
+        # The GRE header of an unmarked packet, IPv4 and IPv6 inner: what `gre.encapsulate` would put first.
+        key = gre.make_key(config.gre_key, 0)
+        self._gre_headers = (gre.encapsulate(b"\x45", key=key)[:-1], gre.encapsulate(b"\x60", key=key)[:-1])
         self._owners = owners
         self._management = management
         self._tm_by_underlay = by_underlay
@@ -366,10 +376,45 @@ class Distributor:
 
     # -- packet entry points ------------------------------------------------------------------------------
     def from_tun(self, packet: bytes) -> Verdict:
-        """A packet the host routed into the TUN."""
+        """A packet the host routed into the TUN.
+
+        The fast path: a packet whose endpoints' roles are cached, whose cell hashes, and whose row has a
+        TM goes straight to that TM, without the `Decision` trace `decide` builds for `overlay explain`
+        (~2 µs a packet of the ~3.6). It gives the verdict and counts exactly what `_apply(decide(...))`
+        gives and counts (tests/distributor/test_fast_path.py checks it packet by packet); everything else
+        takes the full path."""
         flow = parse_flow(packet)
         if isinstance(flow, str):
             return self._drop(flow)
+        cache = self._roles_cache
+        if cache is not None and flow.dst not in self._management and len(packet) <= self._largest_inner:
+            src_roles = cache.get(flow.src)
+            dst_roles = cache.get(flow.dst)
+            if src_roles is not None and dst_roles is not None:
+                fast = self._fast_cells.get((src_roles, dst_roles))
+                if fast is not None:
+                    cell_name, cell, by_source = fast
+                    address, port = (flow.src, flow.sport) if by_source else (flow.dst, flow.dport)
+                    if self._hash_ports and port is not None and not flow.fragment:
+                        address = address + port.to_bytes(2, "big")
+                    value = xxhash.xxh64_intdigest(address, self._seed64)
+                    table_row = value & self._mask
+                    table = self._table
+                    first = table.first[table_row]
+                    if first >= 0:
+                        tm = table.names[first]
+                        self.counters_cell[cell_name] += 1
+                        self.counters_reason[cell] += 1
+                        self.counters_tm[tm] += 1
+                        mark = self._fallback[table_row] if self._fallback is not None else 0
+                        if mark:
+                            payload = gre.encapsulate(packet, key=gre.make_key(self.config.gre_key, mark))
+                        else:
+                            payload = self._gre_headers[flow.version == 6] + packet
+                        if self.auth is None:
+                            return Verdict(ACTION_TM, tm, cell, cell_name, payload, self._tm_dest[tm], value)
+                        return Verdict(ACTION_TM, tm, cell, cell_name, self.auth.seal(payload, tm), self.endpoint(tm),
+                                       PINNED if tm in self._behind_nat else value)
         return self._apply(flow, packet, self.decide(flow))
 
     def from_overlay(self, payload: bytes, peer: tuple[str, int]) -> Verdict:

@@ -115,7 +115,7 @@ def encapsulate(inner: bytes, *, key: int | None = None, protocol: int | None = 
     return _HEADER_KEY.pack(FLAG_KEY, protocol, key & 0xFFFFFFFF) + inner
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)   # built per datagram: not frozen (~350 ns cheaper); treat as read-only
 class Decapsulated:
     protocol: int
     key: int | None

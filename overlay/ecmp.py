@@ -22,9 +22,10 @@ The controller config (`overlay ecmp --config router.toml`):
     buckets = 128
     members = { dist1 = { via = "198.51.100.2", dev = "d1" }, dist2 = { via = "198.51.100.3", dev = "d2" } }
 
-Member nexthops get ids `id + 1 + index` (in the members' order). An empty set of live members never
-empties a group (the kernel refuses it, and sending to the last known members beats sending nowhere):
-the group is left as it was, and that is logged. Sans-I/O: `plan` returns the `ip` commands.
+Member nexthops get ids `id + 1 + index` (in the members' order). Ids are a network namespace's own, so
+groups in different namespaces (one controller for two routers) may use the same ones. An empty set of
+live members never empties a group (the kernel refuses it, and sending to the last known members beats
+sending nowhere): the group is left as it was, and that is logged. Sans-I/O: `plan` returns the `ip` commands.
 """
 
 from __future__ import annotations
@@ -65,13 +66,13 @@ def load_ecmp_config(path: str) -> EcmpConfig:
     root.refuse_unknown(("fleet", "group"))
     fleet = parse_fleet_section(root.section("fleet", required=True))
     groups: list[Group] = []
-    used: dict[int, str] = {}
+    used: dict[tuple[str | None, int], str] = {}   # nexthop ids are per network namespace
     for section in root.sections("group", required=True):
         group = _parse_group(section)
         for nexthop in (group.id, *(group.member_id(i) for i in range(len(group.members)))):
-            if nexthop in used:
-                raise section.error("id", f"nexthop id {nexthop} is also {used[nexthop]}'s")
-            used[nexthop] = f"group {group.id}"
+            if (group.namespace, nexthop) in used:
+                raise section.error("id", f"nexthop id {nexthop} is also {used[group.namespace, nexthop]}'s")
+            used[group.namespace, nexthop] = f"group {group.id}"
         groups.append(group)
     return EcmpConfig(fleet, tuple(groups))
 

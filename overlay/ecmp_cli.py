@@ -54,26 +54,29 @@ class Controller:
         self.config = config
         self.prefix = config.fleet.prefix + "/" + DISTRIBUTORS
         self.live: set[str] = set()
-        self.applied: dict[int, frozenset[str]] = {}
+        # Per group, by (namespace, id): groups of two routers may share an id.
+        self.applied: dict[tuple[str | None, int], frozenset[str]] = {}
 
     def apply(self, live: set[str]) -> None:
         self.live = live
         for group in self.config.groups:
+            key = (group.namespace, group.id)
             members = frozenset(m.name for m in group.members if m.name in live)
-            if members == self.applied.get(group.id):
+            if members == self.applied.get(key):
                 continue
             commands = plan(group, set(live))
             if not commands:
-                log.critical("ecmp.no_live_member", group=group.id, keeping=sorted(self.applied.get(group.id, ())))
+                log.critical("ecmp.no_live_member", group=group.id, namespace=group.namespace,
+                             keeping=sorted(self.applied.get(key, ())))
                 continue
             if all([_execute(command) for command in commands]):
-                log.warning("ecmp.group", group=group.id, members=sorted(members))
-                self.applied[group.id] = members
+                log.warning("ecmp.group", group=group.id, namespace=group.namespace, members=sorted(members))
+                self.applied[key] = members
 
     async def run(self, once: bool = False) -> int:
         for group in self.config.groups:
             if all([_execute(command) for command in setup(group)]):
-                self.applied[group.id] = frozenset(m.name for m in group.members)
+                self.applied[group.namespace, group.id] = frozenset(m.name for m in group.members)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):

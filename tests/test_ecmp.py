@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from overlay import ecmp_cli
 from overlay.configlib import ConfigError
 from overlay.ecmp import Group, Member, load_ecmp_config, plan, setup
 from overlay.etcd import EtcdClient
@@ -29,6 +30,27 @@ def test_the_group_holds_exactly_the_live_members() -> None:
     assert plan(GROUP, {"dist1", "dist2", "stranger"})[0][8] == "101/102"
     assert plan(GROUP, set()) == [], "never emptied: the kernel refuses it, and the last members beat none"
     assert [command[6:10] for command in setup(GROUP)[:2]] == [["101", "via", "198.51.100.2", "dev"], ["102", "via", "198.51.100.3", "dev"]]
+
+
+def test_groups_in_two_namespaces_may_share_ids_and_each_follows_the_registrations(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One controller for two routers (a lab's router-out and router-in) with the same id scheme in each:
+    nexthop ids are per namespace, so the config is accepted, and each group is kept on its own."""
+    path = tmp_path / "router.toml"
+    path.write_text(config_text("http://127.0.0.1:2379", "ns", '[[group]]\nid = 100\nnamespace = "other"\n'
+                                'members = { dist1 = { via = "198.51.100.2", dev = "r0" }, '
+                                'dist2 = { via = "198.51.100.3", dev = "r0" } }\n'))
+    config = load_ecmp_config(str(path))
+    assert [(g.namespace, g.id) for g in config.groups] == [("ns", 100), ("other", 100)]
+    executed: list[list[str]] = []
+    monkeypatch.setattr(ecmp_cli, "_execute", lambda command: executed.append(command) or True)
+    controller = ecmp_cli.Controller(config)
+    controller.applied = {("ns", 100): frozenset({"dist1", "dist2"}), ("other", 100): frozenset({"dist1", "dist2"})}
+    controller.apply({"dist1"})
+    assert [(c[2], c[8]) for c in executed] == [("ns", "101"), ("other", "101")], "both routers lose dist2"
+    executed.clear()
+    controller.apply({"dist1"})
+    assert executed == [], "nothing changed: no command"
 
 
 def config_text(url: str, namespace: str, extra: str = "") -> str:
@@ -46,7 +68,7 @@ members = {{ dist1 = {{ via = "198.51.100.2", dev = "r0" }}, dist2 = {{ via = "1
 
 
 @pytest.mark.parametrize(("extra", "field"), [
-    ('[[group]]\nid = 101\nmembers = { d = { via = "198.51.100.9", dev = "x" } }\n', "group[1].id"),
+    ('[[group]]\nid = 101\nnamespace = "ns"\nmembers = { d = { via = "198.51.100.9", dev = "x" } }\n', "group[1].id"),
     ('[[group]]\nid = 200\nmembers = { d = { via = "not-an-address", dev = "x" } }\n', "group[1].members.d.via"),
     ('[[group]]\nid = 200\nmembers = { a = { via = "198.51.100.9", dev = "x" }, b = { via = "2001:db8::9", dev = "x" } }\n',
      "group[1].members"),

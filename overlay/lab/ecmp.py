@@ -28,9 +28,10 @@ addresses of their own:
 | VIP, NAT-xlate, TM management | as the reference lab | routed by router-out (and router-in, but management) to the group |
 
 Routers. router-out routes the inside prefix, the VIP, the xlate and the management prefixes to resilient
-group 4 (IPv4: nexthops 40+K via distK's outside transit address) and 6 (IPv6: nexthops 60+K); router-in
-routes the outside prefixes, the VIP and the xlate prefixes back to its own groups 4 and 6 over the
-distributors' inside transit addresses. Both hash on L4 — the packet's addresses, protocol and ports
+group 40 (IPv4: nexthops 40+K via distK's outside transit address) and 60 (IPv6: nexthops 60+K); router-in
+routes the outside prefixes, the VIP and the xlate prefixes back to its own groups 40 and 60 over the
+distributors' inside transit addresses. The ids follow `overlay ecmp`'s scheme (member `index` of group
+`id` is nexthop `id + 1 + index`), so the controller can take the groups over (`fleet_store=True`). Both hash on L4 — the packet's addresses, protocol and ports
 (`fib_multipath_hash_policy=3` with `fib_multipath_hash_fields=0x0037`; policy 1 would hash the sending
 socket's random txhash across veths, see MULTIPATH_HASH) — with `buckets 128 idle_timer 0`: when a distributor is withdrawn only its buckets move, and when it is restored
 buckets move back at once (idle_timer 0: every bucket counts as idle). `EcmpPlan.group_update` gives the
@@ -38,16 +39,21 @@ buckets move back at once (idle_timer 0: every bucket counts as idle). `EcmpPlan
 with it the routes through it).
 
 Distributor hosts. The agent sets up its TUN and policy routing itself from its config's `[tun]`; the lab
-gives each host its links, its main-table routes (outside prefixes via router-out, inside via router-in,
-underlay B via the router) and two fail-closed measures (`fail_closed=True`, the default), so that a
-crashed agent's host drops what it can no longer decide instead of routing it past the overlay:
+gives each host only its links and its main-table routes (outside prefixes via router-out, inside via
+router-in, underlay B via the router). Failing closed is the product's job, not the lab's: every route the
+agent adds into its TUN has a `blackhole` twin (overlay/runtime/netsetup.py), so a SIGKILLed agent's host
+drops what it can no longer decide instead of routing the servers' replies un-NATed to the clients (whose
+RSTs would reset connections another distributor still carries) — test_lab_ecmp.py's kill test is the
+regression test for that.
 
-- `blackhole` routes for the `[tun] capture` prefixes in the main table, with a metric no agent route has:
-  while the agent runs its `dev TUN` routes win; once its TUN is gone, packets to the VIP are dropped
-  silently (not answered with ICMP unreachable, which aborts a connecting client at once);
-- a `blackhole` policy rule just after the agent's `from capture_from lookup TABLE` rule: when the TUN (and
-  so TABLE's default route) is gone, the servers' packets are dropped, not routed un-NATed to the client,
-  whose RST would then reset the server's end of a connection that another distributor still carries.
+The fleet in etcd (`fleet_store=True`, issue 11; tests/status/test_lab_fleet_etcd.py). An `etcd` namespace
+on underlay A (ETCD_ADDRESS, 192.0.2.50: the distributors reach it directly, no router between) runs one
+etcd member (`etcd` in the process table: `kill("etcd")`, `start("etcd")` on the same data directory) and
+the `overlay ecmp` controller (`ecmp`), which programs both routers' groups through `ip -n` (`namespace =`
+per group in `router.toml`): a distributor leaves the groups when its registration lease (`lease_ttl`)
+expires and joins when it registers — no `withdraw`/`restore` by the lab. Every `distK.toml` gets
+`[fleet] store = "etcd"` with the lab's endpoint and FLEET_PREFIX; the fleet document (`fleet.toml`: the
+reference config's `[[tm]]` tables) is written with `overlay fleet put` before any agent starts.
 
 Configs: `distributor_config_text` / `tm_config_text` derive the N distributor configs and the TM configs
 from the reference ones (config/): same everything, only `[node] name` and `[underlay] address` differ per
@@ -63,24 +69,25 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
-from overlay.lab import netns, topology
+from overlay.lab import netns, nsnet, topology
 from overlay.lab.lab import AGENT_READY_TIMEOUT, AgentConfigs, Lab, LabUnavailable, default_config_dir
 from overlay.lab.topology import _BASE_SYSCTLS, _FORWARDING_SYSCTLS, NamespacePlan, Plan
-from overlay.runtime.netsetup import FROM_RULE_PRIORITY
 
 DEFAULT_PREFIX = "ove-"
 DEFAULT_DISTRIBUTORS = 2
 MAX_DISTRIBUTORS = 8  # the transit /27s hold eight /30s
 
-# The distributor config's [tun] (config/distributor.toml): what the agent captures, hence what a host
-# whose agent died must drop (fail closed). tests/lab/test_ecmp_plan.py checks they agree with the config.
+# The distributor config's [tun] (config/distributor.toml): what the agent captures, hence what the routers
+# send to the distributors. tests/lab/test_ecmp_plan.py checks they agree with the config.
 INSIDE_V4 = "203.0.113.0/26"
 INSIDE_V6 = "2001:db8:2::/64"
 CAPTURE_V4: tuple[str, ...] = ("203.0.113.64/27", "203.0.113.96/27", "203.0.113.192/27")  # VIP, xlate, management
@@ -96,10 +103,9 @@ ROUTER_OUT_V6: tuple[str, ...] = (INSIDE_V6, VIP_PREFIX_V6, XLATE_PREFIX_V6)
 ROUTER_IN_V4: tuple[str, ...] = (topology.OUTSIDE_V4, VIP_PREFIX_V4, XLATE_PREFIX_V4)
 ROUTER_IN_V6: tuple[str, ...] = (topology.OUTSIDE_V6, VIP_PREFIX_V6, XLATE_PREFIX_V6)
 
-GROUP_V4, GROUP_V6 = 4, 6
+# Group ids in both routers; member K (1-based) is nexthop group + K: `overlay ecmp`'s `id + 1 + index`.
+GROUP_V4, GROUP_V6 = 40, 60
 BUCKETS = 128
-FAIL_CLOSED_METRIC = 4_000_000_000      # above any metric the agents' routes get (IPv6 default: 1024)
-FAIL_CLOSED_RULE_PRIORITY = FROM_RULE_PRIORITY + 1
 ROUTERS: tuple[str, ...] = ("router-out", "router-in")
 # How the routers hash a flow onto a group member. "5-tuple": policy 3 (custom fields) over source and
 # destination address, protocol, source and destination port (0x0037; for IPv6 without the flow label):
@@ -113,6 +119,14 @@ MULTIPATH_HASH: dict[str, tuple[str, ...]] = {
     "skb": ("net.ipv4.fib_multipath_hash_policy=1", "net.ipv6.fib_multipath_hash_policy=1"),
 }
 SERVER_ROLES: tuple[str, ...] = ("server1", "server2", "plain", "remote")  # Lab.up starts these
+
+# The fleet in etcd (fleet_store=True): one etcd member on underlay A, the controller beside it.
+ETCD_ADDRESS = "192.0.2.50"
+ETCD_URL = f"http://{ETCD_ADDRESS}:2379"
+ETCD_PEER_URL = f"http://{ETCD_ADDRESS}:2380"
+FLEET_PREFIX = "/overlay/ecmp-lab"
+FLEET_LEASE_TTL = 1          # seconds: a killed distributor leaves the groups within about this (+ etcd's 0.5 s sweep)
+ETCD_BINARY = shutil.which("etcd") or "/usr/bin/etcd"
 
 
 @dataclass(frozen=True)
@@ -153,8 +167,8 @@ class DistributorHost:
 
     @property
     def nexthops(self) -> tuple[int, int]:
-        """Its nexthop ids (v4, v6) in both routers."""
-        return 40 + self.index, 60 + self.index
+        """Its nexthop ids (v4, v6) in both routers: member index-1 of groups GROUP_V4 and GROUP_V6."""
+        return GROUP_V4 + self.index, GROUP_V6 + self.index
 
 
 def distributor_hosts(count: int = DEFAULT_DISTRIBUTORS) -> tuple[DistributorHost, ...]:
@@ -166,8 +180,6 @@ def distributor_hosts(count: int = DEFAULT_DISTRIBUTORS) -> tuple[DistributorHos
 @dataclass
 class EcmpPlan(Plan):
     hosts: tuple[DistributorHost, ...] = ()
-    # `ip -6 -batch` lines per role (policy rules need the family: `ip -batch` lines cannot say `-6`).
-    commands6: dict[str, list[str]] = field(default_factory=dict)
     # Per router, the `route add … nhid G` lines through its groups (re-added when a group comes back from 0).
     group_routes: dict[str, list[str]] = field(default_factory=dict)
 
@@ -207,25 +219,26 @@ def _group_line(verb: str, group: int, members: Sequence[int]) -> str:
     return f"nexthop {verb} id {group} group {'/'.join(map(str, members))} type resilient buckets {BUCKETS} idle_timer 0"
 
 
-def roles(count: int = DEFAULT_DISTRIBUTORS) -> tuple[str, ...]:
+def roles(count: int = DEFAULT_DISTRIBUTORS, *, fleet_store: bool = False) -> tuple[str, ...]:
     # Distributor hosts before the routers: their veth ends are up (carrier) when the routers add nexthops.
     return ("switch", "client", "remote", *(h.name for h in distributor_hosts(count)), "router-out", "router-in",
-            "router", *topology.TMS, "server1", "server2", "plain")
+            "router", *topology.TMS, "server1", "server2", "plain", *(("etcd",) if fleet_store else ()))
 
 
 def build_plan(prefix: str = DEFAULT_PREFIX, distributors: int = DEFAULT_DISTRIBUTORS, *,
-               fail_closed: bool = True, multipath_hash: str = "5-tuple") -> EcmpPlan:
-    """The whole ECMP lab for namespaces named `prefix + role`; `multipath_hash` one of MULTIPATH_HASH."""
+               multipath_hash: str = "5-tuple", fleet_store: bool = False) -> EcmpPlan:
+    """The whole ECMP lab for namespaces named `prefix + role`; `multipath_hash` one of MULTIPATH_HASH;
+    `fleet_store`: with the `etcd` namespace on underlay A."""
     hosts = distributor_hosts(distributors)
     namespaces = {role: NamespacePlan(role, prefix + role, sysctls=list(_BASE_SYSCTLS))
-                  for role in roles(distributors)}
+                  for role in roles(distributors, fleet_store=fleet_store)}
     for role in (*ROUTERS, "router", *(h.name for h in hosts)):
         namespaces[role].sysctls.extend(_FORWARDING_SYSCTLS)
     for router in ROUTERS:
         namespaces[router].sysctls.extend(MULTIPATH_HASH[multipath_hash])
     namespaces["switch"].sysctls.extend(["net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"])
     links: list[str] = []
-    plan = EcmpPlan(prefix, namespaces, links, hosts=hosts, commands6={}, group_routes={})
+    plan = EcmpPlan(prefix, namespaces, links, hosts=hosts, group_routes={})
     # Three passes per namespace, so every address exists before a route or nexthop uses it.
     addresses: dict[str, list[str]] = {role: [] for role in namespaces}
     routing: dict[str, list[str]] = {role: [] for role in namespaces}
@@ -298,13 +311,14 @@ def build_plan(prefix: str = DEFAULT_PREFIX, distributors: int = DEFAULT_DISTRIB
         route(name, f"{UNDERLAY_B} via {topology.ROUTER_UNDERLAY_A}",
               f"{topology.OUTSIDE_V4} via {host.router_out[0]}", f"{topology.OUTSIDE_V6} via {host.router_out[1]}",
               f"{INSIDE_V4} via {host.router_in[0]}", f"{INSIDE_V6} via {host.router_in[1]}")
-        if fail_closed:
-            route(name, *(f"blackhole {p} metric {FAIL_CLOSED_METRIC}" for p in (*CAPTURE_V4, *CAPTURE_V6)))
-            routing[name].append(f"rule add priority {FAIL_CLOSED_RULE_PRIORITY} from {INSIDE_V4} blackhole")
-            plan.commands6[name] = [f"rule add priority {FAIL_CLOSED_RULE_PRIORITY} from {INSIDE_V6} blackhole"]
         for router, (v4, v6) in (("router-out", host.outside), ("router-in", host.inside)):
             routing[router].append(f"nexthop add id {host.nexthops[0]} via {v4} dev {name}")
             routing[router].append(f"nexthop add id {host.nexthops[1]} via {v6} dev {name}")
+
+    # The fleet store: etcd on the distributors' own network.
+    if fleet_store:
+        switch_port("etcd", "underlay", "underlay-a")
+        address("etcd", "underlay", f"{ETCD_ADDRESS}/26")
 
     # The groups over every distributor, and what each router sends through them.
     plan.group_routes = {
@@ -347,11 +361,44 @@ def _set_key(text: str, header: str, key: str, value: str) -> str:
     return text[:start] + body + text[end:]
 
 
-def distributor_config_text(reference: str, host: DistributorHost) -> str:
+def distributor_config_text(reference: str, host: DistributorHost, fleet: str | None = None) -> str:
     """The reference distributor config for `host`: its own node name and underlay address, all else shared
-    (the hash key and seed, the TMs, `[tun]`: each host has its own namespace, so the TUN name repeats)."""
+    (the hash key and seed, the TMs, `[tun]`: each host has its own namespace, so the TUN name repeats);
+    `fleet`, a `[fleet]` table (fleet_section), appended."""
     text = _set_key(reference, "[node]", "name", f'"{host.name}"')
-    return _set_key(text, "[underlay]", "address", f'"{host.underlay}"')
+    text = _set_key(text, "[underlay]", "address", f'"{host.underlay}"')
+    if fleet is not None:
+        if _sections(text, "[fleet]"):
+            raise ValueError("the reference distributor config has a [fleet] already")
+        text = text.rstrip("\n") + "\n\n" + fleet
+    return text
+
+
+def fleet_section(prefix: str = FLEET_PREFIX, lease_ttl: int = FLEET_LEASE_TTL) -> str:
+    """A distributor's `[fleet]` table: the fleet in the lab's etcd, under `prefix`."""
+    return (f'[fleet]\nstore = "etcd"\nendpoints = ["{ETCD_URL}"]\nprefix = "{prefix}"\n'
+            f"lease_ttl = {lease_ttl}\n")
+
+
+def fleet_document_text(reference: str) -> str:
+    """The fleet document for etcd: the reference config's `[[tm]]` tables, nothing else."""
+    spans = _sections(reference, "[[tm]]")
+    if not spans:
+        raise ValueError("the distributor config has no [[tm]]")
+    return "".join(reference[start:end].rstrip("\n") + "\n\n" for start, end in spans)
+
+
+def controller_config_text(plan: EcmpPlan, prefix: str = FLEET_PREFIX) -> str:
+    """`overlay ecmp`'s config for the lab: both families' groups of both routers (by `ip -n`), members in
+    the hosts' order, so member K is nexthop GROUP + K — the ids build_plan gives them."""
+    lines = [f'[fleet]\nendpoints = ["{ETCD_URL}"]\nprefix = "{prefix}"\n']
+    for router, side in (("router-out", "outside"), ("router-in", "inside")):
+        for group, family in ((GROUP_V4, 0), (GROUP_V6, 1)):
+            members = ", ".join(f'{h.name} = {{ via = "{getattr(h, side)[family]}", dev = "{h.name}" }}'
+                                for h in plan.hosts)
+            lines.append(f'[[group]]\nid = {group}\nnamespace = "{plan.name(router)}"\nbuckets = {BUCKETS}\n'
+                         f"members = {{ {members} }}\n")
+    return "\n".join(lines)
 
 
 def tm_config_text(reference: str, hosts: Sequence[DistributorHost]) -> str:
@@ -381,11 +428,16 @@ class EcmpConfigs:
     directory: Path
     distributors: dict[str, Path]
     tms: dict[str, Path]
+    fleet_document: Path | None = None   # fleet_store: what `overlay fleet put` writes
+    controller: Path | None = None       # fleet_store: `overlay ecmp --config`
 
 
-def write_configs(source: Path, target: Path, hosts: Sequence[DistributorHost]) -> EcmpConfigs:
+def write_configs(source: Path, target: Path, hosts: Sequence[DistributorHost], *,
+                  fleet_store: EcmpPlan | None = None) -> EcmpConfigs:
     """Copy `source` (a config directory like config/) to `target` and write `distK.toml` and the TM configs
-    into the copy: paths relative to a config keep their meaning."""
+    into the copy: paths relative to a config keep their meaning. `fleet_store` (the lab's plan): every
+    distributor with `[fleet] store = "etcd"`, plus `fleet.toml` (the document) and `router.toml` (the
+    controller's config)."""
     reference = source / "distributor.toml"
     missing = [p for p in (reference, *(source / f"{tm}.toml" for tm in topology.TMS)) if not p.exists()]
     if missing:
@@ -393,37 +445,58 @@ def write_configs(source: Path, target: Path, hosts: Sequence[DistributorHost]) 
     if target.resolve() != source.resolve():
         shutil.copytree(source, target, dirs_exist_ok=True)
     distributors = {}
+    fleet = fleet_section() if fleet_store is not None else None
     for host in hosts:
         path = target / f"{host.name}.toml"
-        path.write_text(distributor_config_text(reference.read_text(), host))
+        path.write_text(distributor_config_text(reference.read_text(), host, fleet))
         distributors[host.name] = path
     tms = {}
     for tm in topology.TMS:
         path = target / f"{tm}.toml"
         path.write_text(tm_config_text((source / f"{tm}.toml").read_text(), hosts))
         tms[tm] = path
-    return EcmpConfigs(target, distributors, tms)
+    configs = EcmpConfigs(target, distributors, tms)
+    if fleet_store is not None:
+        configs.fleet_document = target / "fleet.toml"
+        configs.fleet_document.write_text(fleet_document_text(reference.read_text()))
+        configs.controller = target / "router.toml"
+        configs.controller.write_text(controller_config_text(fleet_store))
+    return configs
 
 
 # -- the lab ---------------------------------------------------------------------------------------------------
 
+def etcd_unavailable_reason(binary: str | None = None) -> str | None:
+    """Why the etcd variant cannot run here (no etcd binary), or None."""
+    binary = binary or ETCD_BINARY
+    if not os.access(binary, os.X_OK):
+        return f"no etcd binary at {binary}: apt-get install etcd-server"
+    return None
+
+
 class EcmpLab(Lab):
     """The ECMP lab with real agents. `with EcmpLab(...) as lab:` is `up()`, then `down()` and a check that
-    nothing is left (no namespace with the prefix, no process it started)."""
+    nothing is left (no namespace with the prefix, no process it started). `fleet_store=True`: the fleet in
+    the lab's etcd and the groups kept by `overlay ecmp` (module docstring)."""
 
     def __init__(self, prefix: str | None = None, *, distributors: int = DEFAULT_DISTRIBUTORS,
-                 config_dir: Path | None = None, state_dir: Path | None = None, fail_closed: bool = True,
-                 multipath_hash: str = "5-tuple"):
+                 config_dir: Path | None = None, state_dir: Path | None = None, multipath_hash: str = "5-tuple",
+                 fleet_store: bool = False, etcd_binary: str | None = None):
         super().__init__(prefix or DEFAULT_PREFIX, config_dir=config_dir or default_config_dir(), state_dir=state_dir)
         self.source_config_dir = self.config_dir
-        self.plan: EcmpPlan = build_plan(self.prefix, distributors, fail_closed=fail_closed,
-                                             multipath_hash=multipath_hash)
+        self.fleet_store = fleet_store
+        self.etcd_binary = etcd_binary or ETCD_BINARY
+        self.plan: EcmpPlan = build_plan(self.prefix, distributors, multipath_hash=multipath_hash,
+                                         fleet_store=fleet_store)
         self.distributors = self.plan.distributors
         # The agents run from a copy, written by up(): config_dir is the copy (Lab runs agents from its parent).
         self.config_dir = self.state_dir / "config"
         self.distributor_configs = {name: self.config_dir / f"{name}.toml" for name in self.distributors}
         self.configs = AgentConfigs(self.distributor_configs[self.distributors[0]],
                                     {tm: self.config_dir / f"{tm}.toml" for tm in topology.TMS})
+        self.fleet_document = self.config_dir / "fleet.toml"
+        self.controller_config = self.config_dir / "router.toml"
+        self.etcd_data = self.state_dir / "etcd"
         self.active: list[str] = list(self.distributors)
 
     # -- lifecycle ---------------------------------------------------------------------------------------
@@ -431,25 +504,41 @@ class EcmpLab(Lab):
     def up(self, *, agents: bool = True, timeout: float = AGENT_READY_TIMEOUT,
            before_agents: Callable[[Lab], None] | None = None) -> None:
         """Build the lab, start the servers and (unless `agents=False`) every TM and distributor; wait until
-        every distributor sees every TM up. `before_agents(lab)` as `Lab.up`."""
-        write_configs(self.source_config_dir, self.config_dir, self.plan.hosts)
+        every distributor sees every TM up. `before_agents(lab)` as `Lab.up`. With the fleet store, etcd
+        starts (fresh) and the fleet document is put before the agents, and the controller (before the
+        distributors) follows their registrations: up() returns once it has put every one in the groups."""
+        if self.fleet_store:
+            reason = etcd_unavailable_reason(self.etcd_binary)
+            if reason:
+                raise LabUnavailable(reason)
+        write_configs(self.source_config_dir, self.config_dir, self.plan.hosts,
+                      fleet_store=self.plan if self.fleet_store else None)
         self.active = list(self.distributors)
 
         def network(lab: Lab) -> None:
-            for role, lines in self.plan.commands6.items():
-                netns.run(["ip", "-6", "-n", self.ns(role), "-batch", "-"], stdin="\n".join(lines) + "\n")
             if before_agents is not None:
                 before_agents(lab)
+            if self.fleet_store:
+                shutil.rmtree(self.etcd_data, ignore_errors=True)   # a fresh store: no earlier run's keys
+                self._start_etcd(timeout)
+                self.fleet_command("put", str(self.fleet_document))
 
         super().up(agents=False, timeout=timeout, before_agents=network)
         if not agents:
             return
+        if self.fleet_store:
+            self._start_controller(timeout)
         for tm in topology.TMS:
             self._start_agent(tm, "tm", self.configs.tms[tm])
         for name in self.distributors:
             self._start_agent(name, "distributor", self.distributor_configs[name])
         for role in (*topology.TMS, *self.distributors):
             self.wait_ready(role, timeout)
+        if self.fleet_store:
+            # The controller read no registration (none existed), then one by one: all in, by its hand.
+            self.wait_groups(self.distributors, timeout)
+            self._wait(lambda: self.controller_applied() == set(self.distributors), timeout,
+                       "the controller to apply every registration")
 
     def __enter__(self) -> EcmpLab:
         try:
@@ -473,19 +562,29 @@ class EcmpLab(Lab):
     # -- agents ------------------------------------------------------------------------------------------
 
     def wait_ready(self, role: str, timeout: float = AGENT_READY_TIMEOUT) -> None:
-        """Until the agent answers /healthz; a distributor also until its health checks see every TM up."""
+        """Until the agent answers /healthz; a distributor also until its health checks see every TM up and,
+        with the fleet store, until it has the store's view (`fleet.state` "ok", the document applied)."""
+        if role == "etcd":
+            self._wait(self.etcd_healthy, timeout, "etcd to answer /health", role)
+            return
+        if role == "ecmp":
+            self._wait(self.controller_connected, timeout, "the controller to connect to etcd", role)
+            return
         url = f"http://127.0.0.1:{topology.STATUS_PORT}/healthz"
         self._wait_ready(role, url, timeout)
         if role in self.distributors:
             self._wait_ready(role, url, timeout,
                              accept=lambda body: set(json.loads(body).get("up", ())) >= set(topology.TMS))
+            if self.fleet_store:
+                self._wait(lambda: self.fleet_state(role) == "ok", timeout, f"{role} to join the fleet store", role)
 
     def pid(self, role: str) -> int:
         """The PID of a running lab process (from the process table's records)."""
         return self.processes.recorded()[role]
 
     def kill(self, role: str, timeout: float = 5.0) -> int:
-        """SIGKILL the agent by its recorded PID (a crash: no clean-up of its own) and reap it; returns the PID."""
+        """SIGKILL a lab process (an agent, `etcd`, the controller `ecmp`) by its recorded PID — a crash: no
+        clean-up of its own — and reap it; returns the PID."""
         pid = self.pid(role)
         os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + timeout
@@ -496,17 +595,109 @@ class EcmpLab(Lab):
         return pid
 
     def start(self, role: str, timeout: float = AGENT_READY_TIMEOUT) -> int:
-        """(Re)start a TM or distributor agent from its config and wait until it is ready; returns its PID."""
+        """(Re)start a TM or distributor agent from its config, or `etcd` (on its data directory) or the
+        controller `ecmp`, and wait until it is ready; returns its PID."""
         if role in self.processes.recorded():
             raise netns.LabError(f"{role} is running (PID {self.pid(role)})")
         if role in self.distributors:
             self._start_agent(role, "distributor", self.distributor_configs[role])
         elif role in topology.TMS:
             self._start_agent(role, "tm", self.configs.tms[role])
+        elif role == "etcd" and self.fleet_store:
+            self._start_etcd(timeout)
+        elif role == "ecmp" and self.fleet_store:
+            self._start_controller(timeout)
         else:
-            raise KeyError(f"{role} is not an agent of this lab")
+            raise KeyError(f"{role} is not a process of this lab")
         self.wait_ready(role, timeout)
         return self.pid(role)
+
+    def _wait(self, ready: Callable[[], bool], timeout: float, what: str, role: str | None = None) -> float:
+        """Poll `ready` until true (seconds waited); LabError after `timeout`, with `role`'s log tail."""
+        started = time.monotonic()
+        while not ready():
+            if role is not None and self.processes.exited(role) is not None:
+                raise netns.LabError(f"{role} exited with {self.processes.exited(role)}:\n{self.processes.log_tail(role)}")
+            if time.monotonic() - started > timeout:
+                tail = f":\n{self.processes.log_tail(role)}" if role else ""
+                raise netns.LabError(f"waited {timeout:.0f}s for {what}{tail}")
+            time.sleep(0.05)
+        return time.monotonic() - started
+
+    # -- the fleet store: etcd, `overlay fleet`, the controller -----------------------------------------
+
+    def _start_etcd(self, timeout: float) -> None:
+        self.etcd_data.mkdir(parents=True, exist_ok=True)
+        self.processes.start("etcd", self.ns("etcd"), [
+            self.etcd_binary, "--name", "lab", "--data-dir", str(self.etcd_data / "data"),
+            "--listen-client-urls", ETCD_URL, "--advertise-client-urls", ETCD_URL,
+            "--listen-peer-urls", ETCD_PEER_URL, "--initial-advertise-peer-urls", ETCD_PEER_URL,
+            "--initial-cluster", f"lab={ETCD_PEER_URL}", "--initial-cluster-state", "new",
+            # One member: elect it at once. Also what lets a lease of 1 s be 1 s: etcd's shortest lease is
+            # 1.5 election timeouts, rounded up to whole seconds (2 s with the default 1 s timeout).
+            "--heartbeat-interval", "10", "--election-timeout", "100",
+            "--logger", "zap", "--log-level", "warn",
+        ])
+        self.wait_ready("etcd", timeout)
+
+    def etcd_healthy(self) -> bool:
+        try:
+            status, body = nsnet.http_request(self.ns("etcd"), ETCD_URL + "/health", timeout=1.0)
+            return status == 200 and json.loads(body).get("health") == "true"
+        except (OSError, ValueError):
+            return False
+
+    def fleet_command(self, *argv: str, config: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """`overlay fleet --config DIST.toml ARGV…` (dist1's config unless `config` names a distributor), run
+        in the etcd namespace; a non-zero exit raises LabError unless `check=False`."""
+        path = self.distributor_configs[config or self.distributors[0]]
+        result = self.exec("etcd", [sys.executable, "-m", "overlay", "fleet", "--config", str(path), *argv], timeout=30)
+        if check and result.returncode != 0:
+            raise netns.LabError(f"overlay fleet {' '.join(argv)}: exit {result.returncode}: {result.stderr.strip()}")
+        return result
+
+    def fleet_get(self, config: str | None = None) -> dict[str, Any]:
+        """The fleet as the store holds it (`overlay fleet get`)."""
+        data: dict[str, Any] = json.loads(self.fleet_command("get", config=config).stdout)
+        return data
+
+    def fleet_state(self, role: str) -> str | None:
+        """A distributor's `fleet.state` in /status ("ok", "unavailable", "connecting"), None if it does not answer."""
+        try:
+            state = self.status(role).get("fleet", {}).get("state")
+        except (OSError, ValueError):
+            return None
+        return state if isinstance(state, str) else None
+
+    def _start_controller(self, timeout: float) -> None:
+        self.processes.start("ecmp", self.ns("etcd"),
+                             [sys.executable, "-m", "overlay", "ecmp", "--config", str(self.controller_config)],
+                             cwd=self.config_dir.parent)
+        self.wait_ready("ecmp", timeout)
+
+    def controller_connected(self) -> bool:
+        """The controller holds a connection to etcd (its first request, the registrations' read, is on it)."""
+        pid = self.processes.recorded().get("ecmp")
+        if pid is None:
+            return False
+        result = self.exec("etcd", ["ss", "-tnpH", "state", "established", "dst", ETCD_URL.split("//")[1]], timeout=10)
+        return f"pid={pid}," in result.stdout
+
+    def controller_applied(self) -> set[str]:
+        """The members the controller last put in the groups (the last `ecmp.group` lines of its log), if it
+        put the same in every group; else the empty set."""
+        last: dict[str, str] = {}
+        for line in self.processes.log_tail("ecmp", lines=1000).splitlines():
+            text = re.sub(r"\x1b\[[0-9;]*m", "", line)   # the console renderer's colours
+            if "ecmp.group" not in text:
+                continue
+            group, namespace = re.search(r"\bgroup=(\d+)", text), re.search(r"\bnamespace=(\S+)", text)
+            members = re.search(r"\bmembers=\[([^\]]*)\]", text)
+            if group and namespace and members:
+                last[f"{namespace.group(1)}/{group.group(1)}"] = members.group(1)
+        if len(last) != 2 * len(ROUTERS) or len(set(last.values())) != 1:
+            return set()
+        return set(re.findall(r"[\w.-]+", next(iter(last.values()))))
 
     # -- the routers' groups -----------------------------------------------------------------------------
 
@@ -535,11 +726,29 @@ class EcmpLab(Lab):
             counts[name] = counts.get(name, 0) + 1
         return counts
 
+    def groups(self) -> dict[str, tuple[str, ...]]:
+        """Each router's groups as their members now: {"router-out/40": ("dist1", "dist2"), …}."""
+        names = {nexthop: host.name for host in self.plan.hosts for nexthop in host.nexthops}
+        members: dict[str, tuple[str, ...]] = {}
+        for router in ROUTERS:
+            for group in (GROUP_V4, GROUP_V6):
+                shown = netns.run(["ip", "-n", self.ns(router), "nexthop", "show", "id", str(group)], check=False).stdout
+                found = re.search(r"group ([\d/]+)", shown)
+                ids = [int(n) for n in found.group(1).split("/")] if found else []
+                members[f"{router}/{group}"] = tuple(names.get(n, str(n)) for n in ids)
+        return members
+
+    def wait_groups(self, members: Iterable[str], timeout: float = 10.0) -> float:
+        """Until every group of both routers holds exactly `members`; returns the seconds waited."""
+        wanted = tuple(name for name in self.distributors if name in set(members))
+        return self._wait(lambda: set(self.groups().values()) == {wanted}, timeout, f"the groups to be {wanted}")
+
     # -- probes ------------------------------------------------------------------------------------------
 
     def agent_logs(self) -> str:
         sections = []
-        for role in (*topology.TMS, *self.distributors, *SERVER_ROLES):
+        extra = ("etcd", "ecmp") if self.fleet_store else ()
+        for role in (*topology.TMS, *self.distributors, *extra, *SERVER_ROLES):
             tail = self.processes.log_tail(role)
             if tail:
                 sections.append(f"--- {role} ({self.processes.log_dir / (role + '.log')}) ---\n{tail}")

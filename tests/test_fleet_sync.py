@@ -16,6 +16,7 @@ from overlay.config import load_node_config, parse_node_config
 from overlay.configlib import ConfigError
 from overlay.etcd import EtcdClient
 from overlay.fleetview import FleetStoreConfig, FleetView, parse_fleet_document
+from overlay.runtime import fleet_sync
 from overlay.runtime.fleet_sync import FleetSync
 from tests.etcdserver import EtcdServer, etcd_server_fixture  # noqa: F401 (the etcd_server fixture)
 
@@ -153,6 +154,61 @@ async def test_with_etcd_away_the_last_view_holds_and_it_reconverges_when_etcd_r
             await etcd.put(f"{PREFIX}/admin/tm2", "enabled")
         view = await recorder.until(lambda v: v.admin == {"tm2": "enabled"} and "dist1" in v.distributors, timeout=20)
         assert recorder.sync.state == "ok" and view.votes["dist1"] is not None
+    finally:
+        await recorder.sync.stop()
+
+
+async def test_reconnection_attempts_come_at_most_half_a_lease_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The backoff doubles from RETRY_MIN but never past half the lease's TTL (nor RETRY_MAX)."""
+    assert [fleet_sync.retry_max(ttl) for ttl in (1, 2, 3, 10)] == [0.5, 1.0, 1.5, fleet_sync.RETRY_MAX]
+    sync = FleetSync(FleetStoreConfig("etcd", ("http://127.0.0.1:9",), PREFIX, 1, 0.05), "dist1", {}, lambda view: None)
+    delays: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def refused(client: EtcdClient) -> None:
+        raise OSError("connection refused")
+
+    async def sleep(seconds: float) -> None:
+        delays.append(seconds)
+        if len(delays) >= 6:
+            raise asyncio.CancelledError
+        await real_sleep(0)
+
+    monkeypatch.setattr(sync, "_session", refused)
+    monkeypatch.setattr(fleet_sync.asyncio, "sleep", sleep)
+    with pytest.raises(asyncio.CancelledError):
+        await sync._run()
+    assert delays == [0.25, 0.5, 0.5, 0.5, 0.5, 0.5] and sync.state == "unavailable"
+
+
+async def test_a_restarted_etcd_never_lets_the_registration_lapse(etcd_server: EtcdServer) -> None:
+    """etcd gives every lease its TTL again when it comes back; the distributor must re-register within it.
+    With a backoff of up to 2 s and lease_ttl = 1, a restart just after a failed attempt let the old lease
+    expire first: the registration vanished and came back (an ECMP controller withdrew the distributor).
+    The key's create_revision tells: overwritten under the new lease, it keeps it; deleted and put again, not."""
+    recorder = Recorder(etcd_server.url, "dist1", ttl=1)
+    recorder.sync.start(asyncio.get_running_loop())
+    key = f"{PREFIX}/distributors/dist1"
+    try:
+        await recorder.until(lambda v: "dist1" in v.distributors)
+        async with EtcdClient([etcd_server.url]) as etcd:
+            registered = await etcd.get(key)
+        assert registered is not None
+        etcd_server.kill()
+        # Attempts after 0.25, 0.75, 1.75 and 3.75 s with the old backoff (the next at 5.75 s): back at 3.9 s,
+        # etcd expires the old lease about 1.1-1.6 s later — before that next attempt.
+        await asyncio.sleep(3.9)
+        etcd_server.start()
+        for _ in range(100):   # bounded: 5 s
+            if recorder.sync.state == "ok":
+                break
+            await asyncio.sleep(0.05)
+        assert recorder.sync.state == "ok"
+        await asyncio.sleep(2.0)   # the old lease's TTL and etcd's expiry sweep (0.5 s) are over
+        async with EtcdClient([etcd_server.url]) as etcd:
+            now = await etcd.get(key)
+        assert now is not None and now.create_revision == registered.create_revision, \
+            "the registration lapsed while etcd was back and the distributor not yet"
     finally:
         await recorder.sync.stop()
 

@@ -7,7 +7,8 @@ the TMs, mirror the fleet's keys through a watch, and hand the agent one coalesc
 - Watch storms: events only mark the view dirty; the agent applies it once `settle` seconds after the
   first (100 updates in a second are a handful of rebuilds, tests/test_fleet_sync.py).
 - etcd unavailable: the agent keeps forwarding on the last view it applied; `state` says "unavailable"
-  (status, metrics) and we reconnect with backoff, re-register, re-read everything and watch again, so
+  (status, metrics) and we reconnect with backoff (attempts at most half `lease_ttl` apart, so a restarted
+  etcd never lets our registration lapse first), re-register, re-read everything and watch again, so
   nothing that changed meanwhile is missed and nothing flaps: the view changes only when the store's does.
 """
 
@@ -28,6 +29,14 @@ from overlay.fleetview import DISTRIBUTORS, HEALTH, FleetMirror, FleetStoreConfi
 log = structlog.get_logger("overlay.fleet")
 
 RETRY_MIN, RETRY_MAX = 0.25, 2.0   # seconds between reconnection attempts (doubling)
+
+
+def retry_max(lease_ttl: float) -> float:
+    """The longest wait between reconnection attempts: RETRY_MAX, but at most half the lease's TTL. etcd,
+    restarted, restores every lease with about its TTL to live (it renews them all when it elects its
+    leader); a distributor that waits longer than that to come back loses its registration meanwhile, and an
+    ECMP controller withdraws it and puts it back a moment later — a flap (the ECMP lab, lease_ttl = 1)."""
+    return min(RETRY_MAX, max(RETRY_MIN, lease_ttl / 2))
 
 
 class FleetSync:
@@ -90,7 +99,7 @@ class FleetSync:
                 await client.close()
                 self._client = None
             await asyncio.sleep(self._delay)
-            self._delay = min(self._delay * 2, RETRY_MAX)
+            self._delay = min(self._delay * 2, retry_max(self.config.lease_ttl))
 
     async def _session(self, client: EtcdClient) -> None:
         self._lease = await client.lease_grant(self.config.lease_ttl)

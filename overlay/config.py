@@ -10,6 +10,7 @@ Common tables: `[node]` (role, name), `[status]`, `[log]`, `[underlay]`, `[tun]`
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -103,6 +104,7 @@ class NodeConfig:
     auth: auth.AuthConfig = auth.AuthConfig()
     distributor_names: tuple[str, ...] = ()   # a TM's or edge's [[distributor]] names, as `distributors`
     edge: EdgeConfig | None = None
+    workers: int = 1    # packet-loop processes (`[node] workers`): a distributor's TUN queues and sockets
 
 
 def load_node_config(path: str | Path) -> NodeConfig:
@@ -119,6 +121,7 @@ def parse_node_config(text: str, source: str = "config", base: Path | None = Non
     name = node.str("name")
     if not name or not all(c.isalnum() or c in "-_." for c in name):
         raise node.error("name", "use letters, digits, '-', '_' and '.' only")
+    workers = _parse_workers(node, role)
     node.done()
     root.refuse_unknown(COMMON_TABLES + ROLE_TABLES[role])
 
@@ -126,6 +129,10 @@ def parse_node_config(text: str, source: str = "config", base: Path | None = Non
     log = _parse_log(root.section("log"))
     underlay = _parse_underlay(root.section("underlay", required=True))
     auth_mode, private_keys = parse_auth_section(root.section("auth"), base)
+    if workers > 1 and auth_mode != "off":
+        # Each worker would seal with the same key from a counter of its own: nonces could repeat, and a
+        # receiver's replay window would refuse the interleaved counters. Not yet (docs/performance.md).
+        raise node.error("workers", "more than one worker with [auth] on is not supported yet")
     tun = _parse_tun(root.section("tun"), role, underlay, auth_mode != "off")
 
     distributor = tm = edge = None
@@ -178,7 +185,22 @@ def parse_node_config(text: str, source: str = "config", base: Path | None = Non
         auth=auth.AuthConfig(auth_mode, private_keys, peer_keys if auth_mode != "off" else {}),
         distributor_names=tuple(names),
         edge=edge,
+        workers=workers,
     )
+
+
+def _parse_workers(node: Section, role: str) -> int:
+    """`workers = N | "auto"` (the machine's cores): a distributor's packet loops, one process each."""
+    value = node.convert("workers", lambda v: v, 1)
+    if value == "auto":
+        value = len(os.sched_getaffinity(0))
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
+        raise node.error("workers", 'must be a number of processes from 1 to 64, or "auto"')
+    if value > 1 and role != "distributor":
+        # A TM's connection table lives in one process; several would need flows steered to the worker
+        # that holds them, which SO_REUSEPORT's hash does not do (docs/performance.md).
+        raise node.error("workers", f"only a distributor runs several workers (a {role}'s state is per process)")
+    return value
 
 
 def _parse_status(section: Section) -> StatusConfig:

@@ -240,6 +240,18 @@ class Distributor:
         self._admin[name] = state
         self._rebuild()
 
+    def fleet_state(self) -> tuple[dict[str, str], dict[str, bool], frozenset[str]]:
+        """(admin states, up, returning): everything besides the config that the table depends on — what
+        the agent hands its workers so that every process decides alike."""
+        return dict(self._admin), dict(self._up), frozenset(self._returning)
+
+    def apply_fleet_state(self, admin: dict[str, str], up: dict[str, bool], returning: frozenset[str]) -> None:
+        """Take another process's `fleet_state()` (TMs this config does not have are ignored): one rebuild."""
+        self._admin.update({name: state for name, state in admin.items() if name in self._admin})
+        self._up.update({name: value for name, value in up.items() if name in self._up})
+        self._returning = set(returning) & set(self._up)
+        self._rebuild()
+
     def tm_states(self) -> dict[str, dict[str, object]]:
         return {
             name: {"admin": self._admin[name], "up": self._up[name], "serving": name in self._serving,

@@ -57,7 +57,7 @@ def reconfigured_authenticator(running: Authenticator | None, old: NodeConfig, n
 def restart_only_changes(old: NodeConfig, new: NodeConfig) -> list[str]:
     """Fields a reload cannot apply to a running agent (sockets, devices, routes are built from them)."""
     changed = []
-    for field in ("role", "name", "underlay", "tun", "status"):
+    for field in ("role", "name", "underlay", "tun", "status", "workers"):
         if getattr(old, field) != getattr(new, field):
             changed.append(field)
     return changed
@@ -96,7 +96,8 @@ class Agent(abc.ABC):
         try:
             self.netsetup = NetSetup(self.net_plan())
             try:
-                self.tun = TunDevice(config.tun.name)
+                # Several workers read queues of one multi-queue TUN (the flag is the device's, set at creation).
+                self.tun = TunDevice(config.tun.name, multi_queue=config.workers > 1)
             except TunError as error:
                 raise StartupError(str(error)) from None
             stale = self.netsetup.clean_stale()

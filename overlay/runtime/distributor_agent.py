@@ -24,10 +24,13 @@ from overlay.config import NodeConfig, load_node_config, parse_node_config
 from overlay.configlib import read_text
 from overlay.fleetview import FleetView, parse_fleet_document
 from overlay.runtime.fleet_sync import FleetSync
-from overlay.distributor.core import ACTION_FANOUT, ACTION_FORWARD, ACTION_LOCAL, ACTION_TM, PINNED, Distributor, Verdict
+from overlay.distributor.core import PINNED, Distributor
 from overlay.health import HealthChecker
 from overlay.runtime.agent import Agent, authenticator, reconfigured_authenticator
 from overlay.runtime.netsetup import NetPlan, distributor_plan
+from overlay.runtime.packet_path import packet_handlers
+from overlay.runtime.udp import attach_steering
+from overlay.runtime.workers import WorkerPool
 
 log = structlog.get_logger("overlay.distributor")
 
@@ -53,6 +56,8 @@ class DistributorAgent(Agent):
         self._fleet_view: FleetView | None = None
         self._fleet_document_revision = 0
         self.fleet_document_error: str | None = None
+        self.pool: WorkerPool | None = None          # [node] workers > 1: the other packet loops
+        self._synced_state: object = None
 
     def net_plan(self) -> NetPlan:
         return distributor_plan(self.config.tun)
@@ -72,37 +77,16 @@ class DistributorAgent(Agent):
         self._serving = self.health.serving()
         for tm in dconfig.tms:
             core.set_tm_up(tm.name, tm.name in self._serving)
-        tun_write, udp_send = self.tun.write, self.udp.send
-
-        # The per-packet path: closures over locals (no attribute lookups, no Optional checks per packet).
-        # `reconfigure` changes the core in place, so these stay valid across reloads.
-        def execute(verdict: Verdict) -> None:
-            action = verdict.action
-            if action == ACTION_TM:
-                udp_send(verdict.packet, verdict.dest, verdict.flow_hash)  # type: ignore[arg-type]
-            elif action == ACTION_FANOUT:
-                for datagram, destination in verdict.fanout:  # type: ignore[union-attr]
-                    udp_send(datagram, destination, PINNED)
-            elif action == ACTION_FORWARD:
-                if verdict.dest is None:
-                    tun_write(verdict.packet)  # type: ignore[arg-type]
-                else:
-                    udp_send(verdict.packet, verdict.dest, verdict.flow_hash)  # type: ignore[arg-type]
-
-        def from_tun(packet: bytes) -> None:
-            execute(core.from_tun(packet))
-
-        def from_overlay(payload: bytes, peer: tuple[str, int]) -> None:
-            verdict = core.from_overlay(payload, peer)
-            if verdict.action == ACTION_LOCAL:
-                # The only "local" verdict is an echoed keepalive: the health checker matches it.
-                self._on_keepalive(verdict.packet or b"")
-            else:
-                execute(verdict)
-
+        from_tun, from_overlay = packet_handlers(core, self.tun, self.udp, self._on_keepalive)
         self.tun.start(loop, from_tun, self.tun_lost)
         self.udp.start(loop, from_overlay)
         self._arm_health(now)
+        if self.config.workers > 1:
+            # The receive sockets of all workers form one SO_REUSEPORT group: spread by the inner flow.
+            attach_steering(self.udp.receive_socket, self.config.workers)
+            self.pool = WorkerPool(self.config.workers, loop, core.fleet_state)
+            self.pool.start(self.config.source)
+            self._synced_state = core.fleet_state()
         if dconfig.fleet.store == "etcd":
             registration = {"underlay": f"{self.config.underlay.address}:{self.config.underlay.port}",
                             "status": f"{self.config.status.host}:{self.config.status.port}",
@@ -223,7 +207,7 @@ class DistributorAgent(Agent):
             for tm in serving ^ self._serving:
                 self.core.set_tm_up(tm, tm in serving)
                 if tm in serving and grace > 0 and self.loop is not None:
-                    self.loop.call_later(grace, self.core.end_return, tm, self.core.return_token(tm))
+                    self.loop.call_later(grace, self._end_return, tm, self.core.return_token(tm))
             self._serving = serving
         all_down = self.health.all_down()
         if all_down and not self._all_down_logged:
@@ -231,6 +215,20 @@ class DistributorAgent(Agent):
         elif not all_down and self._all_down_logged:
             log.warning("fleet.recovered", up=sorted(self.health.up()))
         self._all_down_logged = all_down
+        self._sync_workers()
+
+    def _end_return(self, tm: str, token: int) -> None:
+        assert self.core is not None
+        self.core.end_return(tm, token)
+        self._sync_workers()
+
+    def _sync_workers(self) -> None:
+        """Every worker decides from the same fleet state as we do: hand it over when it changed."""
+        if self.pool is not None and self.core is not None:
+            state = self.core.fleet_state()
+            if state != self._synced_state:
+                self._synced_state = state
+                self.pool.sync()
 
     # -- control --------------------------------------------------------------------------------------
 
@@ -245,6 +243,7 @@ class DistributorAgent(Agent):
             raise ValueError("this fleet's admin states live in its store: use `overlay fleet drain|enable|disable`")
         previous = self.core.tm_states()[name]["admin"]
         self.core.set_tm_state(name, state)
+        self._sync_workers()
         log.warning("tm.admin_state", tm=name, state=state, previous=previous)
         return {"tm": name, "state": state, "previous": previous}
 
@@ -265,6 +264,11 @@ class DistributorAgent(Agent):
         for tm in new.distributor.tms:
             self.core.set_tm_up(tm.name, tm.name in self._serving)
         self._arm_health(now)
+        if self.pool is not None:
+            view = self._fleet_view
+            document = view.document if self.fleet is not None and view is not None else None
+            self.pool.reconfigure(new.source, document, self.fleet.prefix if self.fleet is not None else "")
+            self._synced_state = self.core.fleet_state()
 
     def _close_role(self) -> None:
         if self._timer is not None:
@@ -272,6 +276,9 @@ class DistributorAgent(Agent):
             self._timer = None
         for task in list(self._http_checks):
             task.cancel()
+        if self.pool is not None:
+            self.pool.stop()
+            self.pool = None
 
     # -- status ---------------------------------------------------------------------------------------
 
@@ -281,6 +288,16 @@ class DistributorAgent(Agent):
         snapshot = self.core.snapshot()
         counters = self.transport_counters()
         counters.update(self.core.counters())
+        if self.pool is not None:
+            # One fleet, several packet loops: their counters add up (status, metrics, the page).
+            for worker_counters, by_tm, drops, _ in self.pool.stats.values():
+                for name, value in worker_counters.items():
+                    counters[name] = counters.get(name, 0) + value
+                for tm, value in by_tm.items():
+                    if tm in snapshot["tms"]:  # type: ignore[operator]
+                        snapshot["tms"][tm]["packets"] += value  # type: ignore[index]
+                for reason, value in drops.items():
+                    snapshot["drops"][reason] = snapshot["drops"].get(reason, 0) + value  # type: ignore[index,attr-defined]
         # Replication per TM: seconds since its last batch (≈ its [tm.replication] interval while it has
         # changes), and per standby the lag of its acks (distributor → standby → distributor).
         now = self.loop.time() if self.loop is not None else 0.0
@@ -296,8 +313,9 @@ class DistributorAgent(Agent):
             gauges = {"fleet.store_available": int(self.fleet.state == "ok"), "fleet.distributors": len(fleet["distributors"])}
         else:
             gauges = {}
+        workers = {"count": 1, "running": 1} if self.pool is None else self.pool.status()
         return {**snapshot, "health": self.health.snapshot(), "counters": counters, "replication": replication,
-                "fleet": fleet, **({"gauges": gauges} if gauges else {})}
+                "fleet": fleet, "workers": workers, **({"gauges": gauges} if gauges else {})}
 
     def healthy(self) -> tuple[bool, dict]:
         if self.health is None:

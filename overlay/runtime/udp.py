@@ -19,9 +19,11 @@ same iteration, in order, one system call per 64. Before `start` (and in unit te
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
 import ipaddress
 import socket
+import struct
 from collections.abc import Callable
 
 from overlay.runtime.batchio import BATCH, recv_batch, send_batch
@@ -31,6 +33,80 @@ SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Peer = tuple[str, int]
+
+
+SO_ATTACH_REUSEPORT_CBPF = 51
+# Classic BPF (linux/filter.h) opcodes used by `steering_program`.
+_LD_B_ABS, _LD_W_ABS, _LD_W_IND, _LDX_MEM, _LDX_B_MSH, _ST = 0x30, 0x20, 0x40, 0x61, 0xB1, 0x02
+_AND_K, _RSH_K, _XOR_X, _MOD_K, _MUL_K, _TAX, _RET_A = 0x54, 0x74, 0xAC, 0x94, 0x24, 0x07, 0x16
+_JEQ_K, _JA = 0x15, 0x05
+
+
+def steering_program(sockets: int) -> list[tuple[int, int, int, int]]:
+    """A classic BPF program for a SO_REUSEPORT group of `sockets` receive sockets (one per worker): pick
+    the socket by a hash of the *inner* packet's addresses and ports, not of the outer 4-tuple — a TM sends
+    every datagram from one port to one port, so the default hash would hand all of them to one worker.
+    The program sees the UDP payload: the GRE header (4 bytes, 8 with a key), then the inner IP header.
+    (Ports are read where TCP and UDP keep them: for other packets that word is whatever is there, which
+    still picks a worker; a malformed packet reads out of bounds, and the kernel then picks socket 0.)
+
+    Each worker then writes its flows' packets into its own TUN queue, and the TUN steers packets of the
+    same flow (its symmetric hash) read from the device to that queue: a flow stays with one worker."""
+    program: list[tuple[int, int, int, int]] = []
+    jumps: list[tuple[int, str]] = []     # (instruction index, label): patched below
+    labels: dict[str, int] = {}
+
+    def emit(code: int, k: int = 0, jt: int = 0, jf: int = 0) -> None:
+        program.append((code, jt, jf, k))
+
+    def jump(label: str) -> None:
+        jumps.append((len(program), label))
+        emit(_JA)
+
+    emit(_LD_B_ABS, 0)                    # the GRE flags' high byte
+    emit(_AND_K, 0x20)                    # the key bit
+    emit(_JEQ_K, 0, jt=0, jf=1)           # no key: the body for offset 4, else the one for offset 8
+    jump("body4")
+    jump("body8")
+    for offset in (4, 8):
+        labels[f"body{offset}"] = len(program)
+        emit(_LD_B_ABS, offset)           # the inner version
+        emit(_RSH_K, 4)
+        emit(_JEQ_K, 6, jt=0, jf=1)
+        jump(f"v6-{offset}")
+        # IPv4: source ^ destination, then the ports after a header of IHL words.
+        for load in ((_LD_W_ABS, offset + 12), (_ST, 0), (_LD_W_ABS, offset + 16), (_LDX_MEM, 0), (_XOR_X, 0),
+                     (_ST, 0), (_LDX_B_MSH, offset), (_LD_W_IND, offset), (_LDX_MEM, 0), (_XOR_X, 0)):
+            emit(*load)
+        jump("mix")
+        labels[f"v6-{offset}"] = len(program)
+        # IPv6: the addresses' last words, then the ports after the fixed header.
+        for load in ((_LD_W_ABS, offset + 20), (_ST, 0), (_LD_W_ABS, offset + 36), (_LDX_MEM, 0), (_XOR_X, 0),
+                     (_ST, 0), (_LD_W_ABS, offset + 40), (_LDX_MEM, 0), (_XOR_X, 0)):
+            emit(*load)
+        jump("mix")
+    labels["mix"] = len(program)
+    emit(_TAX)                            # A ^= A >> 16, keeping the low half: source and destination
+    emit(_RSH_K, 16)                      # alike in it, so both directions of a flow pick one socket;
+    emit(_XOR_X)                          # then a multiply spreads its bits upwards, and the high bits
+    emit(_AND_K, 0xFFFF)                  # pick the socket (Linux gives connect() even ports: the low
+    emit(_MUL_K, 0x9E3779B1)              # bits alone would not spread)
+    emit(_RSH_K, 16)
+    emit(_MOD_K, sockets)
+    emit(_RET_A)
+    for index, label in jumps:
+        code, jt, jf, _ = program[index]
+        program[index] = (code, jt, jf, labels[label] - index - 1)
+    return program
+
+
+def attach_steering(sock: socket.socket, sockets: int) -> None:
+    """Attach `steering_program` to `sock`'s SO_REUSEPORT group (it applies to every socket of it)."""
+    program = steering_program(sockets)
+    filters = (ctypes.c_uint64 * len(program))(*[
+        code | (jt << 16) | (jf << 24) | (k << 32) for code, jt, jf, k in program])
+    fprog = struct.pack("HL", len(program), ctypes.addressof(filters))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
 
 
 def _bind_udp(address: Address, port: int) -> socket.socket:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+import time
 
 import pytest
 import uvloop
@@ -194,3 +195,46 @@ def test_ipv6_underlay_reports_peers_as_host_and_port() -> None:
     finally:
         endpoint.close()
         sender.close()
+
+
+def test_workers_steering_spreads_by_the_inner_flow_and_keeps_each_flow_on_one_socket() -> None:
+    """`attach_steering`: a TM sends every datagram from one port to one port, yet the SO_REUSEPORT group
+    of the workers' sockets must spread them — by the inner flow, both directions of a translated flow to
+    the same worker, with or without a GRE key, IPv4 and IPv6. (Linux hands connect() even ports: a hash
+    of the low bits alone would put every flow on one socket.)"""
+    from overlay import gre
+    from overlay.runtime.udp import _bind_udp, attach_steering
+    from tests.distributor import packets as P
+
+    first = _bind_udp(LOOPBACK, 0)
+    port = first.getsockname()[1]
+    group = [first, _bind_udp(LOOPBACK, port), _bind_udp(LOOPBACK, port)]
+    attach_steering(first, len(group))
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+
+    def where(inner: bytes, key: int | None = None) -> int:
+        sender.sendto(gre.encapsulate(inner, key=key), ("127.0.0.1", port))
+        for _ in range(100):
+            for index, sock in enumerate(group):
+                try:
+                    sock.recv(2048)
+                    return index
+                except BlockingIOError:
+                    pass
+            time.sleep(0.001)
+        raise AssertionError("the datagram never arrived")
+
+    try:
+        flows = [(f"198.51.100.{10 + i % 5}", 40000 + 2 * i) for i in range(150)]
+        counts = [0, 0, 0]
+        for client, client_port in flows:
+            forward = where(P.tcp(client, client_port, "203.0.113.10", 80))
+            counts[forward] += 1
+            assert where(P.tcp("203.0.113.10", 80, client, client_port), key=7 << 16) == forward, "both directions"
+        assert all(25 <= count <= 75 for count in counts), counts
+        six = {where(P.udp("2001:db8:1::10", 5000 + 2 * i, "2001:db8:2::10", 53)) for i in range(30)}
+        assert six == {0, 1, 2}
+    finally:
+        sender.close()
+        for sock in group:
+            sock.close()

@@ -1,0 +1,251 @@
+"""A distributor's extra packet loops (`[node] workers = N`): N - 1 worker processes next to the agent's
+own, one event loop each, sharing the one decision (issue 10; Nebula's `routines`).
+
+- Each worker attaches a queue of the agent's multi-queue TUN (the kernel spreads flows over the queues)
+  and binds the underlay port with SO_REUSEPORT (the kernel spreads datagrams over the sockets), plus send
+  sockets of its own for flow entropy. The agent itself is worker 0: it alone sets up the host, probes the
+  TMs, serves status and admin, and follows the fleet store.
+- The decision is the same everywhere: every worker builds the core from the same config, and the agent
+  hands each one the fleet state after every change (`Distributor.fleet_state()`: admin states, health,
+  returns) and every reload (the config file and the fleet document it applied). The distributor is
+  stateless per packet, so which process sees a packet never matters.
+- Workers report their counters every `STATS_INTERVAL`; the agent's status and metrics add them up.
+- A worker dies with the agent (PR_SET_PDEATHSIG): a SIGKILLed agent leaves no process holding a TUN
+  queue (the device, its routes and the fail-closed blackholes behave as for one process). A worker that
+  dies on its own is restarted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import multiprocessing
+import os
+import signal
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+log = structlog.get_logger("overlay.workers")
+
+STATS_INTERVAL = 1.0
+RESTART_DELAY = 1.0
+PR_SET_PDEATHSIG = 1
+
+FleetState = tuple[dict[str, str], dict[str, bool], frozenset[str]]
+
+
+# -- the worker process ------------------------------------------------------------------------------------
+
+def worker_main(source: str, document: str | None, index: int, control: Connection) -> None:
+    """The worker's process: the packet loop until the agent says stop (or goes away)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:
+        return   # the agent died before we could ask to die with it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # the agent stops us, over the pipe
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(_serve(source, document, index, control))
+
+
+def _load(source: str, document: str | None, prefix: str = "") -> Any:
+    from overlay.config import load_node_config, parse_node_config
+    from overlay.configlib import read_text
+    from overlay.fleetview import parse_fleet_document
+
+    if document is None:
+        return load_node_config(source)
+    return parse_node_config(read_text(Path(source)), source, Path(source).parent,
+                             parse_fleet_document(document, f"etcd:{prefix}tms"))
+
+
+async def _serve(source: str, document: str | None, index: int, control: Connection) -> None:
+    from overlay.distributor.core import Distributor
+    from overlay.runtime.packet_path import packet_handlers
+    from overlay.runtime.tun import TunDevice
+    from overlay.runtime.udp import UnderlayEndpoint
+
+    loop = asyncio.get_running_loop()
+    config = _load(source, document)
+    core = Distributor(config.distributor)
+    core.clock = loop.time
+    tun = TunDevice(config.tun.name, multi_queue=True)
+    udp = UnderlayEndpoint(config.underlay.address, config.underlay.port, source_ports=config.underlay.source_ports)
+    stop = asyncio.Event()
+    stray = {"keepalives": 0}
+
+    def keepalive(_: bytes) -> None:
+        stray["keepalives"] += 1   # probes leave from the agent's own sockets: their echoes come back there
+
+    from_tun, from_overlay = packet_handlers(core, tun, udp, keepalive)
+
+    def on_control() -> None:
+        try:
+            message = control.recv()
+        except (EOFError, OSError):
+            stop.set()            # the agent is gone
+            return
+        kind = message[0]
+        if kind == "state":
+            core.apply_fleet_state(*message[1])
+        elif kind == "config":
+            core.reconfigure(_load(message[1], message[2], message[3]).distributor)
+        elif kind == "stop":
+            stop.set()
+
+    def report() -> None:
+        counters = {**udp.counters, **tun.counters, **core.counters(), "worker.stray_keepalives": stray["keepalives"]}
+        try:
+            control.send(("stats", index, counters, dict(core.counters_tm), dict(core.counters_drop)))
+        except (BrokenPipeError, OSError):
+            stop.set()
+            return
+        loop.call_later(STATS_INTERVAL, report)
+
+    loop.add_reader(control.fileno(), on_control)
+    tun.start(loop, from_tun, lambda error: stop.set())
+    udp.start(loop, from_overlay)
+    control.send(("ready", index, os.getpid()))
+    loop.call_soon(report)
+    try:
+        await stop.wait()
+    finally:
+        loop.remove_reader(control.fileno())
+        tun.stop_reading()
+        udp.stop_reading()
+        udp.drain_all()
+        tun.close()
+        udp.close()
+
+
+# -- the agent's side ----------------------------------------------------------------------------------------
+
+class WorkerPool:
+    """Workers 1..count-1 of a distributor agent: started, kept in step, their counters collected."""
+
+    def __init__(self, count: int, loop: asyncio.AbstractEventLoop, state: Callable[[], FleetState]) -> None:
+        self.count = count
+        self.loop = loop
+        self._state = state
+        self._context = multiprocessing.get_context("spawn")   # a fresh interpreter: no forked event loop
+        self._processes: dict[int, multiprocessing.process.BaseProcess] = {}
+        self._controls: dict[int, Connection] = {}
+        self.stats: dict[int, tuple[dict[str, int], dict[str, int], dict[str, int], float]] = {}
+        self.restarts = 0
+        self.ready: set[int] = set()     # workers whose TUN queue and sockets are open
+        self._config: tuple[str, str | None, str] = ("", None, "")
+        self._stopping = False
+
+    def start(self, source: str, document: str | None = None, prefix: str = "") -> None:
+        self._config = (source, document, prefix)
+        for index in range(1, self.count):
+            self._spawn(index)
+
+    def _spawn(self, index: int) -> None:
+        source, document, _ = self._config
+        ours, theirs = self._context.Pipe()
+        process = self._context.Process(target=worker_main, args=(source, document, index, theirs),
+                                        name=f"overlay-worker-{index}", daemon=False)
+        process.start()
+        theirs.close()
+        self._processes[index], self._controls[index] = process, ours
+        self.loop.add_reader(ours.fileno(), self._on_message, index)
+        self.loop.add_reader(process.sentinel, self._on_exit, index)
+        self._send(index, ("state", self._state()))
+        log.info("worker.started", worker=index, pid=process.pid)
+
+    def _on_message(self, index: int) -> None:
+        control = self._controls.get(index)
+        if control is None:
+            return
+        try:
+            message = control.recv()
+        except (EOFError, OSError):
+            self.loop.remove_reader(control.fileno())
+            return
+        if message[0] == "ready":
+            self.ready.add(index)
+            log.info("worker.ready", worker=index, pid=message[2])
+        elif message[0] == "stats":
+            _, _, counters, by_tm, drops = message
+            self.stats[index] = (counters, by_tm, drops, time.monotonic())
+
+    def _on_exit(self, index: int) -> None:
+        process = self._processes.pop(index, None)
+        control = self._controls.pop(index, None)
+        if process is not None:
+            self.loop.remove_reader(process.sentinel)
+            process.join(0)
+        if control is not None:
+            self.loop.remove_reader(control.fileno())
+            control.close()
+        self.stats.pop(index, None)
+        self.ready.discard(index)
+        if self._stopping:
+            return
+        self.restarts += 1
+        log.error("worker.died", worker=index, exitcode=process.exitcode if process else None,
+                  restarting_in_s=RESTART_DELAY)
+        self.loop.call_later(RESTART_DELAY, self._restart, index)
+
+    def _restart(self, index: int) -> None:
+        if not self._stopping and index not in self._processes:
+            self._spawn(index)
+
+    def _send(self, index: int, message: tuple[Any, ...]) -> None:
+        control = self._controls.get(index)
+        if control is None:
+            return
+        try:
+            control.send(message)
+        except (BrokenPipeError, OSError):
+            pass    # it died: `_on_exit` restarts it, with the state of then
+
+    def sync(self) -> None:
+        """The fleet state changed (health, admin, a return ended): every worker takes it."""
+        state = self._state()
+        for index in list(self._controls):
+            self._send(index, ("state", state))
+
+    def reconfigure(self, source: str, document: str | None, prefix: str) -> None:
+        """A reload was applied: the same config (and fleet document) everywhere, then the state."""
+        self._config = (source, document, prefix)
+        for index in list(self._controls):
+            self._send(index, ("config", source, document, prefix))
+        self.sync()
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        return {
+            "count": self.count,
+            "running": 1 + len(self.ready & set(self._processes)),   # ready: reading their queue and socket
+            "restarts": self.restarts,
+            "pids": {str(index): process.pid for index, process in sorted(self._processes.items())},
+            "stats_age_s": {str(index): round(now - seen, 3) for index, (_, _, _, seen) in sorted(self.stats.items())},
+            # What each worker read from its TUN queue and its sockets (the agent's own are its counters).
+            "packets": {str(index): counters.get("tun_rx_packets", 0) + counters.get("udp_rx_datagrams", 0)
+                        for index, (counters, _, _, _) in sorted(self.stats.items())},
+        }
+
+    def stop(self, timeout: float = 3.0) -> None:
+        self._stopping = True
+        for index in list(self._controls):
+            self._send(index, ("stop",))
+        deadline = time.monotonic() + timeout
+        for process in list(self._processes.values()):
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                process.kill()
+                process.join(1.0)
+            self.loop.remove_reader(process.sentinel)
+        for control in self._controls.values():
+            self.loop.remove_reader(control.fileno())
+            control.close()
+        self._processes.clear()
+        self._controls.clear()

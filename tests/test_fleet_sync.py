@@ -133,7 +133,7 @@ async def test_health_is_agreed_by_a_majority_of_the_live_distributors(etcd_serv
 
 
 async def test_with_etcd_away_the_last_view_holds_and_it_reconverges_when_etcd_returns(etcd_server: EtcdServer) -> None:
-    recorder = Recorder(etcd_server.url, "dist1", ttl=2)
+    recorder = Recorder(etcd_server.url, "dist1", ttl=1)
     recorder.sync.start(asyncio.get_running_loop())
     try:
         async with EtcdClient([etcd_server.url]) as etcd:
@@ -147,7 +147,7 @@ async def test_with_etcd_away_the_last_view_holds_and_it_reconverges_when_etcd_r
             await asyncio.sleep(0.05)
         status = recorder.sync.status()
         assert status["state"] == "unavailable" and status["last_error"] and status["outages"] == 1
-        await asyncio.sleep(3.0)                         # longer than the lease: it expires meanwhile
+        await asyncio.sleep(1.6)                         # longer than the lease: it expires meanwhile
         assert len(recorder.views) == views, "no view is applied while the store is away: nothing flaps"
         etcd_server.start()
         async with EtcdClient([etcd_server.url]) as etcd:

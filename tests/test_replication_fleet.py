@@ -17,6 +17,7 @@ from overlay.tm.core import TrafficManager
 from overlay.tm.node import FLUSH, SEND, SEND_ALL, TMNode
 from tests.tm.addresses import REMOTE, SERVER1
 from tests.tm.packets import fragments, udp
+from overlay.packet import parse_flow
 from tests.test_fleet_in_memory import CLIENTS, CONFIG, VIP, Fleet, addresses, exchange, open_connection, tcp
 
 REPLICATION = "\n[tm.replication]\nenabled = true\n"
@@ -367,3 +368,35 @@ def test_status_shows_the_ack_lag_per_standby_at_the_distributor() -> None:
         assert view["standbys"] and origin not in view["standbys"]
         assert all(peer["acks"] >= 1 and peer["lag_ms"] in (1.0, 2.0) for peer in view["standbys"].values())
     assert all(node.core.snapshot()["replication"]["acked_batches"] >= 1 for node in fleet.nodes.values())
+
+
+# -- enabling a drained TM again: the connections opened elsewhere during the drain live on ----------------
+def drain_then_enable(grace: bool) -> dict[str, int]:
+    fleet = Fleet()
+    if grace:
+        with_return_grace(fleet)
+    drained = "tm1"
+    fleet.distributor.set_tm_state(drained, "draining")
+    during = [(client, *open_connection(fleet, client)) for client in CLIENTS]   # opened elsewhere meanwhile
+    moved = [(client, server_end) for client, tm, server_end in during
+             if tm != drained and fleet.distributor.decide(parse_flow(tcp(client, f"{VIP}:80", "A"))).second is not None
+             and exchange(fleet, client, server_end)[2]]
+    fleet.distributor.set_tm_state(drained, "enabled")
+    back_on_drained = [(client, server_end) for client, server_end in moved
+                       if fleet.distributor.from_tun(tcp(client, f"{VIP}:80", "A")).tm == drained]
+    survived = sum(exchange(fleet, client, server_end)[2] for client, server_end in back_on_drained)
+    new = [open_connection(fleet, client.rsplit(":", 1)[0] + ":50001")[0] for client, _ in back_on_drained]
+    return {"rows_back": len(back_on_drained), "survived": survived, "invalid": fleet.invalid(),
+            "new_on_drained": new.count(drained)}
+
+
+def test_enabling_a_drained_tm_within_the_return_grace_keeps_the_connections_opened_meanwhile() -> None:
+    result = drain_then_enable(grace=True)
+    assert result["rows_back"] > 10
+    assert result == {"rows_back": result["rows_back"], "survived": result["rows_back"], "invalid": 0,
+                      "new_on_drained": result["rows_back"]}
+
+
+def test_negative_control_without_a_return_grace_enabling_breaks_them() -> None:
+    result = drain_then_enable(grace=False)
+    assert result["rows_back"] > 10 and result["survived"] == 0 and result["invalid"] >= result["rows_back"]

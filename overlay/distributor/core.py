@@ -237,7 +237,15 @@ class Distributor:
             raise KeyError(name)
         if state not in TM_STATES:
             raise ValueError(f"state must be one of {', '.join(TM_STATES)}")
-        self._admin[name] = state
+        previous, self._admin[name] = self._admin[name], state
+        if state == "enabled" and previous != "enabled" and self._up[name] and self.config.health.return_grace > 0:
+            # Back from a drain (or a disable): its rows come back to it, but connections opened on the
+            # TMs that held them meanwhile live there. Like a TM back from down, it shares them for
+            # `return_grace` (second chance), until the agent's timer calls end_return.
+            self._returning.add(name)
+            self._return_tokens[name] = self._return_tokens.get(name, 0) + 1
+        elif state != "enabled":
+            self._returning.discard(name)
         self._rebuild()
 
     def fleet_state(self) -> tuple[dict[str, str], dict[str, bool], frozenset[str]]:

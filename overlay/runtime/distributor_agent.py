@@ -111,6 +111,7 @@ class DistributorAgent(Agent):
             if state["admin"] != wanted:
                 log.warning("tm.admin_state", tm=tm, state=wanted, previous=state["admin"], by="fleet store")
                 self.core.set_tm_state(tm, wanted)
+                self._arm_return(tm)
         self._apply_health(self.loop.time())
 
     def _load_config(self, path: str) -> NodeConfig:
@@ -217,6 +218,12 @@ class DistributorAgent(Agent):
         self._all_down_logged = all_down
         self._sync_workers()
 
+    def _arm_return(self, tm: str) -> None:
+        """A TM enabled again after a drain shares its rows for `return_grace` (Distributor.set_tm_state)."""
+        assert self.core is not None and self.loop is not None and self.health is not None
+        if self.core.tm_states()[tm]["returning"]:
+            self.loop.call_later(self.health.config.return_grace, self._end_return, tm, self.core.return_token(tm))
+
     def _end_return(self, tm: str, token: int) -> None:
         assert self.core is not None
         self.core.end_return(tm, token)
@@ -243,6 +250,7 @@ class DistributorAgent(Agent):
             raise ValueError("this fleet's admin states live in its store: use `overlay fleet drain|enable|disable`")
         previous = self.core.tm_states()[name]["admin"]
         self.core.set_tm_state(name, state)
+        self._arm_return(name)
         self._sync_workers()
         log.warning("tm.admin_state", tm=name, state=state, previous=previous)
         return {"tm": name, "state": state, "previous": previous}

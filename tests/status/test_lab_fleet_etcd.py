@@ -17,10 +17,10 @@ c. etcd SIGKILLed under traffic: both distributors say `fleet.state = "unavailab
 d. negative control, divergent fleet views: dist2 restarted on another prefix where tm2 is disabled (the
    controller stopped first, so the groups keep it) — the same kind of traffic now fails and the TMs count
    `invalid.*`: the proofs above would catch distributors that disagree. Then everything as it was.
-e. a known product limitation, as a strict xfail: streams opened during a drain (on the drained TM's
-   heirs) break when the TM is enabled again — its rows come back at once, unmarked, and it has no state
-   for them (overlay/distributor/core.py `set_tm_state`; `return_grace` covers only a TM back from down).
-   Last, because the broken connections' retransmissions reach the TMs as `invalid.*` for a while.
+e. streams opened during a drain (on the drained TM's heirs) live on when the TM is enabled again: with
+   `[health] return_grace` (10 s in this lab) its rows come back marked with the heirs (second chance),
+   as for a TM back from down (overlay/distributor/core.py `set_tm_state`). Found by this lab: without it
+   4 of 4 streams broke (the in-memory negative control: tests/test_replication_fleet.py).
 
 One lab for the module; tests run in file order and each leaves both distributors running, registered, in
 the groups, on the shared prefix, with every TM enabled. Together a–c make well over 5,000 short
@@ -30,6 +30,7 @@ Run: `sudo .venv/bin/python -m pytest -s tests/status/test_lab_fleet_etcd.py` (a
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import threading
 import time
@@ -39,7 +40,7 @@ import pytest
 
 from overlay.lab import topology
 from overlay.lab.ecmp import FLEET_PREFIX, ROUTERS, EcmpLab, etcd_unavailable_reason
-from overlay.lab.lab import unavailable_reason
+from overlay.lab.lab import default_config_dir, unavailable_reason
 from overlay.lab.traffic import TrafficReport
 
 from .conftest import lab_prefix
@@ -67,7 +68,11 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EcmpLab]:
     if LAB_UNAVAILABLE:
         pytest.skip(f"lab cannot run: {LAB_UNAVAILABLE}")
     root = tmp_path_factory.mktemp("fleet-etcd-lab")
-    with EcmpLab(lab_prefix("f"), state_dir=root / "state", fleet_store=True) as running:
+    config_dir = root / "config"
+    shutil.copytree(default_config_dir(), config_dir)
+    distributor = config_dir / "distributor.toml"
+    distributor.write_text(distributor.read_text().replace("[health]\n", "[health]\nreturn_grace = 10\n", 1))
+    with EcmpLab(lab_prefix("f"), config_dir=config_dir, state_dir=root / "state", fleet_store=True) as running:
         yield running
 
 
@@ -378,9 +383,6 @@ def test_distributors_with_divergent_fleet_views_break_connections(lab: EcmpLab)
 
 # -- e. a known limitation: connections opened on a drained TM's heirs, across the enable ----------------
 
-@pytest.mark.xfail(strict=True, reason="product limitation: enabling a drained TM gives its rows back at once, "
-                   "unmarked, so connections its heirs opened during the drain break (overlay/distributor/core.py "
-                   "set_tm_state; return_grace covers only a TM back from down)")
 def test_connections_opened_during_a_drain_survive_the_enable(lab: EcmpLab, placement: Placement) -> None:
     sources = placement.sources_on(DRAINED, 4)   # during the drain they open on tm2's heirs
     lab.fleet_command("drain", DRAINED)

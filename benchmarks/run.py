@@ -56,7 +56,7 @@ EVERYTHING = (*BENCHMARKS, "profile")
 TM_UNDERLAYS = ("192.0.2.3", "192.0.2.4", "192.0.2.5")  # tm1..tm3 of the distributor benchmark (the sink)
 RELAY_UNDERLAY = "192.0.2.6"                            # tm_relay, beside the TM agent on 192.0.2.3
 DIST_UNDERLAY = "192.0.2.2"
-FLOOD_SOURCES = ("198.51.100.20", "198.51.100.21", "198.51.100.22", "198.51.100.23")
+FLOOD_SOURCES = tuple(f"198.51.100.{20 + i}" for i in range(16))  # x 64 source ports: 1,024 client endpoints
 VIP = "203.0.113.80"              # the product's VIP (captured by the distributor, NATed by the TM agent)
 LOOP_VIP = "203.0.113.82"         # routed into dist_loop's TUN
 KERNEL_VIP = "203.0.113.81"       # the kernel path's VIP: nftables DNAT in the tm namespace
@@ -531,12 +531,13 @@ def run_pps(lab: Lab, name: str, subjects: dict[str, tuple[int, Callable[[], Sam
     for round_index in range(lab.settings.rounds):
         for label in alternate(round_index, (labels[0], labels[1])):
             sample = subjects[label][1]()
+            sample.extra["flags"] = warnings(sample)
             results[label].values.append(sample.pps)
             results[label].samples.append(asdict(sample))
             report_progress(f"{name} round {round_index + 1}: {label:<18} {sample.pps:>9,.0f} pps  "
                             f"core {sample.core_ns:>6,.0f} ns/pkt ({sample.core_busy:.0%} busy)  "
                             f"proc {sample.proc_ns:>6,.0f} ns/pkt (user {sample.user_share:.0%})  "
-                            f"offered {sample.generated_pps:>9,.0f} pps{warnings(sample)}")
+                            f"offered {sample.generated_pps:>9,.0f} pps{sample.extra['flags']}")
     return list(results.values())
 
 
@@ -550,6 +551,8 @@ def warnings(sample: Sample) -> str:
         notes.append(f"other processes used {sample.extra['foreign_cpu']:.0%} of a core")
     if sample.core_busy < 0.9:
         notes.append(f"subject core only {sample.core_busy:.0%} busy")
+    elif sample.proc_ns < 0.85 * sample.core_ns:
+        notes.append(f"the subject had only {sample.proc_ns / sample.core_ns:.0%} of its core")
     return "  (!) " + "; ".join(notes) if notes else ""
 
 
@@ -567,7 +570,7 @@ def bench_distributor(lab: Lab) -> list[Result]:
         pin(loop.pid, lab.subject_cpus)
         in_ns(ns["dist"], "ip", "link", "set", "benchdl0", "up")
         in_ns(ns["dist"], "ip", "route", "add", f"{LOOP_VIP}/32", "dev", "benchdl0")
-        flood = ["udp", "-a", ",".join(FLOOD_SOURCES), "-p", "256", "-l", "64", "-g", "64"]
+        flood = ["udp", "-a", ",".join(FLOOD_SOURCES), "-p", "64", "-l", "64", "-g", "64"]
 
         def product() -> Sample:
             sample = lab.flood_sample(agent.pid, ns["client"], [*flood, "-d", f"{VIP}:{SINK_PORT}"], sink)
@@ -714,6 +717,46 @@ def bench_rtt(lab: Lab) -> list[Result]:
 IO_WORDS = ("send", "recv", "readv", "read_batch", "write")
 
 
+def perf_profile(lab: Lab, pid: int, flood_ns: str, flood_args: list[str], name: str, sink: Sink) -> dict | None:
+    """perf(1) samples (cpu-clock, 499 Hz) of the subject core under the flood, the subject's own only (its
+    system calls and the softirq work done in them included; idle time excluded): the shares of the kernel,
+    the interpreter, libc and extensions, and the top symbols. perf costs the run some rate (reported);
+    the shares are the point. None where perf is missing or refused."""
+    if shutil.which("perf") is None:
+        return None
+    seconds = lab.settings.seconds
+    data = lab.workdir / f"{name}.perf"
+    flood = lab.processes.start([str(lab.tools["flood"]), *flood_args, "-r", str(lab.settings.offered_pps), "-t",
+                                 f"{seconds + 1:.2f}"], ns=flood_ns)
+    try:
+        pin(flood.pid, lab.generator_cpus)
+        time.sleep(0.5)
+        count0, ns0 = sink.read()
+        record = subprocess.run(["perf", "record", "-q", "-F", "499", "-e", "cpu-clock", "-C", str(lab.settings.subject_cpu),
+                                 "-o", str(data), "--", "sleep", str(seconds)], capture_output=True, text=True,
+                                timeout=seconds + 30)
+        count1, ns1 = sink.read()
+        out, _ = flood.communicate(timeout=seconds + 10)
+    finally:
+        Processes.stop(flood)
+    if record.returncode != 0 or not data.exists():
+        return None
+
+    def report(sort: str, rows: int) -> list[tuple[float, str]]:
+        out = subprocess.run(["perf", "report", "-i", str(data), "--pid", str(pid), "--no-children", "--sort", sort,
+                              "--stdio"],
+                             capture_output=True, text=True, timeout=60).stdout
+        found = []
+        for line in out.splitlines():
+            words = line.split()
+            if words and words[0].endswith("%") and not line.startswith("#"):
+                found.append((float(words[0].rstrip("%")), " ".join(words[1:])))
+        return found[:rows]
+
+    return {"dso": report("dso", 6), "symbols": report("dso,sym", 14), "flood": out.decode().strip(),
+            "pps_under_perf": (count1 - count0) / ((ns1 - ns0) / 1e9)}
+
+
 def profile_agent(lab: Lab, role: str, flood_ns: str, flood_args: list[str], sink: Sink) -> dict:
     """One agent (benchmarks/profile_agent.py) under a flood, cProfile on for `profile_seconds` of steady state;
     returns where its time went."""
@@ -732,6 +775,7 @@ def profile_agent(lab: Lab, role: str, flood_ns: str, flood_args: list[str], sin
     else:   # open the flows first: the profile is of established ones
         lab.flood_sample(proc.pid, flood_ns, flood_args, sink, warmup=0.2, seconds=0.5)
     unprofiled = lab.flood_sample(proc.pid, flood_ns, flood_args, sink, warmup=0.5, seconds=lab.settings.seconds)
+    perf = perf_profile(lab, proc.pid, flood_ns, flood_args, role, sink)
     seconds = lab.settings.profile_seconds
     flood = lab.processes.start([str(lab.tools["flood"]), *flood_args, "-r", str(lab.settings.offered_pps), "-t",
                                  f"{seconds + 1.5:.2f}"], ns=flood_ns)
@@ -761,7 +805,7 @@ def profile_agent(lab: Lab, role: str, flood_ns: str, flood_args: list[str], sin
     io = sum(t for t, name in builtin if any(word in name for word in IO_WORDS))
     return {"role": role, "pps": unprofiled.pps, "proc_ns": unprofiled.proc_ns, "user_share": unprofiled.user_share,
             "pps_under_profiler": (count1 - count0) / ((ns1 - ns0) / 1e9), "profiled_seconds": total,
-            "io_share": io / total if total else 0.0,
+            "io_share": io / total if total else 0.0, "perf": perf,
             "top": [{"tottime_s": round(t, 4), "share": round(t / total, 4) if total else 0, "calls": calls,
                      "function": name} for t, calls, name in rows[:20]]}
 
@@ -771,18 +815,39 @@ def bench_profile(lab: Lab) -> list[dict]:
     reports = []
     lab.write_configs(tms=3)
     sink = Sink(processes, tools["sink"], ns["tm"], [f"{address}:4754" for address in TM_UNDERLAYS])
+    loop = None
     try:
-        flood = ["udp", "-a", ",".join(FLOOD_SOURCES), "-p", "256", "-l", "64", "-g", "64", "-d", f"{VIP}:{SINK_PORT}"]
-        reports.append(profile_agent(lab, "distributor", ns["client"], flood, sink))
+        flood = ["udp", "-a", ",".join(FLOOD_SOURCES), "-p", "64", "-l", "64", "-g", "64"]
+        reports.append(profile_agent(lab, "distributor", ns["client"], [*flood, "-d", f"{VIP}:{SINK_PORT}"], sink))
+        loop = processes.start([str(tools["dist_loop"]), "-s", "600", "benchdl0", DIST_UNDERLAY, *TM_UNDERLAYS],
+                               ns=ns["dist"])
+        wait_ready(loop, "dist_loop")
+        pin(loop.pid, lab.subject_cpus)
+        in_ns(ns["dist"], "ip", "link", "set", "benchdl0", "up")
+        in_ns(ns["dist"], "ip", "route", "add", f"{LOOP_VIP}/32", "dev", "benchdl0")
+        reports.append({"role": "dist_loop (C)",
+                        "perf": perf_profile(lab, loop.pid, ns["client"], [*flood, "-d", f"{LOOP_VIP}:{SINK_PORT}"],
+                                             "dist_loop", sink)})
     finally:
+        if loop is not None:
+            Processes.stop(loop)
         sink.close()
     lab.write_configs(tms=1)
     sink = Sink(processes, tools["sink"], ns["dist"], [f"{DIST_UNDERLAY}:4754"])
+    relay = None
     try:
-        flood = ["gre", "-b", DIST_UNDERLAY, "-v", f"{VIP}:{SINK_PORT}", "-f", "4096", "-l", "64", "-g", "64",
-                 "-d", f"{TM_UNDERLAYS[0]}:4754"]
-        reports.append(profile_agent(lab, "tm", ns["dist"], flood, sink))
+        flood = ["gre", "-b", DIST_UNDERLAY, "-v", f"{VIP}:{SINK_PORT}", "-f", "4096", "-l", "64", "-g", "64"]
+        reports.append(profile_agent(lab, "tm", ns["dist"], [*flood, "-d", f"{TM_UNDERLAYS[0]}:4754"], sink))
+        relay = processes.start([str(tools["tm_relay"]), "-s", "600", f"{RELAY_UNDERLAY}:4754", f"{DIST_UNDERLAY}:4754",
+                                 f"udp:{VIP}:{SINK_PORT}={SERVER}:{SINK_PORT}"], ns=ns["tm"])
+        wait_ready(relay, "tm_relay")
+        pin(relay.pid, lab.subject_cpus)
+        reports.append({"role": "tm_relay (C)",
+                        "perf": perf_profile(lab, relay.pid, ns["dist"], [*flood, "-d", f"{RELAY_UNDERLAY}:4754"],
+                                             "tm_relay", sink)})
     finally:
+        if relay is not None:
+            Processes.stop(relay)
         sink.close()
     return reports
 
@@ -797,10 +862,16 @@ def spread(values: list[float]) -> str:
     return f"±{statistics.pstdev(values) / mean:.1%}" if mean else ""
 
 
-def ratio_line(product: Result, baseline: Result, higher_is_better: bool = True) -> str:
+def ratio_line(product: Result, baseline: Result) -> str:
     per_round = [p / b for p, b in zip(product.values, baseline.values) if b]
     ratio = product.median / baseline.median if baseline.median else float("nan")
     rounds = f" (per round {min(per_round):.2f}–{max(per_round):.2f})" if per_round else ""
+    if product.samples and baseline.samples and "flags" in product.samples[0].get("extra", {}):
+        clean = [p / b for p, b, ps, bs in zip(product.values, baseline.values, product.samples, baseline.samples)
+                 if b and not ps["extra"]["flags"] and not bs["extra"]["flags"]]
+        if len(clean) < len(per_round):
+            rounds += (f"; rounds without (!): {len(clean)}, median ratio {statistics.median(clean):.2f}" if clean
+                       else "; every round had (!)")
     return f"{ratio:.2f}{rounds}"
 
 
@@ -828,8 +899,22 @@ def print_table(results: list[Result]) -> None:
           "(how many times longer).")
 
 
+def print_perf(perf: dict | None) -> None:
+    if not perf:
+        print("  (no perf profile: perf(1) missing or not permitted)")
+        return
+    print(f"  perf ({perf['pps_under_perf']:,.0f} pps meanwhile), the subject core by binary: "
+          + ", ".join(f"{name} {share:.1f}%" for share, name in perf["dso"]))
+    for share, name in perf["symbols"]:
+        print(f"  {share:5.1f}%  {name}")
+
+
 def print_profile(reports: list[dict]) -> None:
     for report in reports:
+        if "top" not in report:
+            print(f"\n{report['role']}:")
+            print_perf(report["perf"])
+            continue
         print(f"\n{report['role']} agent: {report['pps']:,.0f} pps, {report['proc_ns']:,.0f} ns/pkt of its own CPU, "
               f"{report['user_share']:.0%} in user mode (Python and C extensions), the rest in the kernel (system "
               f"calls and the stack below them). Under cProfile ({report['pps_under_profiler']:,.0f} pps, "
@@ -837,6 +922,7 @@ def print_profile(reports: list[dict]) -> None:
               f"code and the builtins it calls) {1 - report['io_share']:.0%}; by own time:")
         for row in report["top"]:
             print(f"  {row['share']:6.1%}  {row['calls']:>10,}  {row['function']}")
+        print_perf(report.get("perf"))
 
 
 def git_state() -> str:

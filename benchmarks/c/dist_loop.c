@@ -2,12 +2,13 @@
  *
  * The loop the Python distributor agent is measured against, "the same loop written in C":
  *   read packets from a TUN until EAGAIN (at most 64: one batch)
- *   per packet: parse the IPv4/IPv6 source address and (TCP/UDP) source port, xxh64 that endpoint,
+ *   per packet: parse the IPv4/IPv6 source address (and, with -p, the TCP/UDP source port: the product's
+ *               [hash] key = "addr+port"; its default is the address alone), xxh64 that endpoint,
  *               pick the TM from a 65,536-row table, prepend the outer GRE header (4 bytes, or 8 with -k)
  *   send the batch GRE-in-UDP with one sendmmsg (each message to its TM's underlay address:port).
  * No policy, no health, no counters per reason: the floor a user-mode distributor cannot go below.
  *
- * usage: dist_loop [-k KEY] [-s SECONDS] TUN_NAME BIND_ADDR TM_ADDR[:PORT] [TM_ADDR[:PORT] ...]
+ * usage: dist_loop [-p] [-k KEY] [-s SECONDS] TUN_NAME BIND_ADDR TM_ADDR[:PORT] [TM_ADDR[:PORT] ...]
  * Creates TUN_NAME (IFF_TUN | IFF_NO_PI), prints "ready" once it exists, runs until SIGTERM/SIGINT or
  * SECONDS (default 600), then prints "rx N tx N dropped N" and exits.
  */
@@ -66,8 +67,9 @@ static void parse_endpoint(const char *text, int default_port, struct sockaddr_i
     if (inet_pton(AF_INET, host, &out->sin_addr) != 1) { fprintf(stderr, "bad address %s\n", text); exit(2); }
 }
 
-/* The endpoint the product hashes for "virtual = hash src": source address and source port. Returns the
- * number of bytes put in key (0: not an IP packet we can read). */
+/* The endpoint the product hashes for "virtual = hash src": the source address, and the source port when
+ * hash_port. Returns the number of bytes put in key (0: not an IP packet we can read). */
+static int hash_port;
 static size_t endpoint_key(const uint8_t *pkt, size_t len, uint8_t key[18])
 {
     size_t l4 = 0, addr_len = 0;
@@ -88,7 +90,7 @@ static size_t endpoint_key(const uint8_t *pkt, size_t len, uint8_t key[18])
     } else {
         return 0;
     }
-    if ((proto == 6 || proto == 17) && l4 + 4 <= len) {
+    if (hash_port && (proto == 6 || proto == 17) && l4 + 4 <= len) {
         memcpy(key + addr_len, pkt + l4, 2);     /* source port */
         return addr_len + 2;
     }
@@ -99,12 +101,13 @@ int main(int argc, char **argv)
 {
     int opt, ntms = 0, seconds = 600;
     long long key = -1;
-    while ((opt = getopt(argc, argv, "k:s:")) != -1) {
-        if (opt == 'k') key = strtoll(optarg, NULL, 0);
+    while ((opt = getopt(argc, argv, "pk:s:")) != -1) {
+        if (opt == 'p') hash_port = 1;
+        else if (opt == 'k') key = strtoll(optarg, NULL, 0);
         else if (opt == 's') seconds = atoi(optarg);
-        else { fprintf(stderr, "usage: %s [-k KEY] [-s SECONDS] TUN BIND_ADDR TM[:PORT]...\n", argv[0]); return 2; }
+        else { fprintf(stderr, "usage: %s [-p] [-k KEY] [-s SECONDS] TUN BIND_ADDR TM[:PORT]...\n", argv[0]); return 2; }
     }
-    if (argc - optind < 3) { fprintf(stderr, "usage: %s [-k KEY] [-s SECONDS] TUN BIND_ADDR TM[:PORT]...\n", argv[0]); return 2; }
+    if (argc - optind < 3) { fprintf(stderr, "usage: %s [-p] [-k KEY] [-s SECONDS] TUN BIND_ADDR TM[:PORT]...\n", argv[0]); return 2; }
 
     static struct sockaddr_in tms[MAX_TMS];
     for (int i = optind + 2; i < argc && ntms < MAX_TMS; i++) parse_endpoint(argv[i], 4754, &tms[ntms++]);

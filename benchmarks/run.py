@@ -179,7 +179,7 @@ class Settings:
     generator_cpu: int
     profile_seconds: float
     offered_pps: int = 800_000
-    steer_rx: bool = True
+    steer_rx: bool = False
 
 
 @dataclass
@@ -504,8 +504,9 @@ class Lab:
 
     def steer_rx(self, on: bool) -> None:
         """RPS: the receive side of every veth runs on the generator core (on), or where it arrives (off).
-        On for the packet-rate benchmarks: the subject core then carries the subject's own work only — not
-        the kernel delivering its output to the sink, which would be another machine's work."""
+        On (--steer), the subject core no longer delivers the subject's output to the sink (another machine's
+        work on a real network) but sends an IPI per batch the remote backlog takes: in this VM an x2APIC
+        write, a VM exit, 9-15 % of a C baseline's time, and the rates turn bimodal (docs/performance.md)."""
         mask = f"{1 << self.settings.generator_cpu:x}" if on else "0"
         for role, device in (("client", "c0"), ("dist", "dout"), ("dist", "dund"), ("dist", "din"), ("tm", "tund"),
                              ("server", "s0")):
@@ -958,8 +959,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--generator-cpu", type=int, default=0, help="the core the generator and sink use")
     parser.add_argument("--offered", type=int, default=800_000,
                         help="the generator's rate cap in packets/s (default 800000; 0: as fast as it can)")
-    parser.add_argument("--no-steer", action="store_true",
-                        help="leave the kernel's receive work where it lands (default: RPS to the generator core)")
+    parser.add_argument("--steer", action="store_true",
+                        help="RPS: the kernel's receive work on the generator core during the packet-rate benchmarks "
+                             "(default: where it lands; docs/performance.md compares both)")
     parser.add_argument("--json", type=Path, help="also write every sample here")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs, profiles)")
     args = parser.parse_args(argv)
@@ -973,7 +975,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def settings_for(args: argparse.Namespace) -> Settings:
     common = {"subject_cpu": args.subject_cpu, "generator_cpu": args.generator_cpu, "offered_pps": args.offered,
-              "steer_rx": not args.no_steer}
+              "steer_rx": args.steer}
     if args.quick:
         return Settings(rounds=args.rounds or 2, warmup=0.4, seconds=1.0, iperf_seconds=1, rtt_count=2000,
                         profile_seconds=2.0, **common)
@@ -993,6 +995,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"overlay benchmarks, {started:%Y-%m-%d %H:%M %Z}; {machine()}")
     print(f"product: {git_state()}")
     print(f"subject CPU {settings.subject_cpu}, generator CPU {settings.generator_cpu}; {settings.rounds} rounds; "
+          f"offered {settings.offered_pps:,} pps; receive work {'steered to the generator core' if settings.steer_rx else 'where it lands'}; "
           f"work dir {workdir}")
     load = os.getloadavg()
     if load[0] > 0.5:

@@ -743,18 +743,18 @@ def perf_profile(lab: Lab, pid: int, flood_ns: str, flood_args: list[str], name:
     if record.returncode != 0 or not data.exists():
         return None
 
-    def report(sort: str, rows: int) -> list[tuple[float, str]]:
-        out = subprocess.run(["perf", "report", "-i", str(data), "--pid", str(pid), "--no-children", "--sort", sort,
-                              "--stdio"],
-                             capture_output=True, text=True, timeout=60).stdout
-        found = []
-        for line in out.splitlines():
-            words = line.split()
-            if words and words[0].endswith("%") and not line.startswith("#"):
-                found.append((float(words[0].rstrip("%")), " ".join(words[1:])))
-        return found[:rows]
-
-    return {"dso": report("dso", 6), "symbols": report("dso,sym", 14), "flood": out.decode().strip(),
+    report = subprocess.run(["perf", "report", "-i", str(data), "--pid", str(pid), "--no-children", "--sort",
+                             "dso,sym", "--stdio"], capture_output=True, text=True, timeout=60).stdout
+    symbols: list[tuple[float, str]] = []
+    for line in report.splitlines():
+        words = line.split()
+        if len(words) >= 2 and words[0].endswith("%") and not line.startswith("#"):
+            symbols.append((float(words[0].rstrip("%")), " ".join(words[1:])))
+    by_binary: dict[str, float] = {}
+    for share, name in symbols:   # "libpython3.11.so.1.0 [.] _PyEval_EvalFrameDefault": the binary comes first
+        by_binary[name.split()[0]] = by_binary.get(name.split()[0], 0.0) + share
+    dso = sorted(((share, name) for name, share in by_binary.items()), reverse=True)[:6]
+    return {"dso": dso, "symbols": symbols[:14], "flood": out.decode().strip(),
             "pps_under_perf": (count1 - count0) / ((ns1 - ns0) / 1e9)}
 
 

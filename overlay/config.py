@@ -107,9 +107,16 @@ class NodeConfig:
     workers: int = 1    # packet-loop processes (`[node] workers`): a distributor's TUN queues and sockets
 
 
-def load_node_config(path: str | Path) -> NodeConfig:
+def load_node_config(path: str | Path, fleet_document: str | None = None, fleet_source: str = "fleet") -> NodeConfig:
+    """The config file; with `fleet_document` (a distributor's fleet store `tms` text, named `fleet_source`
+    in errors) its [[tm]] tables replace the file's."""
     path = Path(path)
-    return parse_node_config(read_text(path), str(path), base=path.parent)
+    tms = None
+    if fleet_document is not None:
+        from overlay.fleetview import parse_fleet_document
+
+        tms = parse_fleet_document(fleet_document, fleet_source)
+    return parse_node_config(read_text(path), str(path), path.parent, tms)
 
 
 def parse_node_config(text: str, source: str = "config", base: Path | None = None,

@@ -20,9 +20,8 @@ from typing import Any
 import structlog
 
 from overlay import gre
-from overlay.config import NodeConfig, load_node_config, parse_node_config
-from overlay.configlib import read_text
-from overlay.fleetview import FleetView, parse_fleet_document
+from overlay.config import NodeConfig, load_node_config
+from overlay.fleetview import FleetView
 from overlay.runtime.fleet_sync import FleetSync
 from overlay.distributor.core import PINNED, Distributor
 from overlay.health import HealthChecker
@@ -118,8 +117,7 @@ class DistributorAgent(Agent):
         view = self._fleet_view
         if self.fleet is None or view is None or view.document is None:
             return load_node_config(path)
-        document = parse_fleet_document(view.document, f"etcd:{self.fleet.prefix}tms")
-        return parse_node_config(read_text(Path(path)), path, Path(path).parent, document)
+        return load_node_config(path, view.document, f"etcd:{self.fleet.prefix}tms")
 
     async def leave(self) -> None:
         if self.fleet is not None:

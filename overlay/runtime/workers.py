@@ -25,7 +25,6 @@ import signal
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -55,14 +54,9 @@ def worker_main(source: str, document: str | None, index: int, control: Connecti
 
 
 def _load(source: str, document: str | None, prefix: str = "") -> Any:
-    from overlay.config import load_node_config, parse_node_config
-    from overlay.configlib import read_text
-    from overlay.fleetview import parse_fleet_document
+    from overlay.config import load_node_config
 
-    if document is None:
-        return load_node_config(source)
-    return parse_node_config(read_text(Path(source)), source, Path(source).parent,
-                             parse_fleet_document(document, f"etcd:{prefix}tms"))
+    return load_node_config(source, document, f"etcd:{prefix}tms")
 
 
 async def _serve(source: str, document: str | None, index: int, control: Connection) -> None:

@@ -9,6 +9,15 @@
  *   send_batch(sock, items, start) -> (sent, errno)        sendmmsg of items[start:], (bytes, (host, port)),
  *                                                           equal-sized runs to one peer as UDP GSO
  *   read_batch(fd, max) -> list[bytes]                      read() until EAGAIN or max (a TUN queue)
+ *   read_batch(fd, max, 1) -> (items, dropped)              the same from a TUN with a vnet header: an
+ *                                                           item is a packet, or the list of segments a
+ *                                                           super-packet splits into (offload.split)
+ *   write_batch(fd, packets, vnet) -> (written, failed, writes)  write() each packet; with vnet, runs of
+ *                                                           one TCP flow as super-packets (offload.coalesce)
+ *   split(header, packet) / coalesce(packets)               the two transformations alone, for the tests
+ *
+ * recv_batch asks for UDP GRO's segment size: a datagram the kernel received (or a local sender sent)
+ * as one GSO train comes back as the datagrams it holds, each its own item.
  *
  * Errors: recv_batch and read_batch raise OSError when the first call fails with anything but EAGAIN
  * (what was already read is returned first; the error comes on the next call). send_batch never raises
@@ -23,6 +32,7 @@
 #include <netinet/in.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #define BATCH 64
@@ -88,6 +98,41 @@ static PyObject *peer_tuple(const struct sockaddr_storage *name, socklen_t lengt
     return peer;
 }
 
+#ifndef UDP_GRO
+#define UDP_GRO 104
+#endif
+#ifndef SOL_UDP
+#define SOL_UDP 17
+#endif
+
+/* Room for the UDP_GRO control message (an int: the segment size of a coalesced train). */
+static union {
+    char buffer[CMSG_SPACE(sizeof(int))];
+    struct cmsghdr align;
+} receive_controls[BATCH];
+
+static int gro_segment_size(struct msghdr *header) {
+    for (struct cmsghdr *control = CMSG_FIRSTHDR(header); control != NULL; control = CMSG_NXTHDR(header, control)) {
+        if (control->cmsg_level == SOL_UDP && control->cmsg_type == UDP_GRO) {
+            int size;
+            memcpy(&size, CMSG_DATA(control), sizeof size);
+            return size;
+        }
+    }
+    return 0;
+}
+
+static int append_datagram(PyObject *result, const char *data, Py_ssize_t size, PyObject *peer) {
+    PyObject *payload = PyBytes_FromStringAndSize(data, size);
+    PyObject *item = payload ? PyTuple_Pack(2, payload, peer) : NULL;
+    Py_XDECREF(payload);
+    if (item == NULL)
+        return -1;
+    int failed = PyList_Append(result, item);
+    Py_DECREF(item);
+    return failed;
+}
+
 static PyObject *recv_batch(PyObject *self, PyObject *args) {
     int fd, max = BATCH;
     if (!PyArg_ParseTuple(args, "O&|i", to_fd, &fd, &max))
@@ -104,6 +149,8 @@ static PyObject *recv_batch(PyObject *self, PyObject *args) {
         messages[i].msg_hdr.msg_iovlen = 1;
         messages[i].msg_hdr.msg_name = &names[i];
         messages[i].msg_hdr.msg_namelen = sizeof names[i];
+        messages[i].msg_hdr.msg_control = receive_controls[i].buffer;
+        messages[i].msg_hdr.msg_controllen = sizeof receive_controls[i].buffer;
     }
     int count;
     Py_BEGIN_ALLOW_THREADS
@@ -114,20 +161,33 @@ static PyObject *recv_batch(PyObject *self, PyObject *args) {
             return PyList_New(0);
         return PyErr_SetFromErrno(PyExc_OSError);
     }
-    PyObject *result = PyList_New(count);
+    PyObject *result = PyList_New(0);
     if (result == NULL)
         return NULL;
     for (int i = 0; i < count; i++) {
-        PyObject *payload = PyBytes_FromStringAndSize(slots + (size_t)i * SLOT, messages[i].msg_len);
-        PyObject *peer = payload ? peer_tuple(&names[i], messages[i].msg_hdr.msg_namelen) : NULL;
-        PyObject *item = peer ? PyTuple_Pack(2, payload, peer) : NULL;
-        Py_XDECREF(payload);
-        Py_XDECREF(peer);
-        if (item == NULL) {
+        PyObject *peer = peer_tuple(&names[i], messages[i].msg_hdr.msg_namelen);
+        if (peer == NULL) {
             Py_DECREF(result);
             return NULL;
         }
-        PyList_SET_ITEM(result, i, item);
+        const char *data = slots + (size_t)i * SLOT;
+        Py_ssize_t length = messages[i].msg_len;
+        /* A GRO train (the socket has UDP_GRO on): the datagrams it holds, all `segment` bytes but the last. */
+        Py_ssize_t segment = gro_segment_size(&messages[i].msg_hdr);
+        if (segment <= 0 || segment >= length)
+            segment = length;
+        int failed = 0;
+        Py_ssize_t offset = 0;
+        do {
+            Py_ssize_t size = length - offset < segment ? length - offset : segment;
+            failed = append_datagram(result, data + offset, size, peer);
+            offset += size;
+        } while (!failed && offset < length);
+        Py_DECREF(peer);
+        if (failed) {
+            Py_DECREF(result);
+            return NULL;
+        }
     }
     return result;
 }
@@ -158,9 +218,6 @@ static int to_sockaddr(PyObject *peer, struct sockaddr_storage *name, socklen_t 
 
 #ifndef UDP_SEGMENT
 #define UDP_SEGMENT 103
-#endif
-#ifndef SOL_UDP
-#define SOL_UDP 17
 #endif
 #define GSO_MAX_BYTES 65000 /* a GSO send is one UDP datagram to the stack: under 64 KiB in all */
 
@@ -308,15 +365,419 @@ static PyObject *set_gso(PyObject *self, PyObject *args) {
     return PyBool_FromLong(previous);
 }
 
+/* ---- TUN offloads: the virtio-net header (overlay/runtime/offload.py is the reference) --------------- */
+
+#define VNET_LEN 10
+#define F_NEEDS_CSUM 0x01
+#define GSO_NONE 0
+#define GSO_TCPV4 1
+#define GSO_TCPV6 4
+#define GSO_ECN 0x80
+#define MAX_SUPER 65535
+#define TCP_FIN 0x01
+#define TCP_PSH 0x08
+#define TCP_ACK 0x10
+#define TCP_ECE 0x40
+#define TCP_CWR 0x80
+
+/* Why a read was dropped, in offload.py's words (the TUN counts tun_rx_offload_<reason>). */
+enum { SPLIT_OK = 0, SPLIT_SHORT, SPLIT_BAD_CSUM_OFFSET, SPLIT_UNSUPPORTED_GSO, SPLIT_BAD_GSO, SPLIT_REASONS };
+static const char *split_reasons[SPLIT_REASONS] = {"ok", "short", "bad-csum-offset", "unsupported-gso", "bad-gso"};
+
+static uint16_t get16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
+static uint32_t get32(const uint8_t *p) { return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3]; }
+static void put16(uint8_t *p, uint32_t v) { p[0] = (uint8_t)(v >> 8); p[1] = (uint8_t)v; }
+static void put32(uint8_t *p, uint32_t v) { p[0] = (uint8_t)(v >> 24); p[1] = (uint8_t)(v >> 16); p[2] = (uint8_t)(v >> 8); p[3] = (uint8_t)v; }
+
+static uint16_t fold(uint64_t sum) {
+    while (sum >> 16)
+        sum = (sum & 0xFFFF) + (sum >> 16);
+    return (uint16_t)sum;
+}
+
+static uint16_t swap_if_little(uint16_t value) {
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    return (uint16_t)(value << 8 | value >> 8);
+#else
+    return value;
+#endif
+}
+
+/* The folded one's-complement sum of `data` as big-endian 16-bit words, plus `initial` (a folded sum).
+ * Summed as native 32-bit words and swapped at the end: the sum does not depend on byte order (RFC 1071). */
+static uint16_t ones_sum(const uint8_t *data, size_t length, uint16_t initial) {
+    uint64_t sum = swap_if_little(initial);
+    while (length >= 8) {
+        uint64_t word;
+        memcpy(&word, data, 8);
+        sum += (word & 0xFFFFFFFFu) + (word >> 32);
+        data += 8;
+        length -= 8;
+    }
+    if (length >= 4) {
+        uint32_t word;
+        memcpy(&word, data, 4);
+        sum += word;
+        data += 4;
+        length -= 4;
+    }
+    if (length >= 2) {
+        uint16_t word;
+        memcpy(&word, data, 2);
+        sum += word;
+        data += 2;
+        length -= 2;
+    }
+    if (length) {
+        uint16_t word = 0;
+        memcpy(&word, data, 1); /* the byte is the high half of a word padded with zero */
+        sum += word;
+    }
+    return swap_if_little(fold(sum));
+}
+
+/* The IPv4 or IPv6 pseudo-header's folded sum for TCP (protocol 6) of `length` bytes. */
+static uint16_t pseudo_sum(const uint8_t *packet, int version, uint32_t length) {
+    const uint8_t *addresses = version == 4 ? packet + 12 : packet + 8;
+    size_t size = version == 4 ? 8 : 32;
+    return ones_sum(addresses, size, fold((uint64_t)6 + (length & 0xFFFF) + (length >> 16)));
+}
+
+static void ipv4_header_checksum(uint8_t *packet, size_t length) {
+    put16(packet + 10, 0);
+    put16(packet + 10, (uint16_t)~ones_sum(packet, length, 0));
+}
+
+/* One TUN read (vnet header + packet) -> `out` gets the packet, or the list of segments a super-packet
+ * splits into (offload.split). Returns SPLIT_OK, a reason to drop it, or -1 with a Python error. */
+static int split_into(const uint8_t *read, size_t size, PyObject *out) {
+    if (size < VNET_LEN)
+        return SPLIT_SHORT;
+    uint8_t flags = read[0], gso = read[1] & (uint8_t)~GSO_ECN;
+    uint16_t gso_size, csum_start, csum_offset;
+    memcpy(&gso_size, read + 4, 2);
+    memcpy(&csum_start, read + 6, 2);
+    memcpy(&csum_offset, read + 8, 2);
+    const uint8_t *packet = read + VNET_LEN;
+    size_t length = size - VNET_LEN;
+    if (gso == GSO_NONE) {
+        PyObject *copy = PyBytes_FromStringAndSize((const char *)packet, (Py_ssize_t)length);
+        if (copy == NULL)
+            return -1;
+        if (flags & F_NEEDS_CSUM) {
+            if ((size_t)csum_start + csum_offset + 2 > length) {
+                Py_DECREF(copy);
+                return SPLIT_BAD_CSUM_OFFSET;
+            }
+            uint8_t *data = (uint8_t *)PyBytes_AS_STRING(copy);
+            uint16_t value = (uint16_t)~ones_sum(data + csum_start, length - csum_start, 0);
+            put16(data + csum_start + csum_offset, value ? value : 0xFFFF);
+        }
+        int failed = PyList_Append(out, copy);
+        Py_DECREF(copy);
+        return failed ? -1 : SPLIT_OK;
+    }
+    if (gso != GSO_TCPV4 && gso != GSO_TCPV6)
+        return SPLIT_UNSUPPORTED_GSO;
+    int version = length ? packet[0] >> 4 : 0;
+    if (!((version == 4 && gso == GSO_TCPV4) || (version == 6 && gso == GSO_TCPV6)) || gso_size == 0)
+        return SPLIT_BAD_GSO;
+    size_t l4 = csum_start;
+    if (l4 < (version == 4 ? 20u : 40u) || l4 + 20 > length || csum_offset != 16)
+        return SPLIT_BAD_GSO;
+    size_t header_length = l4 + (size_t)(packet[l4 + 12] >> 4) * 4;
+    if (header_length < l4 + 20 || header_length > length)
+        return SPLIT_BAD_GSO;
+    size_t ihl = (size_t)(packet[0] & 0x0F) * 4;
+    uint16_t ip_id = get16(packet + 4);
+    uint32_t sequence = get32(packet + l4 + 4);
+    uint8_t tcp_flags = packet[l4 + 13];
+    size_t payload = length - header_length;
+    size_t segments = payload ? (payload + gso_size - 1) / gso_size : 1;
+    PyObject *list = PyList_New((Py_ssize_t)segments);
+    if (list == NULL)
+        return -1;
+    for (size_t index = 0; index < segments; index++) {
+        size_t start = index * gso_size;
+        size_t chunk = payload - start < gso_size ? payload - start : gso_size;
+        size_t total = header_length + chunk;
+        PyObject *bytes = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
+        if (bytes == NULL) {
+            Py_DECREF(list);
+            return -1;
+        }
+        uint8_t *segment = (uint8_t *)PyBytes_AS_STRING(bytes);
+        memcpy(segment, packet, header_length);
+        memcpy(segment + header_length, packet + header_length + start, chunk);
+        if (version == 4) {
+            put16(segment + 2, (uint32_t)total);
+            put16(segment + 4, (uint16_t)(ip_id + index));
+            ipv4_header_checksum(segment, ihl);
+        } else {
+            put16(segment + 4, (uint32_t)(total - 40));
+        }
+        put32(segment + l4 + 4, sequence + (uint32_t)start);
+        uint8_t each = tcp_flags;
+        if (index + 1 < segments)
+            each &= (uint8_t)~(TCP_FIN | TCP_PSH);
+        if (index)
+            each &= (uint8_t)~TCP_CWR;
+        segment[l4 + 13] = each;
+        put16(segment + l4 + 16, 0);
+        uint16_t pseudo = pseudo_sum(segment, version, (uint32_t)(total - l4));
+        put16(segment + l4 + 16, (uint16_t)~ones_sum(segment + l4, total - l4, pseudo));
+        PyList_SET_ITEM(list, (Py_ssize_t)index, bytes);
+    }
+    int failed;
+    if (segments == 1) {
+        failed = PyList_Append(out, PyList_GET_ITEM(list, 0));
+    } else {
+        failed = PyList_Append(out, list);
+    }
+    Py_DECREF(list);
+    return failed ? -1 : SPLIT_OK;
+}
+
+static PyObject *split(PyObject *self, PyObject *args) {
+    Py_buffer header, packet;
+    if (!PyArg_ParseTuple(args, "y*y*", &header, &packet))
+        return NULL;
+    PyObject *result = NULL;
+    uint8_t *joined = PyMem_RawMalloc((size_t)header.len + (size_t)packet.len + 1);
+    PyObject *out = joined ? PyList_New(0) : PyErr_NoMemory();
+    if (out != NULL) {
+        memcpy(joined, header.buf, (size_t)header.len);
+        memcpy(joined + header.len, packet.buf, (size_t)packet.len);
+        int outcome = header.len < VNET_LEN ? SPLIT_SHORT : split_into(joined, (size_t)(header.len + packet.len), out);
+        if (outcome > 0) {
+            result = PyUnicode_FromString(split_reasons[outcome]);
+        } else if (outcome == 0) {
+            PyObject *item = PyList_GET_ITEM(out, 0);
+            result = PyList_Check(item) ? item : out;
+            Py_INCREF(result);
+        }
+        Py_DECREF(out);
+    }
+    PyMem_RawFree(joined);
+    PyBuffer_Release(&header);
+    PyBuffer_Release(&packet);
+    return result;
+}
+
+/* A packet that may be part of a super-packet (offload._segment): TCP with data, ACK and at most PSH and
+ * ECE, not a fragment, exact lengths, right checksums. */
+struct segment {
+    const uint8_t *packet;
+    size_t length, l4, header_length, payload;
+    int version;
+    uint16_t ip_id;
+    uint32_t sequence;
+    uint8_t flags;
+};
+
+static int as_segment(const uint8_t *packet, size_t length, struct segment *out) {
+    if (length < 40)
+        return 0;
+    int version = packet[0] >> 4;
+    size_t l4;
+    if (version == 4) {
+        l4 = (size_t)(packet[0] & 0x0F) * 4;
+        if (l4 < 20 || packet[9] != 6 || get16(packet + 2) != length || (get16(packet + 6) & 0x3FFF))
+            return 0;
+    } else if (version == 6) {
+        l4 = 40;
+        if (packet[6] != 6 || (size_t)get16(packet + 4) + 40 != length)
+            return 0;
+    } else {
+        return 0;
+    }
+    if (l4 + 20 > length)
+        return 0;
+    size_t header_length = l4 + (size_t)(packet[l4 + 12] >> 4) * 4;
+    uint8_t flags = packet[l4 + 13];
+    if (header_length < l4 + 20 || header_length >= length || !(flags & TCP_ACK) ||
+        (flags & ~(TCP_ACK | TCP_PSH | TCP_ECE)))
+        return 0;
+    if (version == 4 && ones_sum(packet, l4, 0) != 0xFFFF)
+        return 0;
+    uint16_t pseudo = pseudo_sum(packet, version, (uint32_t)(length - l4));
+    if (ones_sum(packet + l4, length - l4, pseudo) != 0xFFFF)
+        return 0;
+    out->packet = packet;
+    out->length = length;
+    out->version = version;
+    out->l4 = l4;
+    out->header_length = header_length;
+    out->payload = length - header_length;
+    out->ip_id = get16(packet + 4);
+    out->sequence = get32(packet + l4 + 4);
+    out->flags = flags;
+    return 1;
+}
+
+/* The headers are the same but for what differs between the segments of one super-packet (offload._masked). */
+static int same_header(const struct segment *a, const struct segment *b) {
+    const uint8_t *x = a->packet, *y = b->packet;
+    size_t l4 = a->l4;
+    if (a->version == 4) {
+        if (memcmp(x, y, 2) || memcmp(x + 6, y + 6, 4) || memcmp(x + 12, y + 12, l4 - 12))
+            return 0;
+    } else if (memcmp(x, y, 4) || memcmp(x + 6, y + 6, 34)) {
+        return 0;
+    }
+    return !memcmp(x + l4, y + l4, 4) && !memcmp(x + l4 + 8, y + l4 + 8, 5) &&
+           (x[l4 + 13] & ~TCP_PSH) == (y[l4 + 13] & ~TCP_PSH) && !memcmp(x + l4 + 14, y + l4 + 14, 2) &&
+           !memcmp(x + l4 + 18, y + l4 + 18, a->header_length - l4 - 18);
+}
+
+/* The longest run of packets[first:] that makes one super-packet (1: it goes alone). */
+static Py_ssize_t run_length(PyObject *packets, Py_ssize_t first, struct segment *head) {
+    Py_ssize_t count = PyList_GET_SIZE(packets);
+    PyObject *item = PyList_GET_ITEM(packets, first);
+    if (!as_segment((const uint8_t *)PyBytes_AS_STRING(item), (size_t)PyBytes_GET_SIZE(item), head) ||
+        (head->flags & TCP_PSH))
+        return 1;
+    struct segment last = *head, candidate;
+    size_t total = head->header_length + head->payload;
+    Py_ssize_t run = 1;
+    while (first + run < count) {
+        item = PyList_GET_ITEM(packets, first + run);
+        if (!PyBytes_Check(item) ||
+            !as_segment((const uint8_t *)PyBytes_AS_STRING(item), (size_t)PyBytes_GET_SIZE(item), &candidate))
+            break;
+        if (candidate.version != head->version || candidate.header_length != head->header_length ||
+            candidate.l4 != head->l4 || candidate.payload > head->payload ||
+            candidate.sequence != (uint32_t)(last.sequence + last.payload) ||
+            (head->version == 4 && candidate.ip_id != (uint16_t)(head->ip_id + run)) ||
+            total + candidate.payload > MAX_SUPER || !same_header(head, &candidate))
+            break;
+        total += candidate.payload;
+        last = candidate;
+        run++;
+        if (candidate.payload < head->payload || (candidate.flags & TCP_PSH))
+            break;
+    }
+    return run;
+}
+
+static uint8_t super_buffer[VNET_LEN + MAX_SUPER];
+
+/* packets[first:first+run] as one vnet-headed super-packet in super_buffer; returns its length. */
+static size_t build_super(PyObject *packets, Py_ssize_t first, Py_ssize_t run, const struct segment *head) {
+    uint8_t *packet = super_buffer + VNET_LEN;
+    size_t l4 = head->l4, length = head->header_length;
+    memcpy(packet, head->packet, head->header_length);
+    uint8_t last_flags = head->flags;
+    for (Py_ssize_t i = 0; i < run; i++) {
+        PyObject *item = PyList_GET_ITEM(packets, first + i);
+        size_t size = (size_t)PyBytes_GET_SIZE(item);
+        memcpy(packet + length, PyBytes_AS_STRING(item) + head->header_length, size - head->header_length);
+        length += size - head->header_length;
+        last_flags = (uint8_t)PyBytes_AS_STRING(item)[l4 + 13];
+    }
+    if (head->version == 4) {
+        put16(packet + 2, (uint32_t)length);
+        ipv4_header_checksum(packet, l4);
+    } else {
+        put16(packet + 4, (uint32_t)(length - 40));
+    }
+    packet[l4 + 13] = head->flags | (last_flags & TCP_PSH);
+    /* A partial checksum: the pseudo-header's folded sum over the super-packet's TCP length. */
+    put16(packet + l4 + 16, pseudo_sum(packet, head->version, (uint32_t)(length - l4)));
+    uint16_t header_length = (uint16_t)head->header_length, gso_size = (uint16_t)head->payload;
+    uint16_t csum_start = (uint16_t)l4, csum_offset = 16;
+    super_buffer[0] = F_NEEDS_CSUM;
+    super_buffer[1] = head->version == 4 ? GSO_TCPV4 : GSO_TCPV6;
+    memcpy(super_buffer + 2, &header_length, 2);
+    memcpy(super_buffer + 4, &gso_size, 2);
+    memcpy(super_buffer + 6, &csum_start, 2);
+    memcpy(super_buffer + 8, &csum_offset, 2);
+    return VNET_LEN + length;
+}
+
+static int check_packets(PyObject *packets) {
+    Py_ssize_t count = PyList_GET_SIZE(packets);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (!PyBytes_Check(PyList_GET_ITEM(packets, i))) {
+            PyErr_SetString(PyExc_TypeError, "packets must be bytes");
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static const uint8_t empty_header[VNET_LEN];
+
+static PyObject *coalesce(PyObject *self, PyObject *args) {
+    PyObject *packets;
+    if (!PyArg_ParseTuple(args, "O!", &PyList_Type, &packets) || check_packets(packets) < 0)
+        return NULL;
+    PyObject *writes = PyList_New(0);
+    Py_ssize_t count = PyList_GET_SIZE(packets);
+    for (Py_ssize_t first = 0; writes != NULL && first < count;) {
+        struct segment head;
+        Py_ssize_t run = run_length(packets, first, &head);
+        PyObject *write;
+        if (run > 1) {
+            write = PyBytes_FromStringAndSize((const char *)super_buffer, (Py_ssize_t)build_super(packets, first, run, &head));
+        } else {
+            PyObject *item = PyList_GET_ITEM(packets, first);
+            write = PyBytes_FromStringAndSize(NULL, VNET_LEN + PyBytes_GET_SIZE(item));
+            if (write != NULL) {
+                memset(PyBytes_AS_STRING(write), 0, VNET_LEN);
+                memcpy(PyBytes_AS_STRING(write) + VNET_LEN, PyBytes_AS_STRING(item), (size_t)PyBytes_GET_SIZE(item));
+            }
+        }
+        if (write == NULL || PyList_Append(writes, write) < 0)
+            Py_CLEAR(writes);
+        Py_XDECREF(write);
+        first += run;
+    }
+    return writes;
+}
+
+/* write_batch(fd, packets, vnet) -> (written, failed, writes): packets written and lost (each write()
+ * refused loses the packets it carried), and the write() calls made. */
+static PyObject *write_batch(PyObject *self, PyObject *args) {
+    int fd, vnet = 0;
+    PyObject *packets;
+    if (!PyArg_ParseTuple(args, "O&O!|p", to_fd, &fd, &PyList_Type, &packets, &vnet) || check_packets(packets) < 0)
+        return NULL;
+    Py_ssize_t count = PyList_GET_SIZE(packets), written = 0, failed = 0, writes = 0;
+    for (Py_ssize_t first = 0; first < count;) {
+        PyObject *item = PyList_GET_ITEM(packets, first);
+        Py_ssize_t run = 1;
+        ssize_t done;
+        struct segment head;
+        if (vnet && (run = run_length(packets, first, &head)) > 1) {
+            done = write(fd, super_buffer, build_super(packets, first, run, &head));
+        } else if (vnet) {
+            struct iovec parts[2] = {{(void *)empty_header, VNET_LEN},
+                                     {PyBytes_AS_STRING(item), (size_t)PyBytes_GET_SIZE(item)}};
+            done = writev(fd, parts, 2);
+        } else {
+            done = write(fd, PyBytes_AS_STRING(item), (size_t)PyBytes_GET_SIZE(item));
+        }
+        writes++;
+        if (done < 0)
+            failed += run;
+        else
+            written += run;
+        first += run;
+    }
+    return Py_BuildValue("(nnn)", written, failed, writes);
+}
+
 static PyObject *read_batch(PyObject *self, PyObject *args) {
-    int fd, max = BATCH;
-    if (!PyArg_ParseTuple(args, "O&|i", to_fd, &fd, &max))
+    int fd, max = BATCH, vnet = 0;
+    if (!PyArg_ParseTuple(args, "O&|ip", to_fd, &fd, &max, &vnet))
         return NULL;
     if (ensure_slots() < 0)
         return NULL;
     PyObject *result = PyList_New(0);
     if (result == NULL)
         return NULL;
+    Py_ssize_t dropped[SPLIT_REASONS] = {0};
     for (int i = 0; i < max; i++) {
         ssize_t size = read(fd, slots, SLOT);
         if (size < 0) {
@@ -324,6 +785,15 @@ static PyObject *read_batch(PyObject *self, PyObject *args) {
                 break; /* a real error shows on the next call, after these packets are handled */
             Py_DECREF(result);
             return PyErr_SetFromErrno(PyExc_OSError);
+        }
+        if (vnet) {
+            int outcome = split_into((const uint8_t *)slots, (size_t)size, result);
+            if (outcome < 0) {
+                Py_DECREF(result);
+                return NULL;
+            }
+            dropped[outcome]++;
+            continue;
         }
         PyObject *packet = PyBytes_FromStringAndSize(slots, size);
         if (packet == NULL || PyList_Append(result, packet) < 0) {
@@ -333,7 +803,25 @@ static PyObject *read_batch(PyObject *self, PyObject *args) {
         }
         Py_DECREF(packet);
     }
-    return result;
+    if (!vnet)
+        return result;
+    PyObject *drops = PyDict_New();
+    for (int reason = 1; drops != NULL && reason < SPLIT_REASONS; reason++) {
+        if (!dropped[reason])
+            continue;
+        PyObject *number = PyLong_FromSsize_t(dropped[reason]);
+        if (number == NULL || PyDict_SetItemString(drops, split_reasons[reason], number) < 0)
+            Py_CLEAR(drops);
+        Py_XDECREF(number);
+    }
+    if (drops == NULL) {
+        Py_DECREF(result);
+        return NULL;
+    }
+    PyObject *pair = PyTuple_Pack(2, result, drops);
+    Py_DECREF(result);
+    Py_DECREF(drops);
+    return pair;
 }
 
 static PyMethodDef methods[] = {
@@ -341,6 +829,9 @@ static PyMethodDef methods[] = {
     {"send_batch", send_batch, METH_VARARGS, "sendmmsg items[start:]: (sent, errno of the first refused or 0)"},
     {"read_batch", read_batch, METH_VARARGS, "read up to max packets from a non-blocking fd: [packet]"},
     {"set_gso", set_gso, METH_VARARGS, "switch UDP GSO in send_batch on or off; returns the previous setting"},
+    {"write_batch", write_batch, METH_VARARGS, "write packets to a TUN (vnet: coalesced): (written, failed, writes)"},
+    {"split", split, METH_VARARGS, "a vnet-headed TUN read -> its packets, or the reason it is unusable"},
+    {"coalesce", coalesce, METH_VARARGS, "packets -> vnet-headed writes, runs of one TCP flow as super-packets"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -7,10 +7,16 @@ optional C extension (`overlay/_fastio.c`, built by `pip install` where a compil
 exist). Without it — or with `OVERLAY_PURE_PYTHON=1` — the same functions run in Python here, with
 exactly the same results (tests/runtime/test_batchio.py runs both against the same sockets).
 
-    recv_batch(sock, max) -> [(payload, (host, port))] [] when nothing waits; OSError on a socket error
+    recv_batch(sock, max) -> [(payload, (host, port))] [] when nothing waits; OSError on a socket error;
+                                                        a UDP GRO train comes back as its datagrams
     send_batch(sock, items, start) -> (sent, errno)     items[start:] as (payload, (host, port)); stops at
                                                         the first datagram refused, with its errno
     read_batch(fd, max) -> [packet]                     a non-blocking TUN queue until EAGAIN or max
+    read_batch(fd, max, True) -> (items, dropped)       a TUN with a vnet header (runtime/offload.py): an
+                                                        item is a packet or a super-packet's segments
+                                                        (a list); dropped counts unusable reads by reason
+    write_batch(fd, packets, vnet) -> (written, failed, writes)   each packet into a TUN; with a vnet
+                                                        header, runs of one TCP flow as super-packets
 """
 
 from __future__ import annotations
@@ -18,23 +24,38 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import struct
 from collections.abc import Callable
+from typing import Any
+
+from overlay.runtime import offload
 
 Peer = tuple[str, int]
 BATCH = 64
+SOL_UDP, UDP_GRO = 17, 104
+_GRO_CONTROL = socket.CMSG_SPACE(4)
+
 
 def py_recv_batch(sock: socket.socket, max_count: int = BATCH) -> list[tuple[bytes, Peer]]:
     result: list[tuple[bytes, Peer]] = []
     for _ in range(max_count):
         try:
-            payload, peer = sock.recvfrom(65536)
+            payload, controls, _, peer = sock.recvmsg(65536, _GRO_CONTROL)
         except BlockingIOError:
             break
         except OSError:
             if result:
                 break       # the error shows on the next call, after these are handled
             raise
-        result.append((payload, (peer[0], peer[1])))
+        source = (peer[0], peer[1])
+        segment = 0
+        for level, kind, data in controls:
+            if level == SOL_UDP and kind == UDP_GRO and len(data) >= 4:
+                segment = struct.unpack("=i", data[:4])[0]
+        if 0 < segment < len(payload):
+            result += [(payload[start:start + segment], source) for start in range(0, len(payload), segment)]
+        else:
+            result.append((payload, source))
     return result
 
 
@@ -49,23 +70,48 @@ def py_send_batch(sock: socket.socket, items: list[tuple[bytes, Peer]], start: i
     return sent, 0
 
 
-def py_read_batch(fd: int, max_count: int = BATCH) -> list[bytes]:
-    result: list[bytes] = []
+def py_read_batch(fd: int, max_count: int = BATCH, vnet: bool = False) -> Any:
+    result: list[Any] = []
+    dropped: dict[str, int] = {}
     for _ in range(max_count):
         try:
-            result.append(os.read(fd, 65536))
+            read = os.read(fd, 65536)
         except BlockingIOError:
             break
         except OSError:
             if result:
                 break
             raise
-    return result
+        if not vnet:
+            result.append(read)
+            continue
+        packets = offload.split(read[:offload.VNET_HEADER_LEN], read[offload.VNET_HEADER_LEN:])
+        if isinstance(packets, str):
+            dropped[packets] = dropped.get(packets, 0) + 1
+        elif len(packets) == 1:
+            result.append(packets[0])
+        else:
+            result.append(packets)
+    return (result, dropped) if vnet else result
+
+
+def py_write_batch(fd: int, packets: list[bytes], vnet: bool = False) -> tuple[int, int, int]:
+    writes = offload.coalesce_counted(packets) if vnet else [(packet, 1) for packet in packets]
+    written = failed = 0
+    for data, count in writes:
+        try:
+            os.write(fd, data)
+        except OSError:
+            failed += count
+        else:
+            written += count
+    return written, failed, len(writes)
 
 
 recv_batch: Callable[..., list[tuple[bytes, Peer]]] = py_recv_batch
 send_batch: Callable[..., tuple[int, int]] = py_send_batch
-read_batch: Callable[..., list[bytes]] = py_read_batch
+read_batch: Callable[..., Any] = py_read_batch
+write_batch: Callable[..., tuple[int, int, int]] = py_write_batch
 COMPILED = False
 
 if os.environ.get("OVERLAY_PURE_PYTHON") != "1":
@@ -75,4 +121,5 @@ if os.environ.get("OVERLAY_PURE_PYTHON") != "1":
         pass
     else:
         recv_batch, send_batch, read_batch = _fastio.recv_batch, _fastio.send_batch, _fastio.read_batch
+        write_batch = _fastio.write_batch
         COMPILED = True

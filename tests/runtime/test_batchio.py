@@ -158,3 +158,51 @@ def test_runs_of_equal_datagrams_to_one_peer_arrive_as_sent_with_and_without_gso
         _fastio.set_gso(previous)
         for sock in (sender, *receivers):
             sock.close()
+
+
+def gro(sock: socket.socket) -> socket.socket:
+    sock.setsockopt(batchio.SOL_UDP, batchio.UDP_GRO, 1)
+    return sock
+
+
+@requires_both
+def test_a_gso_train_reaches_a_gro_socket_whole() -> None:
+    """The premise of the next test: with UDP_GRO on, a local GSO send arrives as one message with its
+    segment size (the kernel does not cut it for the receiver), so the receiver must cut it."""
+    sender, receiver = udp(), gro(udp())
+    try:
+        items = [(bytes([index]) * 1000, receiver.getsockname()) for index in range(10)] + [(b"z" * 10, receiver.getsockname())]
+        assert _fastio.send_batch(sender, items, 0) == (11, 0)
+        data, controls, _, _ = receiver.recvmsg(65536, socket.CMSG_SPACE(4))
+        assert len(data) == 10 * 1000 + 10
+        assert [(level, kind, int.from_bytes(value[:4], "little")) for level, kind, value in controls] == [
+            (batchio.SOL_UDP, batchio.UDP_GRO, 1000)]
+    finally:
+        sender.close()
+        receiver.close()
+
+
+@pytest.mark.parametrize("implementation", list(IMPLEMENTATIONS))
+def test_a_gro_train_comes_back_as_the_datagrams_sent(implementation: str) -> None:
+    recv = IMPLEMENTATIONS[implementation][0]
+    if "compiled" not in IMPLEMENTATIONS:
+        pytest.skip("needs overlay._fastio to send GSO trains")
+    rng = random.Random(6)
+    sender, receiver = udp(), gro(udp())
+    try:
+        items = []
+        for _ in range(8):
+            size = rng.choice((64, 1400, 1472))
+            items += [(rng.randbytes(size), receiver.getsockname()) for _ in range(rng.randrange(1, 40))]
+            items.append((rng.randbytes(rng.randrange(1, size + 1)), receiver.getsockname()))
+        sent = 0
+        while sent < len(items):
+            count, error = _fastio.send_batch(sender, items[sent:sent + 64], 0)
+            assert error == 0
+            sent += count
+            got = receive_all(recv, receiver, 64)
+            assert [payload for payload, _ in got] == [payload for payload, _ in items[sent - count:sent]]
+            assert {peer for _, peer in got} == {sender.getsockname()}
+    finally:
+        sender.close()
+        receiver.close()

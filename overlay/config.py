@@ -78,6 +78,7 @@ class TunConfig:
     mtu: int
     capture: tuple[IPNetwork, ...]
     capture_from: tuple[IPNetwork, ...]
+    offload: str = "auto"   # "auto" | "on" | "off": TSO/checksum offloads on the TUN (runtime/offload.py)
 
 
 @dataclass(frozen=True)
@@ -264,6 +265,7 @@ def _parse_tun(section: Section, role: str, underlay: UnderlayConfig, sealed: bo
     mtu = section.int("mtu", largest, minimum=576, maximum=largest)
     capture = tuple(section.each("capture", to_network))
     capture_from = tuple(section.each("capture_from", to_network))
+    offload = section.str("offload", "auto", choices=("auto", "on", "off"))
     # An edge may route destinations into the overlay (a client site reaching the virtual addresses);
     # what it sends from is its [edge] prefixes.
     refused = {"distributor": (), "tm": ("capture", "capture_from"), "edge": ("capture_from",)}[role]
@@ -278,4 +280,4 @@ def _parse_tun(section: Section, role: str, underlay: UnderlayConfig, sealed: bo
                     f"{key}[{index}]", f"contains the underlay address {underlay.address}: tunnel traffic would loop"
                 )
     section.done()
-    return TunConfig(name, mtu, capture, capture_from)
+    return TunConfig(name, mtu, capture, capture_from, offload)

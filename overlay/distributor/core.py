@@ -68,6 +68,7 @@ class Verdict:  # built per packet: not frozen (cheaper); treat as read-only
     dest: tuple[str, int] | None = None
     flow_hash: int = 0
     fanout: list[tuple[bytes, tuple[str, int]]] | None = None   # ACTION_FANOUT: datagrams, each to its TM
+    train: list[bytes] | None = None    # ACTION_TM for a super-packet's segments: each payload to `dest`
 
 
 @dataclass(slots=True)
@@ -406,36 +407,77 @@ class Distributor:
         flow = parse_flow(packet)
         if isinstance(flow, str):
             return self._drop(flow)
+        fast = self._fast_tm(flow, packet)
+        if fast is None:
+            return self._apply(flow, packet, self.decide(flow))
+        tm, cell, cell_name, value, header = fast
+        if self.auth is None:
+            return Verdict(ACTION_TM, tm, cell, cell_name, header + packet, self._tm_dest[tm], value)
+        return Verdict(ACTION_TM, tm, cell, cell_name, self.auth.seal(header + packet, tm), self.endpoint(tm),
+                       PINNED if tm in self._behind_nat else value)
+
+    def from_tun_train(self, segments: list[bytes]) -> Verdict | None:
+        """The segments of one TCP super-packet (a TSO read, runtime/tun.py): one decision for them all.
+
+        They share everything the fast path looks at — endpoints, ports, family, not a fragment — and none
+        is longer than the first, so where the first takes the fast path each of them would take it to the
+        same TM under the same mark (tests/distributor/test_train_path.py checks it against `from_tun` one
+        by one). Returns the first's verdict with `train`, every segment's payload, and counts each segment
+        as a packet; or None, and the caller hands the segments to `from_tun` one by one."""
+        head = segments[0]
+        flow = parse_flow(head)
+        if isinstance(flow, str):
+            return None
+        fast = self._fast_tm(flow, head)
+        if fast is None:
+            return None
+        tm, cell, cell_name, value, header = fast
+        more = len(segments) - 1
+        self.counters_cell[cell_name] += more
+        self.counters_reason[cell] += more
+        self.counters_tm[tm] += more
+        if self.auth is None:
+            return Verdict(ACTION_TM, tm, cell, cell_name, None, self._tm_dest[tm], value,
+                           train=[header + segment for segment in segments])
+        seal = self.auth.seal
+        return Verdict(ACTION_TM, tm, cell, cell_name, None, self.endpoint(tm),
+                       PINNED if tm in self._behind_nat else value,
+                       train=[seal(header + segment, tm) for segment in segments])
+
+    def _fast_tm(self, flow: Flow, packet: bytes) -> tuple[str, str, str, int, bytes] | None:
+        """The fast path's decision, counted: (tm, reason, cell, flow hash, GRE header), or None when the
+        packet needs the full path."""
         cache = self._roles_cache
-        if cache is not None and flow.dst not in self._management and len(packet) <= self._largest_inner:
-            src_roles = cache.get(flow.src)
-            dst_roles = cache.get(flow.dst)
-            if src_roles is not None and dst_roles is not None:
-                fast = self._fast_cells.get((src_roles, dst_roles))
-                if fast is not None:
-                    cell_name, cell, by_source = fast
-                    address, port = (flow.src, flow.sport) if by_source else (flow.dst, flow.dport)
-                    if self._hash_ports and port is not None and not flow.fragment:
-                        address = address + port.to_bytes(2, "big")
-                    value = xxhash.xxh64_intdigest(address, self._seed64)
-                    table_row = value & self._mask
-                    table = self._table
-                    first = table.first[table_row]
-                    if first >= 0:
-                        tm = table.names[first]
-                        self.counters_cell[cell_name] += 1
-                        self.counters_reason[cell] += 1
-                        self.counters_tm[tm] += 1
-                        mark = self._fallback[table_row] if self._fallback is not None else 0
-                        if mark:
-                            payload = gre.encapsulate(packet, key=gre.make_key(self.config.gre_key, mark))
-                        else:
-                            payload = self._gre_headers[flow.version == 6] + packet
-                        if self.auth is None:
-                            return Verdict(ACTION_TM, tm, cell, cell_name, payload, self._tm_dest[tm], value)
-                        return Verdict(ACTION_TM, tm, cell, cell_name, self.auth.seal(payload, tm), self.endpoint(tm),
-                                       PINNED if tm in self._behind_nat else value)
-        return self._apply(flow, packet, self.decide(flow))
+        if cache is None or flow.dst in self._management or len(packet) > self._largest_inner:
+            return None
+        src_roles = cache.get(flow.src)
+        dst_roles = cache.get(flow.dst)
+        if src_roles is None or dst_roles is None:
+            return None
+        fast = self._fast_cells.get((src_roles, dst_roles))
+        if fast is None:
+            return None
+        cell_name, cell, by_source = fast
+        address, port = (flow.src, flow.sport) if by_source else (flow.dst, flow.dport)
+        if self._hash_ports and port is not None and not flow.fragment:
+            address = address + port.to_bytes(2, "big")
+        value = xxhash.xxh64_intdigest(address, self._seed64)
+        table_row = value & self._mask
+        table = self._table
+        first = table.first[table_row]
+        if first < 0:
+            return None
+        tm = table.names[first]
+        self.counters_cell[cell_name] += 1
+        self.counters_reason[cell] += 1
+        self.counters_tm[tm] += 1
+        mark = self._fallback[table_row] if self._fallback is not None else 0
+        if mark:
+            # The header of the marked encapsulation (its protocol follows the packet's version nibble).
+            header = gre.encapsulate(packet[:1], key=gre.make_key(self.config.gre_key, mark))[:-1]
+        else:
+            header = self._gre_headers[flow.version == 6]
+        return tm, cell, cell_name, value, header
 
     def from_overlay(self, payload: bytes, peer: tuple[str, int]) -> Verdict:
         """A GRE-in-UDP payload from an underlay peer: a TM's output, a keepalive echo, or an edge's packet."""

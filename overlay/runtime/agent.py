@@ -27,7 +27,8 @@ from overlay.auth import Authenticator
 from overlay.config import NodeConfig, load_node_config
 from overlay.configlib import ConfigError
 from overlay.runtime.netsetup import NetPlan, NetSetup
-from overlay.runtime.tun import TunDevice, TunError
+from overlay.runtime import batchio
+from overlay.runtime.tun import TunDevice, TunError, wants_offload
 from overlay.runtime.udp import UnderlayEndpoint
 from overlay.status.admin import AdminTokenError, load_admin_token
 from overlay.status.server import start_status_server
@@ -97,7 +98,8 @@ class Agent(abc.ABC):
             self.netsetup = NetSetup(self.net_plan())
             try:
                 # Several workers read queues of one multi-queue TUN (the flag is the device's, set at creation).
-                self.tun = TunDevice(config.tun.name, multi_queue=config.workers > 1)
+                self.tun = TunDevice(config.tun.name, multi_queue=config.workers > 1,
+                                     offload=wants_offload(config.tun.offload, config.role))
             except TunError as error:
                 raise StartupError(str(error)) from None
             stale = self.netsetup.clean_stale()
@@ -272,6 +274,12 @@ class Agent(abc.ABC):
                 "source_ports": self.udp.source_ports if self.udp else [],
             },
             "tun": self.config.tun.name,
+            # How fast the packet path is built here (issue 10): the compiled batch I/O, TUN offloads.
+            "datapath": {
+                "compiled": batchio.COMPILED,
+                "tun_offload": bool(self.tun and self.tun.offload),
+                "workers": self.config.workers,
+            },
         }
         status.update(self._role_status())
         return status

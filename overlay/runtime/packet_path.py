@@ -17,9 +17,9 @@ Peer = tuple[str, int]
 
 
 def packet_handlers(core: Distributor, tun: TunDevice, udp: UnderlayEndpoint, on_keepalive: Callable[[bytes], None],
-                    ) -> tuple[Callable[[bytes], None], Callable[[bytes, Peer], None]]:
-    """(from_tun, from_overlay) callbacks for `TunDevice.start` and `UnderlayEndpoint.start`."""
-    tun_write, udp_send = tun.write, udp.send
+                    ) -> tuple[Callable[[bytes], None], Callable[[bytes, Peer], None], Callable[[list[bytes]], None]]:
+    """(from_tun, from_overlay, from_tun_train) callbacks for `TunDevice.start` and `UnderlayEndpoint.start`."""
+    tun_write, udp_send, udp_send_all = tun.write, udp.send, udp.send_all
 
     def execute(verdict: Verdict) -> None:
         action = verdict.action
@@ -37,6 +37,16 @@ def packet_handlers(core: Distributor, tun: TunDevice, udp: UnderlayEndpoint, on
     def from_tun(packet: bytes) -> None:
         execute(core.from_tun(packet))
 
+    def from_tun_train(segments: list[bytes]) -> None:
+        # A TSO super-packet's segments: one decision for all of them where the fast path serves the
+        # first (runtime/offload.py); else each its own.
+        verdict = core.from_tun_train(segments)
+        if verdict is None:
+            for segment in segments:
+                execute(core.from_tun(segment))
+        else:
+            udp_send_all(verdict.train, verdict.dest, verdict.flow_hash)  # type: ignore[arg-type]
+
     def from_overlay(payload: bytes, peer: Peer) -> None:
         verdict = core.from_overlay(payload, peer)
         if verdict.action == ACTION_LOCAL:
@@ -45,4 +55,4 @@ def packet_handlers(core: Distributor, tun: TunDevice, udp: UnderlayEndpoint, on
         else:
             execute(verdict)
 
-    return from_tun, from_overlay
+    return from_tun, from_overlay, from_tun_train

@@ -26,7 +26,7 @@ import socket
 import struct
 from collections.abc import Callable
 
-from overlay.runtime.batchio import BATCH, recv_batch, send_batch
+from overlay.runtime.batchio import BATCH, SOL_UDP, UDP_GRO, recv_batch, send_batch
 
 DRAIN_BUDGET = 256
 SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
@@ -121,6 +121,12 @@ def _bind_udp(address: Address, port: int) -> socket.socket:
                 sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER_BYTES)
             except OSError:
                 pass  # capped by net.core.*mem_max; the default still works, just drops earlier under bursts
+        try:
+            # UDP GRO: a peer's GSO train (or what the NIC coalesced) arrives whole, not cut into skbs by
+            # the kernel; recv_batch cuts it into its datagrams (batchio).
+            sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+        except OSError:
+            pass      # an old kernel: datagrams come one by one, as before
         sock.bind((str(address), port))
     except BaseException:
         sock.close()
@@ -255,6 +261,17 @@ class UnderlayEndpoint:
         sockets = self.send_sockets
         sock = sockets[flow_hash % len(sockets)] if sockets and flow_hash >= 0 else self.receive_socket
         return self._send(sock, payload, peer)
+
+    def send_all(self, payloads: list[bytes], peer: Peer, flow_hash: int = 0) -> None:
+        """`send` for each of `payloads` (one flow's: one socket), queued at once when started."""
+        sockets = self.send_sockets
+        sock = sockets[flow_hash % len(sockets)] if sockets and flow_hash >= 0 else self.receive_socket
+        if self._loop is None:
+            for payload in payloads:
+                self._send(sock, payload, peer)
+            return
+        self._send(sock, payloads[0], peer)      # creates the queue and schedules the flush
+        self._queues[sock].extend([(payload, peer) for payload in payloads[1:]])
 
     def reply(self, payload: bytes, peer: Peer) -> bool:
         """Send from the well-known port (keepalive echoes, control traffic)."""

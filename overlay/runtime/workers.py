@@ -62,14 +62,14 @@ def _load(source: str, document: str | None, prefix: str = "") -> Any:
 async def _serve(source: str, document: str | None, index: int, control: Connection) -> None:
     from overlay.distributor.core import Distributor
     from overlay.runtime.packet_path import packet_handlers
-    from overlay.runtime.tun import TunDevice
+    from overlay.runtime.tun import TunDevice, wants_offload
     from overlay.runtime.udp import UnderlayEndpoint
 
     loop = asyncio.get_running_loop()
     config = _load(source, document)
     core = Distributor(config.distributor)
     core.clock = loop.time
-    tun = TunDevice(config.tun.name, multi_queue=True)
+    tun = TunDevice(config.tun.name, multi_queue=True, offload=wants_offload(config.tun.offload, config.role))
     udp = UnderlayEndpoint(config.underlay.address, config.underlay.port, source_ports=config.underlay.source_ports)
     stop = asyncio.Event()
     stray = {"keepalives": 0}
@@ -77,7 +77,7 @@ async def _serve(source: str, document: str | None, index: int, control: Connect
     def keepalive(_: bytes) -> None:
         stray["keepalives"] += 1   # probes leave from the agent's own sockets: their echoes come back there
 
-    from_tun, from_overlay = packet_handlers(core, tun, udp, keepalive)
+    from_tun, from_overlay, from_tun_train = packet_handlers(core, tun, udp, keepalive)
 
     def on_control() -> None:
         try:
@@ -103,7 +103,7 @@ async def _serve(source: str, document: str | None, index: int, control: Connect
         loop.call_later(STATS_INTERVAL, report)
 
     loop.add_reader(control.fileno(), on_control)
-    tun.start(loop, from_tun, lambda error: stop.set())
+    tun.start(loop, from_tun, lambda error: stop.set(), from_tun_train)
     udp.start(loop, from_overlay)
     control.send(("ready", index, os.getpid()))
     loop.call_soon(report)

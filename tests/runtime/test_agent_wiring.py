@@ -80,12 +80,15 @@ class FakeHandle:
 
 
 class FakeTun:
+    offload = False
+
     def __init__(self) -> None:
         self.written: list[bytes] = []
         self.counters: dict[str, int] = {}
 
-    def start(self, loop, on_packet, on_lost=None) -> None:
+    def start(self, loop, on_packet, on_lost=None, on_train=None) -> None:
         self.deliver = on_packet
+        self.deliver_train = on_train
 
     def write(self, packet: bytes) -> bool:
         self.written.append(packet)
@@ -106,6 +109,10 @@ class FakeUdp:
     def send(self, payload: bytes, peer: tuple[str, int], flow_hash: int = 0) -> bool:
         self.sent.append((payload, peer, flow_hash))
         return True
+
+    def send_all(self, payloads: list[bytes], peer: tuple[str, int], flow_hash: int = 0) -> None:
+        for payload in payloads:
+            self.send(payload, peer, flow_hash)
 
     def reply(self, payload: bytes, peer: tuple[str, int]) -> bool:
         self.sent.append((payload, peer, None))

@@ -12,12 +12,14 @@
  *   read_batch(fd, max, 1) -> (items, dropped)              the same from a TUN with a vnet header: an
  *                                                           item is a packet, or the list of segments a
  *                                                           super-packet splits into (offload.split)
- *   write_batch(fd, packets, vnet) -> (written, failed, writes)  write() each packet; with vnet, runs of
- *                                                           one TCP flow as super-packets (offload.coalesce)
+ *   write_batch(fd, packets, vnet) -> (written, failed, writes, bytes)  write() each packet; with vnet,
+ *                                                           runs of one TCP flow as super-packets (offload.coalesce)
  *   split(header, packet) / coalesce(packets)               the two transformations alone, for the tests
  *
  * recv_batch asks for UDP GRO's segment size: a datagram the kernel received (or a local sender sent)
- * as one GSO train comes back as the datagrams it holds, each its own item.
+ * as one GSO train comes back as the datagrams it holds, each its own item — or, with recv_batch(sock,
+ * max, 1), as one item ([payload, ...], peer).
+ *   flow_run(payloads, start, offset) -> n                  payloads[start:start+n] carry one TCP flow
  *
  * Errors: recv_batch and read_batch raise OSError when the first call fails with anything but EAGAIN
  * (what was already read is returned first; the error comes on the next call). send_batch never raises
@@ -134,8 +136,8 @@ static int append_datagram(PyObject *result, const char *data, Py_ssize_t size, 
 }
 
 static PyObject *recv_batch(PyObject *self, PyObject *args) {
-    int fd, max = BATCH;
-    if (!PyArg_ParseTuple(args, "O&|i", to_fd, &fd, &max))
+    int fd, max = BATCH, group = 0;
+    if (!PyArg_ParseTuple(args, "O&|ip", to_fd, &fd, &max, &group))
         return NULL;
     if (max < 1 || max > BATCH)
         max = BATCH;
@@ -178,11 +180,28 @@ static PyObject *recv_batch(PyObject *self, PyObject *args) {
             segment = length;
         int failed = 0;
         Py_ssize_t offset = 0;
-        do {
-            Py_ssize_t size = length - offset < segment ? length - offset : segment;
-            failed = append_datagram(result, data + offset, size, peer);
-            offset += size;
-        } while (!failed && offset < length);
+        if (group && segment < length) {
+            /* `group`: the train as one item, ([payload, ...], peer): one sender's, to be handled together. */
+            PyObject *train = PyList_New(0);
+            failed = train == NULL;
+            while (!failed && offset < length) {
+                Py_ssize_t size = length - offset < segment ? length - offset : segment;
+                PyObject *payload = PyBytes_FromStringAndSize(data + offset, size);
+                failed = payload == NULL || PyList_Append(train, payload) < 0;
+                Py_XDECREF(payload);
+                offset += size;
+            }
+            PyObject *item = failed ? NULL : PyTuple_Pack(2, train, peer);
+            failed = item == NULL || PyList_Append(result, item) < 0;
+            Py_XDECREF(item);
+            Py_XDECREF(train);
+        } else {
+            do {
+                Py_ssize_t size = length - offset < segment ? length - offset : segment;
+                failed = append_datagram(result, data + offset, size, peer);
+                offset += size;
+            } while (!failed && offset < length);
+        }
         Py_DECREF(peer);
         if (failed) {
             Py_DECREF(result);
@@ -660,6 +679,82 @@ static Py_ssize_t run_length(PyObject *packets, Py_ssize_t first, struct segment
     return run;
 }
 
+/* An inner packet that may share a flow run (flow_run): as as_segment, but checksums are not looked at —
+ * a run is handled as each of its packets would be, a bad checksum included. */
+static int as_run_member(const uint8_t *packet, size_t length, struct segment *out) {
+    if (length < 40)
+        return 0;
+    int version = packet[0] >> 4;
+    size_t l4;
+    if (version == 4) {
+        l4 = (size_t)(packet[0] & 0x0F) * 4;
+        if (l4 < 20 || packet[9] != 6 || get16(packet + 2) != length || (get16(packet + 6) & 0x3FFF))
+            return 0;
+    } else if (version == 6) {
+        l4 = 40;
+        if (packet[6] != 6 || (size_t)get16(packet + 4) + 40 != length)
+            return 0;
+    } else {
+        return 0;
+    }
+    if (l4 + 20 > length)
+        return 0;
+    size_t header_length = l4 + (size_t)(packet[l4 + 12] >> 4) * 4;
+    uint8_t flags = packet[l4 + 13];
+    if (header_length < l4 + 20 || header_length > length || !(flags & TCP_ACK) ||
+        (flags & ~(TCP_ACK | TCP_PSH | TCP_ECE)))
+        return 0;
+    out->packet = packet;
+    out->length = length;
+    out->version = version;
+    out->l4 = l4;
+    out->header_length = header_length;
+    out->payload = length - header_length;
+    out->ip_id = get16(packet + 4);
+    out->sequence = get32(packet + l4 + 4);
+    out->flags = flags;
+    return 1;
+}
+
+/* flow_run(payloads, start, offset) -> n: payloads[start:start+n] (n >= 1) carry, after the same `offset`
+ * bytes of outer header, TCP packets of one flow whose headers differ only where the segments of one
+ * stream do (lengths, IPv4 id and checksum, sequence number, PSH, TCP checksum): whatever a node decides
+ * for the first from those headers it decides for each (offload.flow_run). */
+static PyObject *flow_run(PyObject *self, PyObject *args) {
+    PyObject *payloads;
+    Py_ssize_t start, offset;
+    if (!PyArg_ParseTuple(args, "O!nn", &PyList_Type, &payloads, &start, &offset))
+        return NULL;
+    Py_ssize_t count = PyList_GET_SIZE(payloads);
+    if (start < 0 || start >= count || offset < 0) {
+        PyErr_SetString(PyExc_IndexError, "flow_run: start or offset out of range");
+        return NULL;
+    }
+    PyObject *first = PyList_GET_ITEM(payloads, start);
+    if (!PyBytes_Check(first))
+        return PyLong_FromLong(1);
+    const uint8_t *head_bytes = (const uint8_t *)PyBytes_AS_STRING(first);
+    Py_ssize_t head_size = PyBytes_GET_SIZE(first);
+    struct segment head, candidate;
+    if (head_size <= offset || !as_run_member(head_bytes + offset, (size_t)(head_size - offset), &head))
+        return PyLong_FromLong(1);
+    Py_ssize_t run = 1;
+    while (start + run < count) {
+        PyObject *item = PyList_GET_ITEM(payloads, start + run);
+        if (!PyBytes_Check(item))
+            break;
+        const uint8_t *bytes = (const uint8_t *)PyBytes_AS_STRING(item);
+        Py_ssize_t size = PyBytes_GET_SIZE(item);
+        if (size <= offset || memcmp(bytes, head_bytes, (size_t)offset) ||
+            !as_run_member(bytes + offset, (size_t)(size - offset), &candidate) ||
+            candidate.version != head.version || candidate.header_length != head.header_length ||
+            candidate.l4 != head.l4 || !same_header(&head, &candidate))
+            break;
+        run++;
+    }
+    return PyLong_FromSsize_t(run);
+}
+
 static uint8_t super_buffer[VNET_LEN + MAX_SUPER];
 
 /* packets[first:first+run] as one vnet-headed super-packet in super_buffer; returns its length. */
@@ -736,14 +831,15 @@ static PyObject *coalesce(PyObject *self, PyObject *args) {
     return writes;
 }
 
-/* write_batch(fd, packets, vnet) -> (written, failed, writes): packets written and lost (each write()
- * refused loses the packets it carried), and the write() calls made. */
+/* write_batch(fd, packets, vnet) -> (written, failed, writes, written_bytes): packets written and lost
+ * (each write() refused loses the packets it carried), the write() calls made, and the bytes of the
+ * packets written (without vnet headers). */
 static PyObject *write_batch(PyObject *self, PyObject *args) {
     int fd, vnet = 0;
     PyObject *packets;
     if (!PyArg_ParseTuple(args, "O&O!|p", to_fd, &fd, &PyList_Type, &packets, &vnet) || check_packets(packets) < 0)
         return NULL;
-    Py_ssize_t count = PyList_GET_SIZE(packets), written = 0, failed = 0, writes = 0;
+    Py_ssize_t count = PyList_GET_SIZE(packets), written = 0, failed = 0, writes = 0, written_bytes = 0;
     for (Py_ssize_t first = 0; first < count;) {
         PyObject *item = PyList_GET_ITEM(packets, first);
         Py_ssize_t run = 1;
@@ -759,13 +855,16 @@ static PyObject *write_batch(PyObject *self, PyObject *args) {
             done = write(fd, PyBytes_AS_STRING(item), (size_t)PyBytes_GET_SIZE(item));
         }
         writes++;
-        if (done < 0)
+        if (done < 0) {
             failed += run;
-        else
+        } else {
             written += run;
+            for (Py_ssize_t i = 0; i < run; i++)
+                written_bytes += PyBytes_GET_SIZE(PyList_GET_ITEM(packets, first + i));
+        }
         first += run;
     }
-    return Py_BuildValue("(nnn)", written, failed, writes);
+    return Py_BuildValue("(nnnn)", written, failed, writes, written_bytes);
 }
 
 static PyObject *read_batch(PyObject *self, PyObject *args) {
@@ -832,6 +931,7 @@ static PyMethodDef methods[] = {
     {"write_batch", write_batch, METH_VARARGS, "write packets to a TUN (vnet: coalesced): (written, failed, writes)"},
     {"split", split, METH_VARARGS, "a vnet-headed TUN read -> its packets, or the reason it is unusable"},
     {"coalesce", coalesce, METH_VARARGS, "packets -> vnet-headed writes, runs of one TCP flow as super-packets"},
+    {"flow_run", flow_run, METH_VARARGS, "how many payloads from start carry one TCP flow after offset bytes"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -574,6 +574,11 @@ class Distributor:
         self.counters_drop[decision.reason] += 1
         return Verdict(ACTION_DROP, None, decision.reason, cell)
 
+    def forwarded_from_tm(self, count: int) -> None:
+        """`count` more packets of a TM's train went into the TUN as `from_overlay` forwarded the run's
+        first (runtime/packet_path.py): counted as `from_overlay` counts each."""
+        self.counters_reason["from-tm"] += count
+
     def _forward(self, packet: bytes, reason: str, tm: str | None, cell: str | None = None) -> Verdict:
         version = packet[0] >> 4 if packet else 0
         if self._edge_dest and version in (4, 6) and len(packet) >= (20 if version == 4 else 40):

@@ -8,15 +8,18 @@ exist). Without it — or with `OVERLAY_PURE_PYTHON=1` — the same functions ru
 exactly the same results (tests/runtime/test_batchio.py runs both against the same sockets).
 
     recv_batch(sock, max) -> [(payload, (host, port))] [] when nothing waits; OSError on a socket error;
-                                                        a UDP GRO train comes back as its datagrams
+                                                        a UDP GRO train comes back as its datagrams —
+                                                        with recv_batch(sock, max, True) as one item,
+                                                        ([payload, ...], peer)
+    flow_run(payloads, start, offset) -> n              payloads[start:start+n] carry one TCP flow
     send_batch(sock, items, start) -> (sent, errno)     items[start:] as (payload, (host, port)); stops at
                                                         the first datagram refused, with its errno
     read_batch(fd, max) -> [packet]                     a non-blocking TUN queue until EAGAIN or max
     read_batch(fd, max, True) -> (items, dropped)       a TUN with a vnet header (runtime/offload.py): an
                                                         item is a packet or a super-packet's segments
                                                         (a list); dropped counts unusable reads by reason
-    write_batch(fd, packets, vnet) -> (written, failed, writes)   each packet into a TUN; with a vnet
-                                                        header, runs of one TCP flow as super-packets
+    write_batch(fd, packets, vnet) -> (written, failed, writes, bytes)   each packet into a TUN; with a
+                                                        vnet header, runs of one TCP flow as super-packets
 """
 
 from __future__ import annotations
@@ -36,8 +39,8 @@ SOL_UDP, UDP_GRO = 17, 104
 _GRO_CONTROL = socket.CMSG_SPACE(4)
 
 
-def py_recv_batch(sock: socket.socket, max_count: int = BATCH) -> list[tuple[bytes, Peer]]:
-    result: list[tuple[bytes, Peer]] = []
+def py_recv_batch(sock: socket.socket, max_count: int = BATCH, group: bool = False) -> list[tuple[Any, Peer]]:
+    result: list[tuple[Any, Peer]] = []
     for _ in range(max_count):
         try:
             payload, controls, _, peer = sock.recvmsg(65536, _GRO_CONTROL)
@@ -52,7 +55,9 @@ def py_recv_batch(sock: socket.socket, max_count: int = BATCH) -> list[tuple[byt
         for level, kind, data in controls:
             if level == SOL_UDP and kind == UDP_GRO and len(data) >= 4:
                 segment = struct.unpack("=i", data[:4])[0]
-        if 0 < segment < len(payload):
+        if 0 < segment < len(payload) and group:
+            result.append(([payload[start:start + segment] for start in range(0, len(payload), segment)], source))
+        elif 0 < segment < len(payload):
             result += [(payload[start:start + segment], source) for start in range(0, len(payload), segment)]
         else:
             result.append((payload, source))
@@ -95,23 +100,25 @@ def py_read_batch(fd: int, max_count: int = BATCH, vnet: bool = False) -> Any:
     return (result, dropped) if vnet else result
 
 
-def py_write_batch(fd: int, packets: list[bytes], vnet: bool = False) -> tuple[int, int, int]:
+def py_write_batch(fd: int, packets: list[bytes], vnet: bool = False) -> tuple[int, int, int, int]:
     writes = offload.coalesce_counted(packets) if vnet else [(packet, 1) for packet in packets]
-    written = failed = 0
+    written = failed = written_bytes = 0
     for data, count in writes:
         try:
             os.write(fd, data)
         except OSError:
             failed += count
         else:
+            written_bytes += sum(len(packet) for packet in packets[written + failed:written + failed + count])
             written += count
-    return written, failed, len(writes)
+    return written, failed, len(writes), written_bytes
 
 
 recv_batch: Callable[..., list[tuple[bytes, Peer]]] = py_recv_batch
 send_batch: Callable[..., tuple[int, int]] = py_send_batch
 read_batch: Callable[..., Any] = py_read_batch
-write_batch: Callable[..., tuple[int, int, int]] = py_write_batch
+write_batch: Callable[..., tuple[int, int, int, int]] = py_write_batch
+flow_run: Callable[[list[bytes], int, int], int] = offload.flow_run
 COMPILED = False
 
 if os.environ.get("OVERLAY_PURE_PYTHON") != "1":
@@ -121,5 +128,5 @@ if os.environ.get("OVERLAY_PURE_PYTHON") != "1":
         pass
     else:
         recv_batch, send_batch, read_batch = _fastio.recv_batch, _fastio.send_batch, _fastio.read_batch
-        write_batch = _fastio.write_batch
+        write_batch, flow_run = _fastio.write_batch, _fastio.flow_run
         COMPILED = True

@@ -258,3 +258,52 @@ def coalesce_counted(packets: list[bytes]) -> list[tuple[bytes, int]]:
                 break
         writes.append((_super_packet(run) if len(run) > 1 else EMPTY_HEADER + packet, len(run)))
     return writes
+
+
+def _run_member(packet: bytes) -> _Segment | None:
+    """`_segment` without the checksum check: a run is handled as each of its packets would be."""
+    if len(packet) < 40:
+        return None
+    version = packet[0] >> 4
+    if version == 4:
+        l4 = (packet[0] & 0x0F) * 4
+        if (l4 < 20 or packet[9] != 6 or int.from_bytes(packet[2:4], "big") != len(packet)
+                or int.from_bytes(packet[6:8], "big") & 0x3FFF):
+            return None
+    elif version == 6:
+        l4 = 40
+        if packet[6] != 6 or int.from_bytes(packet[4:6], "big") + 40 != len(packet):
+            return None
+    else:
+        return None
+    if l4 + 20 > len(packet):
+        return None
+    header_length = l4 + (packet[l4 + 12] >> 4) * 4
+    flags = packet[l4 + 13]
+    if header_length < l4 + 20 or header_length > len(packet) or not flags & _ACK or flags & ~(_ACK | _PSH | _ECE):
+        return None
+    return _Segment(packet, version, l4, header_length)
+
+
+def flow_run(payloads: list[bytes], start: int, offset: int) -> int:
+    """How many of `payloads[start:]` (at least 1) carry, behind the same `offset` bytes of outer header,
+    TCP packets of one flow whose headers differ only where the segments of one stream do (lengths, IPv4
+    id and checksum, sequence number, PSH, TCP checksum): what a node decides for the first from its
+    headers, it decides for each of them. A UDP GRO train is cut into such runs (runtime/udp.py)."""
+    if not 0 <= start < len(payloads) or offset < 0:
+        raise IndexError("flow_run: start or offset out of range")
+    first = payloads[start]
+    head = _run_member(first[offset:]) if len(first) > offset else None
+    if head is None:
+        return 1
+    mask, outer = _masked(head), first[:offset]
+    run = 1
+    for payload in payloads[start + 1:]:
+        if len(payload) <= offset or payload[:offset] != outer:
+            break
+        candidate = _run_member(payload[offset:])
+        if (candidate is None or candidate.version != head.version or candidate.header_length != head.header_length
+                or _masked(candidate) != mask):
+            break
+        run += 1
+    return run

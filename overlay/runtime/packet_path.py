@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from overlay.distributor.core import ACTION_FANOUT, ACTION_FORWARD, ACTION_LOCAL, ACTION_TM, PINNED, Distributor, Verdict
+from overlay.runtime.batchio import flow_run
 from overlay.runtime.tun import TunDevice
 from overlay.runtime.udp import UnderlayEndpoint
 
@@ -17,8 +18,10 @@ Peer = tuple[str, int]
 
 
 def packet_handlers(core: Distributor, tun: TunDevice, udp: UnderlayEndpoint, on_keepalive: Callable[[bytes], None],
-                    ) -> tuple[Callable[[bytes], None], Callable[[bytes, Peer], None], Callable[[list[bytes]], None]]:
-    """(from_tun, from_overlay, from_tun_train) callbacks for `TunDevice.start` and `UnderlayEndpoint.start`."""
+                    ) -> tuple[Callable[[bytes], None], Callable[[bytes, Peer], None], Callable[[list[bytes]], None],
+                               Callable[[list[bytes], Peer], None]]:
+    """(from_tun, from_overlay, from_tun_train, from_overlay_train) callbacks for `TunDevice.start` and
+    `UnderlayEndpoint.start`."""
     tun_write, udp_send, udp_send_all = tun.write, udp.send, udp.send_all
 
     def execute(verdict: Verdict) -> None:
@@ -55,4 +58,30 @@ def packet_handlers(core: Distributor, tun: TunDevice, udp: UnderlayEndpoint, on
         else:
             execute(verdict)
 
-    return from_tun, from_overlay, from_tun_train
+    def from_overlay_train(payloads: list[bytes], peer: Peer) -> None:
+        # A UDP GRO train from one peer (a TM's GSO send). Where the first of a run of one TCP flow goes
+        # into the TUN as it came, so does every packet of the run (flow_run: the same outer header, the
+        # same flow, headers differing only as a stream's segments do): the rest skip the decision.
+        index, count = 0, len(payloads)
+        while index < count:
+            payload = payloads[index]
+            verdict = core.from_overlay(payload, peer)
+            action = verdict.action
+            if action == ACTION_FORWARD and verdict.dest is None and verdict.reason == "from-tm" and core.auth is None:
+                inner: bytes = verdict.packet  # type: ignore[assignment]
+                tun_write(inner)
+                offset = len(payload) - len(inner)
+                run = flow_run(payloads, index, offset) if index + 1 < count else 1
+                if run > 1:
+                    core.forwarded_from_tm(run - 1)
+                    for each in payloads[index + 1:index + run]:
+                        tun_write(each[offset:])
+                index += run
+                continue
+            if action == ACTION_LOCAL:
+                on_keepalive(verdict.packet or b"")
+            else:
+                execute(verdict)
+            index += 1
+
+    return from_tun, from_overlay, from_tun_train, from_overlay_train

@@ -25,6 +25,7 @@ import ipaddress
 import socket
 import struct
 from collections.abc import Callable
+from typing import Any
 
 from overlay.runtime.batchio import BATCH, SOL_UDP, UDP_GRO, recv_batch, send_batch
 
@@ -199,6 +200,7 @@ class UnderlayEndpoint:
         self._queues: dict[socket.socket, list[tuple[bytes, Peer]]] = {}
         self._flush_scheduled = False
         self._on_datagram: Callable[[bytes, Peer], None] | None = None
+        self._on_train: Callable[[list[bytes], Peer], None] | None = None
         self.counters: dict[str, int] = {
             "udp_rx_datagrams": 0,
             "udp_rx_bytes": 0,
@@ -211,9 +213,13 @@ class UnderlayEndpoint:
     def sockets(self) -> list[socket.socket]:
         return [self.receive_socket, *self.send_sockets]
 
-    def start(self, loop: asyncio.AbstractEventLoop, on_datagram: Callable[[bytes, Peer], None]) -> None:
+    def start(self, loop: asyncio.AbstractEventLoop, on_datagram: Callable[[bytes, Peer], None],
+              on_train: Callable[[list[bytes], Peer], None] | None = None) -> None:
+        """Read into `on_datagram`; with `on_train`, a UDP GRO train (a peer's GSO send: datagrams of
+        one size, in order) comes as one call with its datagrams, which the node may handle together."""
         self._loop = loop
         self._on_datagram = on_datagram
+        self._on_train = on_train
         for sock in self.sockets:
             loop.add_reader(sock.fileno(), self._drain, sock)
 
@@ -231,11 +237,12 @@ class UnderlayEndpoint:
         return handled
 
     def _drain(self, sock: socket.socket) -> int:
-        on_datagram, counters = self._on_datagram, self.counters
+        on_datagram, on_train, counters = self._on_datagram, self._on_train, self.counters
+        group = on_train is not None
         handled = 0
         while handled < DRAIN_BUDGET:
             try:
-                batch = recv_batch(sock, BATCH)
+                batch = recv_batch(sock, BATCH, group)
             except OSError:
                 # ICMP errors from earlier sends surface here as ECONNREFUSED etc.: not fatal, keep reading
                 # (within the budget: an error that repeats must not hold the loop).
@@ -245,14 +252,32 @@ class UnderlayEndpoint:
             if not batch:
                 break
             handled += len(batch)
-            counters["udp_rx_datagrams"] += len(batch)
-            counters["udp_rx_bytes"] += sum([len(payload) for payload, _ in batch])
-            if on_datagram is not None:
-                for payload, peer in batch:
-                    on_datagram(payload, peer)
+            if group:
+                self._deliver_grouped(batch)
+            else:
+                counters["udp_rx_datagrams"] += len(batch)
+                counters["udp_rx_bytes"] += sum([len(payload) for payload, _ in batch])
+                if on_datagram is not None:
+                    for payload, peer in batch:
+                        on_datagram(payload, peer)
             if len(batch) < BATCH:
                 break        # that was all of it: no empty read to find out
         return handled
+
+    def _deliver_grouped(self, batch: list[tuple[Any, Peer]]) -> None:
+        on_datagram, on_train, counters = self._on_datagram, self._on_train, self.counters
+        for payload, peer in batch:
+            if payload.__class__ is list:
+                train: list[bytes] = payload
+                counters["udp_rx_trains"] = counters.get("udp_rx_trains", 0) + 1
+                counters["udp_rx_datagrams"] += len(train)
+                counters["udp_rx_bytes"] += sum([len(each) for each in train])
+                on_train(train, peer)  # type: ignore[misc]
+            else:
+                counters["udp_rx_datagrams"] += 1
+                counters["udp_rx_bytes"] += len(payload)
+                if on_datagram is not None:
+                    on_datagram(payload, peer)
 
     def send(self, payload: bytes, peer: Peer, flow_hash: int = 0) -> bool:
         """Send from the socket `flow_hash` picks (so one inner flow keeps one outer source port); a

@@ -89,7 +89,13 @@ class TMAgent(UplinkAgent):
                 call_soon(self._rearm)
 
         def from_overlay(payload: bytes, peer: tuple[str, int]) -> None:
-            execute(node_from_overlay(payload, peer, clock()))
+            output = node_from_overlay(payload, peer, clock())
+            if output[0] == SEND and self._rearm_pending:
+                # `execute`'s first case, inline: an established flow's datagram (the node's fast path)
+                # costs one call less. The first of a loop iteration goes through `execute` for the rearm.
+                udp_reply(output[1], output[2])  # type: ignore[arg-type]
+            else:
+                execute(output)
 
         def from_tun(packet: bytes) -> None:
             execute(node_from_tun(packet, clock()))

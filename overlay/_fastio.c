@@ -20,6 +20,8 @@
  * as one GSO train comes back as the datagrams it holds, each its own item — or, with recv_batch(sock,
  * max, 1), as one item ([payload, ...], peer).
  *   flow_run(payloads, start, offset) -> n                  payloads[start:start+n] carry one TCP flow
+ *   nat_run(payloads, start, count, at, prefix, addresses, ports, ip_delta, l4_delta) -> [datagram]
+ *                                                           a TM's translation of such a run
  *
  * Errors: recv_batch and read_batch raise OSError when the first call fails with anything but EAGAIN
  * (what was already read is returned first; the error comes on the next call). send_batch never raises
@@ -755,6 +757,81 @@ static PyObject *flow_run(PyObject *self, PyObject *args) {
     return PyLong_FromSsize_t(run);
 }
 
+/* x - delta with an end-around borrow: RFC 1624's ~(~HC + delta), folded, for HC and delta in 0..0xFFFF —
+ * exactly the TM's fast path arithmetic (TrafficManager.forward_established). */
+static uint16_t minus_delta(uint16_t checksum, long delta) {
+    long value = (long)checksum - delta;
+    if (value < 0)
+        value += 0xFFFF;
+    return (uint16_t)value;
+}
+
+/* nat_run(payloads, start, count, at, prefix, addresses, ports, ip_delta, l4_delta) -> [datagram]: the TM's
+ * established-flow translation of payloads[start:start+count], TCP packets of one connection (flow_run
+ * found them): prefix + the inner packet from `at` with the connection's new addresses and ports and both
+ * checksums updated by its deltas; `addresses` None: the packet unchanged (firewall mode). */
+static PyObject *nat_run(PyObject *self, PyObject *args) {
+    PyObject *payloads, *addresses_object;
+    Py_ssize_t start, count, at;
+    Py_buffer prefix, ports;
+    long ip_delta, l4_delta;
+    if (!PyArg_ParseTuple(args, "O!nnny*Oy*ll", &PyList_Type, &payloads, &start, &count, &at, &prefix,
+                          &addresses_object, &ports, &ip_delta, &l4_delta))
+        return NULL;
+    PyObject *result = NULL;
+    Py_buffer addresses = {0};
+    int have_addresses = addresses_object != Py_None;
+    if (have_addresses && PyObject_GetBuffer(addresses_object, &addresses, PyBUF_SIMPLE) < 0)
+        goto done;
+    if (start < 0 || count < 0 || start + count > PyList_GET_SIZE(payloads) || at < 0 || ports.len != 4) {
+        PyErr_SetString(PyExc_ValueError, "nat_run: bad run or ports");
+        goto done;
+    }
+    result = PyList_New(count);
+    for (Py_ssize_t i = 0; result != NULL && i < count; i++) {
+        PyObject *item = PyList_GET_ITEM(payloads, start + i);
+        Py_ssize_t size = PyBytes_Check(item) ? PyBytes_GET_SIZE(item) : -1;
+        if (size < at + 40) {
+            PyErr_SetString(PyExc_ValueError, "nat_run: not a TCP packet after `at`");
+            Py_CLEAR(result);
+            break;
+        }
+        const uint8_t *inner = (const uint8_t *)PyBytes_AS_STRING(item) + at;
+        size_t length = (size_t)(size - at);
+        int version = inner[0] >> 4;
+        size_t l4 = version == 4 ? (size_t)(inner[0] & 0x0F) * 4 : 40;
+        size_t address_offset = version == 4 ? 12 : 8, address_length = version == 4 ? 8 : 32;
+        if (l4 + 20 > length || (have_addresses && (size_t)addresses.len != address_length)) {
+            PyErr_SetString(PyExc_ValueError, "nat_run: addresses do not fit the packet");
+            Py_CLEAR(result);
+            break;
+        }
+        PyObject *out = PyBytes_FromStringAndSize(NULL, prefix.len + (Py_ssize_t)length);
+        if (out == NULL) {
+            Py_CLEAR(result);
+            break;
+        }
+        uint8_t *data = (uint8_t *)PyBytes_AS_STRING(out);
+        memcpy(data, prefix.buf, (size_t)prefix.len);
+        uint8_t *packet = data + prefix.len;
+        memcpy(packet, inner, length);
+        if (have_addresses) {
+            if (version == 4)
+                put16(packet + 10, minus_delta(get16(packet + 10), ip_delta));
+            memcpy(packet + address_offset, addresses.buf, address_length);
+            memcpy(packet + l4, ports.buf, 4);
+            put16(packet + l4 + 16, minus_delta(get16(packet + l4 + 16), l4_delta));
+        }
+        PyList_SET_ITEM(result, i, out);
+    }
+done:
+    if (have_addresses && addresses.obj != NULL)
+        PyBuffer_Release(&addresses);
+    PyBuffer_Release(&prefix);
+    PyBuffer_Release(&ports);
+    return result;
+}
+
 static uint8_t super_buffer[VNET_LEN + MAX_SUPER];
 
 /* packets[first:first+run] as one vnet-headed super-packet in super_buffer; returns its length. */
@@ -932,6 +1009,7 @@ static PyMethodDef methods[] = {
     {"split", split, METH_VARARGS, "a vnet-headed TUN read -> its packets, or the reason it is unusable"},
     {"coalesce", coalesce, METH_VARARGS, "packets -> vnet-headed writes, runs of one TCP flow as super-packets"},
     {"flow_run", flow_run, METH_VARARGS, "how many payloads from start carry one TCP flow after offset bytes"},
+    {"nat_run", nat_run, METH_VARARGS, "the TM's established translation of a run of one TCP connection"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -62,6 +62,11 @@ class TMAgent(UplinkAgent):
         tun_write, udp_reply = self.tun.write, self.udp.reply
         clock, call_soon = loop.time, loop.call_soon
         node_from_overlay, node_from_tun = node.from_overlay, node.from_tun
+        node_from_overlay_train = node.from_overlay_train
+        udp_send_all = self.udp.send_all
+
+        def udp_reply_all(datagrams: list[bytes], peer: tuple[str, int]) -> None:
+            udp_send_all(datagrams, peer, -1)      # a negative flow hash: the well-known port, as `reply`
 
         # The per-packet path: closures over locals (no attribute lookups, no Optional checks per packet).
         # `reconfigure` changes the node and core in place, so these stay valid across reloads.
@@ -72,8 +77,7 @@ class TMAgent(UplinkAgent):
             elif action == TUN:
                 tun_write(data)  # type: ignore[arg-type]
             elif action == SEND_ALL:
-                for datagram in data:  # type: ignore[union-attr]
-                    udp_reply(datagram, peer)  # type: ignore[arg-type]
+                udp_reply_all(data, peer)  # type: ignore[arg-type]
             elif action == FLUSH:
                 # Strict replication holds a new connection's packets until its standbys have it: send the
                 # batch at the end of this loop iteration (one batch for all of its new connections).
@@ -97,12 +101,20 @@ class TMAgent(UplinkAgent):
             else:
                 execute(output)
 
+        def from_overlay_train(payloads: list[bytes], peer: tuple[str, int]) -> None:
+            # A UDP GRO train: runs of one connection translated together, sent as one batch.
+            for output in node_from_overlay_train(payloads, peer, clock()):
+                if output[0] == SEND_ALL and self._rearm_pending:
+                    udp_reply_all(output[1], output[2])  # type: ignore[arg-type]
+                else:
+                    execute(output)
+
         def from_tun(packet: bytes) -> None:
             execute(node_from_tun(packet, clock()))
 
         self._execute = execute
         self.tun.start(loop, from_tun, self.tun_lost)
-        self.udp.start(loop, from_overlay)
+        self.udp.start(loop, from_overlay, from_overlay_train)
         self._rearm()
         self._announce()
         self._replicate()

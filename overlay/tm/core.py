@@ -16,6 +16,7 @@ import ipaddress
 import struct
 from dataclasses import dataclass
 
+from overlay import compiled
 from overlay.checksum import add_deltas, checksum_delta
 from overlay.tm import reasons as R
 from overlay.tm.balancer import Server, Service
@@ -219,8 +220,10 @@ class TrafficManager:
         The distributor's mark (second chance, last chance) only matters to a packet without state, which
         never gets here. Every test fails over to None before anything is written; what follows the last
         one is `_flow` and `rewrite` for this case (tests/tm/test_fast_path.py compares them packet by
-        packet). One `struct` unpack per header instead of indexing byte by byte, and one pack for the
-        rewritten fields: ~40 % of this function's time (tests/tm/bench_tm.py).
+        packet, and checks that it would notice a missed counter or refresh). One `struct` unpack per
+        header and one pack for the rewritten fields instead of indexing and joining byte by byte, and
+        the checksum update as a subtraction: ~2.3 → ~1.8 µs for this function on an established DNAT
+        packet (the machine of tests/tm/bench_tm.py's node rows, 6.0 → 2.5 µs for the whole datagram).
         """
         size = len(data) - at
         if size < 20:
@@ -306,6 +309,30 @@ class TrafficManager:
                                                    checksum) + data[l4 + 18:]
         return prefixes[1] + _IPV6_UDP_REWRITE(data[at:at + 8], addresses, half.ports, data[l4 + 4:l4 + 6],
                                                checksum) + data[l4 + 8:]
+
+    def forward_run(self, payloads: list[bytes], start: int, count: int, at: int, prefixes: tuple[bytes, bytes],
+                    now: float) -> list[bytes]:
+        """`forward_established` for `payloads[start:start + count]`, TCP packets of the connection whose
+        packet `forward_established` has just passed (`flow_run` found them behind the same `at` bytes,
+        differing only as one stream's segments do): each would take the fast path too, to the same
+        translation. Counted and refreshed as that many calls would; the rewriting in C where `_fastio`
+        is built (`nat_run`, the same arithmetic), else by `forward_established` itself, packet by packet."""
+        if count <= 0:
+            return []
+        first = payloads[start]
+        version = first[at] >> 4
+        half = self._tcp[first[at + 12:at + 24] if version == 4 else first[at + 8:at + 44]]
+        nat_run = compiled.nat_run
+        if nat_run is None:
+            return [self.forward_established(payload, at, prefixes, now)  # type: ignore[misc]
+                    for payload in payloads[start:start + count]]
+        conn = half.conn
+        self._received += count
+        conn.last_seen = now
+        self._by_state[conn.state].move_to_end(conn)
+        self._counts[half.reason] += count
+        return nat_run(payloads, start, count, at, prefixes[version == 6], half.addresses, half.ports or b"\0" * 4,
+                       half.ip_delta, half.l4_delta)
 
     def _flow(self, packet: bytes, version: int, protocol: int, l4: int, end: int, key: bytes, info: int,
               now: float) -> TMResult:

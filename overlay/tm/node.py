@@ -13,7 +13,7 @@ only moves bytes: it sends `SEND` results to their peer and writes `TUN` results
 
 from __future__ import annotations
 
-from overlay import gre
+from overlay import compiled, gre
 from overlay.auth import Authenticator
 from overlay.tm.core import BOUNCE, DECLINE, DEFER, LAST_CHANCE, LOCAL, OVERLAY, SECOND_CHANCE, UNMARKED, TrafficManager
 from overlay.tm.core import TMResult
@@ -55,6 +55,36 @@ class TMNode(Uplink):
             self._fast_headers[gre.FLAG_KEY.to_bytes(2, "big") + protocol.to_bytes(2, "big")] = 8
             if not fleet_id:
                 self._fast_headers[bytes(2) + protocol.to_bytes(2, "big")] = 4
+
+    def from_overlay_train(self, payloads: list[bytes], peer: Peer, now: float) -> list[NodeOutput]:
+        """A UDP GRO train from one peer (a distributor's GSO send): what `from_overlay` gives for each of
+        its datagrams, in order. Where the fast path passes the first of a run of one TCP connection
+        (`flow_run`: the same GRE header, headers differing only as one stream's segments do), the rest of
+        the run is translated together (`TrafficManager.forward_run`) and leaves as one SEND_ALL."""
+        outputs: list[NodeOutput] = []
+        index, count = 0, len(payloads)
+        fast = self.fast_path and self._fast_peers.get(peer[0])
+        while index < count:
+            payload = payloads[index]
+            if fast:
+                at = self._fast_headers.get(payload[:4])
+                if at == 4 or (at == 8 and payload[4:6] == self._fast_fleet):
+                    datagram = self.core.forward_established(payload, at, self._headers, now)
+                    if datagram is not None:
+                        name, destination = fast
+                        run = compiled.flow_run(payloads, index, at) if index + 1 < count else 1
+                        self.last = name
+                        self.peers[destination] += run
+                        if run == 1:
+                            outputs.append((SEND, datagram, destination))
+                        else:
+                            rest = self.core.forward_run(payloads, index + 1, run - 1, at, self._headers, now)
+                            outputs.append((SEND_ALL, [datagram, *rest], destination))
+                        index += run
+                        continue
+            outputs.append(self.from_overlay(payload, peer, now))
+            index += 1
+        return outputs
 
     def from_overlay(self, payload: bytes, peer: Peer, now: float) -> NodeOutput:
         """A datagram from the underlay: what to do with it (`overlay.uplink` NodeOutput)."""

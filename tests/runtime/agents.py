@@ -218,7 +218,9 @@ def wait_listening(ns: str, endpoints: tuple[str, ...], timeout: float = 10) -> 
 
 @contextlib.contextmanager
 def mini_overlay(workdir: Path, *, admin: bool = False, interval: float = 0.2, http_health: bool = False,
-                 agents: bool = True) -> Iterator[MiniOverlay]:
+                 agents: bool = True, offload: str | None = None, tm_services: str = "") -> Iterator[MiniOverlay]:
+    """`offload`: the distributor's `[tun] offload` ("auto", "on", "off"; None: the key left out, its
+    default); `tm_services`: more `[[tm.service]]` tables for the TM's config."""
     with namespaces("client", "dist", "tm", "server") as ns:
         build_topology(ns)
         admin_lines = ""
@@ -226,9 +228,11 @@ def mini_overlay(workdir: Path, *, admin: bool = False, interval: float = 0.2, h
             token = workdir / "admin.token"
             token.write_text(ADMIN_TOKEN + "\n")
             admin_lines = f'admin_token_file = "{token}"\n'
-        (workdir / "distributor.toml").write_text(DISTRIBUTOR_TOML.format(
-            admin=admin_lines, interval=interval, http=str(http_health).lower()))
-        (workdir / "tm.toml").write_text(TM_TOML)
+        distributor = DISTRIBUTOR_TOML.format(admin=admin_lines, interval=interval, http=str(http_health).lower())
+        if offload is not None:
+            distributor = distributor.replace('name = "rtxovl0"\n', f'name = "rtxovl0"\noffload = "{offload}"\n', 1)
+        (workdir / "distributor.toml").write_text(distributor)
+        (workdir / "tm.toml").write_text(TM_TOML + tm_services)
         # The lab's HTTP server (part B's) answers /whoami with the peer it saw: proof of where NAT happened.
         servers = [
             subprocess.Popen(

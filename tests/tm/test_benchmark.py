@@ -11,7 +11,7 @@ import pytest
 
 from overlay.tm.core import TrafficManager
 
-from .bench_tm import established_tm, syn_packets
+from .bench_tm import DISTRIBUTOR, established_node, established_tm, syn_packets
 from .conftest import lab_config
 
 pytestmark = pytest.mark.benchmark
@@ -26,6 +26,14 @@ def test_established_flow(benchmark, path: str) -> None:
     tm, packets = established_tm()
     result = benchmark(tm.receive, packets[path], 1.0)
     assert result.action == "overlay"
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast path", "full path"])
+@pytest.mark.parametrize("path", ["established dnat (client → VIP)", "established snat udp (server → remote)"])
+def test_established_flow_through_the_node(benchmark, path: str, fast_path: bool) -> None:
+    node, datagrams = established_node(fast_path)
+    result = benchmark(node.from_overlay, datagrams[path], DISTRIBUTOR, 1.0)
+    assert result[0] == 1 and result[2] == DISTRIBUTOR     # SEND, to the distributor
 
 
 def test_new_connection(benchmark) -> None:

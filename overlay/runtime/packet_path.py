@@ -22,7 +22,7 @@ def packet_handlers(core: Distributor, tun: TunDevice, udp: UnderlayEndpoint, on
                                Callable[[list[bytes], Peer], None]]:
     """(from_tun, from_overlay, from_tun_train, from_overlay_train) callbacks for `TunDevice.start` and
     `UnderlayEndpoint.start`."""
-    tun_write, udp_send, udp_send_all = tun.write, udp.send, udp.send_all
+    tun_write, tun_write_all, udp_send, udp_send_all = tun.write, tun.write_all, udp.send, udp.send_all
 
     def execute(verdict: Verdict) -> None:
         action = verdict.action
@@ -74,8 +74,7 @@ def packet_handlers(core: Distributor, tun: TunDevice, udp: UnderlayEndpoint, on
                 run = flow_run(payloads, index, offset) if index + 1 < count else 1
                 if run > 1:
                     core.forwarded_from_tm(run - 1)
-                    for each in payloads[index + 1:index + run]:
-                        tun_write(each[offset:])
+                    tun_write_all([each[offset:] for each in payloads[index + 1:index + run]])
                 index += run
                 continue
             if action == ACTION_LOCAL:

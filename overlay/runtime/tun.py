@@ -244,6 +244,15 @@ class TunDevice:
         self.counters["tun_tx_bytes"] += len(packet) - (vnet.VNET_HEADER_LEN if self.offload else 0)
         return True
 
+    def write_all(self, packets: list[bytes]) -> None:
+        """`write` for each of `packets` (a run of one flow, in order): queued at once with offloads."""
+        if self.offload and self._loop is not None and packets:
+            self.write(packets[0])        # queues it and schedules the flush
+            self._queue.extend(packets[1:])
+            return
+        for packet in packets:
+            self.write(packet)
+
     def flush(self) -> None:
         """Write what is queued (offloads): one super-packet per run of one TCP flow, the rest one by one."""
         self._flush_scheduled = False

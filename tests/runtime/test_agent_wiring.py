@@ -94,6 +94,9 @@ class FakeTun:
         self.written.append(packet)
         return True
 
+    def write_all(self, packets: list[bytes]) -> None:
+        self.written.extend(packets)
+
 
 class FakeUdp:
     port = 4754

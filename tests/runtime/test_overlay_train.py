@@ -32,6 +32,10 @@ class Recorder:
         self.log.append(("tun", packet))
         return True
 
+    def write_all(self, packets: list[bytes]) -> None:
+        for packet in packets:
+            self.write(packet)
+
     def send(self, payload: bytes, peer: tuple[str, int], flow_hash: int = 0) -> bool:
         self.log.append(("udp", payload, peer, flow_hash))
         return True

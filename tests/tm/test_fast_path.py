@@ -113,6 +113,9 @@ class Twins:
         fast, full = self.fast.from_overlay(payload, peer, self.now), self.full.from_overlay(payload, peer, self.now)
         if fast != full:
             raise Differs(f"{payload.hex()}: fast {fast} != full {full}")
+        # Cheap to compare every time (the rest of the state is compared now and then): where the node's
+        # next answers go, and how it counts its distributors.
+        same((self.fast.last, self.fast.peers), (self.full.last, self.full.peers), "the node's distributors")
 
     def state_of(self, flow: tuple[str, str, int, str, int]) -> int | None:
         """The reference core's state of `flow` (None: not tracked)."""

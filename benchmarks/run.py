@@ -2,13 +2,18 @@
 
     sudo .venv/bin/python -m benchmarks.run [--quick] [--rounds N] [--only NAME[,NAME...]] [--json FILE]
 
-NAME is one of: distributor, tm, iperf, rtt (the default: all four), and profile (only when asked).
+NAME is one of: distributor, workers, tm, iperf, rtt (the default: all five), and profile (only when asked).
 
 - distributor: the distributor agent (TUN → decide → GRE-in-UDP, 3 TMs) vs benchmarks/c/dist_loop.c
-  (TUN reads until EAGAIN, xxh64, 65,536-row table, sendmmsg), each pinned to the subject core, flooded by
+  (TUN reads until EAGAIN, xxh64, 65,536-row table, sendmmsg) and vs dist_loop -g (the same, each TM's runs
+  of a batch sent as UDP GSO messages, as the agent sends them), each pinned to the subject core, flooded by
   benchmarks/c/flood.c (UDP GSO, 1,024 source endpoints) from the client namespace pinned to the other core.
   A C sink in the TM namespace counts the GRE-in-UDP datagrams that leave the subject (and echoes
   keepalives, so the agent sees its TMs up).
+- workers: the distributor agent with [node] workers = 1 vs workers = 2 under the same flood, a fresh agent
+  per sample: workers = 1 on the subject core; workers = 2 with process 0 on the subject core and worker 1
+  on the generator core (shared with the flood and the sink). Packets/s, CPU per packet of all the agent's
+  processes, each worker's share; the scaling (pps 2 / 1) and efficiency (CPU/packet 2 / 1) ratios.
 - tm: the TM agent (NAT, established flows) vs benchmarks/c/tm_relay.c (recvmmsg, conntrack hash, DNAT
   with incremental checksums, sendmmsg). flood.c imitates the distributor: GRE-in-UDP straight to the TM,
   4,096 inner UDP flows; a warm-up pass opens them; the sink counts what the TM sends back.
@@ -17,8 +22,8 @@ NAME is one of: distributor, tm, iperf, rtt (the default: all four), and profile
 - rtt: UDP request/response round trips (benchmarks/pingpong.py) over the same two paths, p50/p99.
 - profile: each agent under cProfile for a few seconds of flood, and the user/kernel split of its CPU.
 
-Product and baseline alternate, round by round (the order flips every round), so drift of the machine
-hits both. Everything is bounded in time; namespaces (rtx-*) and every process started here are removed
+Product and baseline alternate, round by round (the order flips every round; with three subjects it
+rotates), so drift of the machine hits both. Everything is bounded in time; namespaces (rtx-*) and every process started here are removed
 on exit. Not part of the test suite's pass/fail: it reports, it never asserts. Needs root, /dev/net/tun,
 ip(8), nft(8), a C compiler (cc) and, for `iperf`, iperf3 (apt-get install iperf3). docs/performance.md
 has the results and how to read them.
@@ -29,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import json
 import os
 import platform
@@ -49,7 +55,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 C_DIR = Path(__file__).resolve().parent / "c"
 C_PROGRAMS = ("dist_loop", "tm_relay", "flood", "sink")
-BENCHMARKS = ("distributor", "tm", "iperf", "rtt")
+BENCHMARKS = ("distributor", "workers", "tm", "iperf", "rtt")
 EVERYTHING = (*BENCHMARKS, "profile")
 
 # The namespaces are tests/runtime/agents.py's mini overlay (client, dist, tm, server) plus these addresses.
@@ -59,6 +65,8 @@ DIST_UNDERLAY = "192.0.2.2"
 FLOOD_SOURCES = tuple(f"198.51.100.{20 + i}" for i in range(16))  # x 64 source ports: 1,024 client endpoints
 VIP = "203.0.113.80"              # the product's VIP (captured by the distributor, NATed by the TM agent)
 LOOP_VIP = "203.0.113.82"         # routed into dist_loop's TUN
+GSO_LOOP_VIP = "203.0.113.83"     # routed into the TUN of dist_loop -g (GSO sends)
+GSO_LOOP = "dist_loop -g (C, GSO)"
 KERNEL_VIP = "203.0.113.81"       # the kernel path's VIP: nftables DNAT in the tm namespace
 SERVER = "203.0.113.10"           # the server behind the product's VIP
 KERNEL_SERVER = "203.0.113.11"    # the same server's second address, behind the kernel path's VIP
@@ -71,6 +79,7 @@ DISTRIBUTOR_TOML = """\
 [node]
 role = "distributor"
 name = "bench-dist"
+workers = {workers}
 
 [status]
 listen = "127.0.0.1:8080"
@@ -202,6 +211,9 @@ class Result:
     unit: str
     values: list[float] = field(default_factory=list)
     samples: list[dict] = field(default_factory=list)
+    # The ratio this row's cell shows, (numerator, denominator) subjects of the same benchmark; unset: the
+    # first row shows first / second (product / baseline), the others none.
+    ratio: tuple[str, str] | None = None
 
     @property
     def median(self) -> float:
@@ -264,14 +276,49 @@ def proc_cpu(pid: int) -> tuple[int, int, int]:
     return ns, int(fields[11]), int(fields[12])
 
 
+def procs_cpu(pids: list[int]) -> dict[int, tuple[int, int, int]]:
+    """proc_cpu of each of `pids` that still exists."""
+    out = {}
+    for pid in pids:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            out[pid] = proc_cpu(pid)
+    return out
+
+
+def kernel_thread(name: str) -> int:
+    """The PID of the kernel thread called `name` (ksoftirqd/1), or -1."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{entry}/comm").read_text().strip() == name:
+                    return int(entry)
+    return -1
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children, their children, ...), from the parent PIDs in /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in sorted(children.get(todo.pop(), [])):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def udp_rcvbuf_errors(pid: int) -> int:
     """RcvbufErrors of the UDP MIB in the network namespace of process `pid`."""
     lines = [line.split() for line in Path(f"/proc/{pid}/net/snmp").read_text().splitlines() if line.startswith("Udp:")]
     return int(lines[1][lines[0].index("RcvbufErrors")])
 
 
-def foreign_cpu_ticks() -> int:
-    """CPU ticks used so far by user processes that are not this run's (another engineer's lab, say)."""
+def foreign_cpu_ticks() -> dict[int, int]:
+    """CPU ticks used so far by each user process that is not this run's (another engineer's lab, say)."""
     parents: dict[int, int] = {}
     ticks: dict[int, int] = {}
     for entry in os.listdir("/proc"):
@@ -283,14 +330,20 @@ def foreign_cpu_ticks() -> int:
                 continue
             parents[int(entry)] = int(fields[1])
             ticks[int(entry)] = int(fields[11]) + int(fields[12])
-    me, total = os.getpid(), 0
+    me, foreign = os.getpid(), {}
     for pid, used in ticks.items():
         ancestor, hops = pid, 0
         while ancestor not in (me, 0, 1) and hops < 64:
             ancestor, hops = parents.get(ancestor, 0), hops + 1
         if ancestor != me:
-            total += used
-    return total
+            foreign[pid] = used
+    return foreign
+
+
+def foreign_ticks_between(before: dict[int, int], after: dict[int, int]) -> int:
+    """Ticks the foreign processes used between two `foreign_cpu_ticks`: those alive at the end (a process
+    that ended in between took its ticks along: what it used then is lost, but it no longer counts negative)."""
+    return sum(used - before.get(pid, 0) for pid, used in after.items() if used >= before.get(pid, 0))
 
 
 def core_times(cpu: int) -> tuple[int, int]:
@@ -426,10 +479,10 @@ class Lab:
 
     # agents ---------------------------------------------------------------------------------------------
 
-    def write_configs(self, tms: int) -> None:
+    def write_configs(self, tms: int, workers: int = 1) -> None:
         entries = "".join(TM_ENTRY.format(n=n + 1, address=address) for n, address in enumerate(TM_UNDERLAYS[:tms]))
         self.overlay.distributor_config.write_text(DISTRIBUTOR_TOML.format(
-            dist=DIST_UNDERLAY, vip=VIP, server=SERVER, tms=entries))
+            dist=DIST_UNDERLAY, vip=VIP, server=SERVER, tms=entries, workers=workers))
         self.overlay.tm_config.write_text(TM_TOML.format(
             tm=TM_UNDERLAYS[0], dist=DIST_UNDERLAY, vip=VIP, server=SERVER, iperf=IPERF_PORT, echo=ECHO_PORT,
             sink=SINK_PORT))
@@ -461,27 +514,43 @@ class Lab:
 
     # floods ---------------------------------------------------------------------------------------------
 
-    def flood_sample(self, subject_pid: int, ns: str, flood_args: list[str], sink: Sink,
-                     warmup: float | None = None, seconds: float | None = None) -> Sample:
-        """Flood for warmup + seconds; count at the sink over the last `seconds`; the subject's CPU meanwhile."""
+    def flood_sample(self, subject_pid: int | list[int], ns: str, flood_args: list[str], sink: Sink,
+                     warmup: float | None = None, seconds: float | None = None,
+                     at_edges: Callable[[], Any] | None = None) -> Sample:
+        """Flood for warmup + seconds; count at the sink over the last `seconds`; the subject's CPU meanwhile.
+        `subject_pid` may be several processes (an agent and its workers): their CPU adds up, and each one's
+        is in extra["proc_ns_by_pid"]. `at_edges`, when given, is called just before the window opens and
+        just after it closes; what it returns is in extra["edges"]."""
         warmup = self.settings.warmup if warmup is None else warmup
         seconds = self.settings.seconds if seconds is None else seconds
         cpu = self.settings.subject_cpu
+        pids = [subject_pid] if isinstance(subject_pid, int) else list(subject_pid)
+        cpus = sorted(self.all_cpus)
+        softirqd = kernel_thread(f"ksoftirqd/{cpu}")
         flood = self.processes.start([str(self.tools["flood"]), *flood_args, "-r", str(self.settings.offered_pps),
                                       "-t", f"{warmup + seconds + 0.3:.2f}"], ns=ns, stderr=subprocess.PIPE)
+        edges = []
         try:
             pin(flood.pid, self.generator_cpus)
             time.sleep(warmup)
+            if at_edges is not None:
+                edges.append(at_edges())
             foreign0, drops0 = foreign_cpu_ticks(), udp_rcvbuf_errors(sink.proc.pid)
             count0, ns0 = sink.read()
-            proc0, core0 = proc_cpu(subject_pid), core_times(cpu)
+            by_pid0, cores0 = procs_cpu([*pids, softirqd]), {c: core_times(c) for c in cpus}
             time.sleep(seconds)
             count1, ns1 = sink.read()
-            proc1, core1 = proc_cpu(subject_pid), core_times(cpu)
+            by_pid1, cores1 = procs_cpu([*pids, softirqd]), {c: core_times(c) for c in cpus}
             foreign1, drops1 = foreign_cpu_ticks(), udp_rcvbuf_errors(sink.proc.pid)
+            if at_edges is not None:
+                edges.append(at_edges())
             out, err = flood.communicate(timeout=warmup + seconds + 15)
         finally:
             Processes.stop(flood)
+        gone = [pid for pid in pids if pid not in by_pid0 or pid not in by_pid1]
+        proc0 = tuple(sum(by_pid0[pid][i] for pid in pids if pid not in gone) for i in range(3))
+        proc1 = tuple(sum(by_pid1[pid][i] for pid in pids if pid not in gone) for i in range(3))
+        core0, core1 = cores0[cpu], cores1[cpu]
         words = out.decode().split()
         if len(words) < 6 or words[0] != "sent":
             raise RuntimeError(f"flood failed: {out.decode()} {err.decode()}")
@@ -491,6 +560,17 @@ class Lab:
         busy, total = core1[0] - core0[0], core1[1] - core0[1]
         user, system = proc1[1] - proc0[1], proc1[2] - proc0[2]
         tick_ns = 1e9 / os.sysconf("SC_CLK_TCK")
+        extra: dict[str, Any] = {
+            "flood_errors": int(words[3]), "flood_stderr": err.decode().strip(), "sink_drops": drops1 - drops0,
+            "foreign_cpu": foreign_ticks_between(foreign0, foreign1) * tick_ns / 1e9 / window, "window_s": window,
+            "cores_busy": {str(c): (cores1[c][0] - cores0[c][0]) / max(cores1[c][1] - cores0[c][1], 1) for c in cpus}}
+        extra["proc_ns_by_pid"] = {str(pid): by_pid1[pid][0] - by_pid0[pid][0] for pid in pids if pid not in gone}
+        extra["pids_gone"] = gone
+        # The subject core's softirq work that ran in its ksoftirqd, not in the subject's system calls.
+        extra["ksoftirqd_ns"] = ((by_pid1[softirqd][0] - by_pid0[softirqd][0]) / per_packet
+                                 if softirqd in by_pid0 and softirqd in by_pid1 else 0.0)
+        if at_edges is not None:
+            extra["edges"] = edges
         return Sample(
             pps=packets / window,
             core_ns=busy * tick_ns / per_packet,
@@ -498,8 +578,7 @@ class Lab:
             user_share=user / max(user + system, 1),
             core_busy=busy / max(total, 1),
             generated_pps=int(words[1]) / float(words[5]),
-            extra={"flood_errors": int(words[3]), "flood_stderr": err.decode().strip(), "sink_drops": drops1 - drops0,
-                   "foreign_cpu": (foreign1 - foreign0) * tick_ns / 1e9 / window},
+            extra=extra,
         )
 
     def steer_rx(self, on: bool) -> None:
@@ -525,24 +604,37 @@ def report_progress(text: str) -> None:
     print(f"  {text}", flush=True)
 
 
-def run_pps(lab: Lab, name: str, subjects: dict[str, tuple[int, Callable[[], Sample]]]) -> list[Result]:
+def rotate(round_index: int, labels: tuple[str, ...]) -> tuple[str, ...]:
+    """The order of the subjects in a round: rotated by one every round (for two: flipped, as `alternate`),
+    so that over len(labels) rounds each subject has each place once."""
+    shift = round_index % len(labels)
+    return labels[shift:] + labels[:shift]
+
+
+def run_pps(lab: Lab, name: str, subjects: dict[str, tuple[int, Callable[[], Sample]]],
+            flags: Callable[[Sample], str] | None = None,
+            progress: Callable[[Sample], str] | None = None) -> list[Result]:
+    """Every subject once a round, in `rotate`'s order; `flags` (default `warnings`) judges each sample,
+    `progress` adds to its progress line."""
     results = {label: Result(name, label, "pps") for label in subjects}
     labels = tuple(subjects)
-    assert len(labels) == 2
+    assert len(labels) >= 2
+    width = max(18, *(len(label) for label in labels))
     for round_index in range(lab.settings.rounds):
-        for label in alternate(round_index, (labels[0], labels[1])):
+        for label in rotate(round_index, labels):
             sample = subjects[label][1]()
-            sample.extra["flags"] = warnings(sample)
+            sample.extra["flags"] = (flags or warnings)(sample)
             results[label].values.append(sample.pps)
             results[label].samples.append(asdict(sample))
-            report_progress(f"{name} round {round_index + 1}: {label:<18} {sample.pps:>9,.0f} pps  "
-                            f"core {sample.core_ns:>6,.0f} ns/pkt ({sample.core_busy:.0%} busy)  "
+            core = f"core {sample.core_ns:>6,.0f} ns/pkt ({sample.core_busy:.0%} busy)  " if sample.core_ns >= 0 else ""
+            report_progress(f"{name} round {round_index + 1}: {label:<{width}} {sample.pps:>9,.0f} pps  {core}"
                             f"proc {sample.proc_ns:>6,.0f} ns/pkt (user {sample.user_share:.0%})  "
+                            f"{progress(sample) + '  ' if progress else ''}"
                             f"offered {sample.generated_pps:>9,.0f} pps{sample.extra['flags']}")
     return list(results.values())
 
 
-def warnings(sample: Sample) -> str:
+def common_warnings(sample: Sample) -> list[str]:
     notes = []
     if sample.pps > 0.8 * sample.generated_pps:
         notes.append("not saturated: raise --offered")
@@ -550,42 +642,215 @@ def warnings(sample: Sample) -> str:
         notes.append(f"sink dropped {sample.extra['sink_drops']:,}")
     if sample.extra.get("foreign_cpu", 0) > 0.05:
         notes.append(f"other processes used {sample.extra['foreign_cpu']:.0%} of a core")
+    if sample.extra.get("pids_gone"):
+        notes.append(f"subject process(es) {', '.join(map(str, sample.extra['pids_gone']))} exited in the window")
+    return notes
+
+
+def flagged(notes: list[str]) -> str:
+    return "  (!) " + "; ".join(notes) if notes else ""
+
+
+def warnings(sample: Sample) -> str:
+    notes = common_warnings(sample)
     if sample.core_busy < 0.9:
         notes.append(f"subject core only {sample.core_busy:.0%} busy")
     elif sample.proc_ns < 0.85 * sample.core_ns:
         notes.append(f"the subject had only {sample.proc_ns / sample.core_ns:.0%} of its core")
-    return "  (!) " + "; ".join(notes) if notes else ""
+    return flagged(notes)
+
+
+DIST_FLOOD = ["udp", "-a", ",".join(FLOOD_SOURCES), "-p", "64", "-l", "64", "-g", "64"]
+
+
+def start_dist_loop(lab: Lab, tun: str, vip: str, *options: str) -> subprocess.Popen:
+    """benchmarks/c/dist_loop.c on its own TUN in the dist namespace, `vip` routed into it, pinned to the
+    subject core."""
+    ns = lab.ns["dist"]
+    loop = lab.processes.start([str(lab.tools["dist_loop"]), *options, "-s", "1800", tun, DIST_UNDERLAY,
+                                *TM_UNDERLAYS], ns=ns)
+    wait_ready(loop, f"dist_loop {' '.join(options)}")
+    pin(loop.pid, lab.subject_cpus)
+    in_ns(ns, "ip", "link", "set", tun, "up")
+    in_ns(ns, "ip", "route", "add", f"{vip}/32", "dev", tun)
+    return loop
 
 
 def bench_distributor(lab: Lab) -> list[Result]:
+    """The agent against two C loops: dist_loop (a sendmmsg of one message per datagram, the stick of
+    issue 10) and dist_loop -g (each TM's runs of a batch as UDP GSO messages, as the agent sends them)."""
     ns, tools, processes = lab.ns, lab.tools, lab.processes
     sink = Sink(processes, tools["sink"], ns["tm"], [f"{address}:4754" for address in TM_UNDERLAYS])
-    loop = None
+    loops: list[subprocess.Popen] = []
     try:
         lab.write_configs(tms=3)
         agent = lab.start_agent("distributor", lab.subject_cpus)
         lab.wait_tms_up(["tm1", "tm2", "tm3"])
-        loop = processes.start([str(tools["dist_loop"]), "-s", "1800", "benchdl0", DIST_UNDERLAY, *TM_UNDERLAYS],
-                               ns=ns["dist"])
-        wait_ready(loop, "dist_loop")
-        pin(loop.pid, lab.subject_cpus)
-        in_ns(ns["dist"], "ip", "link", "set", "benchdl0", "up")
-        in_ns(ns["dist"], "ip", "route", "add", f"{LOOP_VIP}/32", "dev", "benchdl0")
-        flood = ["udp", "-a", ",".join(FLOOD_SOURCES), "-p", "64", "-l", "64", "-g", "64"]
+        loops.append(start_dist_loop(lab, "benchdl0", LOOP_VIP))
+        loops.append(start_dist_loop(lab, "benchdg0", GSO_LOOP_VIP, "-g"))
+        plain, gso = loops
 
         def product() -> Sample:
-            sample = lab.flood_sample(agent.pid, ns["client"], [*flood, "-d", f"{VIP}:{SINK_PORT}"], sink)
+            sample = lab.flood_sample(agent.pid, ns["client"], [*DIST_FLOOD, "-d", f"{VIP}:{SINK_PORT}"], sink)
             sample.extra["tms_up"] = sorted(lab.tms_up())
             return sample
 
         def baseline() -> Sample:
-            return lab.flood_sample(loop.pid, ns["client"], [*flood, "-d", f"{LOOP_VIP}:{SINK_PORT}"], sink)
+            return lab.flood_sample(plain.pid, ns["client"], [*DIST_FLOOD, "-d", f"{LOOP_VIP}:{SINK_PORT}"], sink)
 
-        return run_pps(lab, "distributor", {"distributor agent": (agent.pid, product),
-                                            "dist_loop (C)": (loop.pid, baseline)})
+        def gso_baseline() -> Sample:
+            return lab.flood_sample(gso.pid, ns["client"], [*DIST_FLOOD, "-d", f"{GSO_LOOP_VIP}:{SINK_PORT}"], sink)
+
+        results = run_pps(lab, "distributor", {"distributor agent": (agent.pid, product),
+                                               "dist_loop (C)": (plain.pid, baseline),
+                                               GSO_LOOP: (gso.pid, gso_baseline)})
+        results[0].ratio = ("distributor agent", "dist_loop (C)")
+        results[2].ratio = ("distributor agent", GSO_LOOP)
+        return results
     finally:
-        if loop is not None:
+        for loop in loops:
             Processes.stop(loop)
+            out = loop.stdout.read().decode().split() if loop.stdout else []
+            if "gso_messages" in out:   # "rx N tx N dropped N gso_messages N gso_refused N"
+                counts = dict(zip(out[::2], out[1::2]))
+                report_progress(f"dist_loop -g, all rounds: {int(counts['tx']):,} datagrams in "
+                                f"{int(counts['gso_messages']):,} GSO messages (and single datagrams); runs the "
+                                f"kernel refused (sent plain): {counts['gso_refused']}")
+        lab.stop_agent("distributor")
+        sink.close()
+
+
+WORKER_COUNTS = (1, 2)
+
+
+def wait_workers(lab: Lab, count: int, timeout: float = 20) -> dict[int, int]:
+    """{worker index: PID} once the agent reports all `count` packet loops running (0: the agent itself)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        workers = lab.overlay.status("distributor", check=False).get("workers") or {}
+        pids = {int(index): pid for index, pid in (workers.get("pids") or {}).items()}
+        if workers.get("running") == count and len(pids) == count - 1:
+            return {0: lab.overlay.procs["distributor"].pid, **pids}
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"workers not running after {timeout}s: {workers}\n"
+                               f"{lab.overlay.log('distributor')[-3000:]}")
+        time.sleep(0.2)
+
+
+def worker_counts(lab: Lab) -> dict[str, Any]:
+    """From the agent's /status: what each packet loop has read so far (TUN packets + underlay datagrams),
+    the agent's own (its counters less the workers' it adds in) and each worker's as last reported (they
+    report every second: `age` says how long ago), and when."""
+    before = time.monotonic()
+    status = lab.overlay.status("distributor", check=False)
+    at = (before + time.monotonic()) / 2
+    counters, workers = status.get("counters") or {}, status.get("workers") or {}
+    reported = {index: packets for index, packets in (workers.get("packets") or {}).items()}
+    total = counters.get("tun_rx_packets", 0) + counters.get("udp_rx_datagrams", 0)
+    loops = {"0": (total - sum(reported.values()), 0.0)}
+    for index, packets in reported.items():
+        loops[index] = (packets, (workers.get("stats_age_s") or {}).get(index, 0.0))
+    return {"at": at, "loops": loops, "running": workers.get("running", 1), "restarts": workers.get("restarts", 0)}
+
+
+def worker_shares(edges: list[dict[str, Any]]) -> dict[str, float]:
+    """Each packet loop's share of the packets read in the window: its rate between its two reports (a
+    worker's report is `age` old, so its interval is its own), over the sum of the rates."""
+    start, end = edges
+    rates = {}
+    for index, (packets1, age1) in end["loops"].items():
+        if index not in start["loops"]:
+            continue
+        packets0, age0 = start["loops"][index]
+        interval = (end["at"] - age1) - (start["at"] - age0)
+        rates[index] = (packets1 - packets0) / interval if interval > 0 else 0.0
+    total = sum(rates.values())
+    return {index: rate / total if total else 0.0 for index, rate in sorted(rates.items())}
+
+
+def workers_flags(sample: Sample) -> str:
+    """The usual checks; with several workers the subject core is process 0's (the agent's) alone, and a
+    worker that restarted or stopped in the window spoils the sample."""
+    info = sample.extra["workers"]
+    if info["count"] == 1:
+        return warnings(sample)
+    notes = common_warnings(sample)
+    # Below 90 % is expected here: while worker 1 holds the generator core, nothing new reaches the TUN
+    # queues and process 0 drains its own and waits (91-96 % busy in docs/performance.md's run).
+    if sample.core_busy < 0.8:
+        notes.append(f"subject core only {sample.core_busy:.0%} busy")
+    elif info["cpu"].get("0", 0.0) < 0.85 * sample.core_busy:
+        notes.append(f"process 0 had only {info['cpu'].get('0', 0.0) / sample.core_busy:.0%} of its core")
+    if info["running"] != info["count"] or info["restarted"]:
+        notes.append(f"workers running {info['running']} of {info['count']}, restarts {info['restarted']}")
+    return flagged(notes)
+
+
+def workers_progress(sample: Sample) -> str:
+    info = sample.extra["workers"]
+    if info["count"] == 1:
+        return ""
+    shares = " ".join(f"w{index} {share:.0%}" for index, share in info["shares"].items())
+    cpu = " ".join(f"w{index} {used:.0%}" for index, used in info["cpu"].items())
+    generator = sample.extra["cores_busy"].get(str(info["generator_cpu"]), 0.0)
+    return f"shares {shares}; CPU {cpu} of a core; CPU {info['generator_cpu']} busy {generator:.0%}"
+
+
+def bench_workers(lab: Lab) -> list[Result]:
+    """The distributor agent with [node] workers = 1 and = 2 under the distributor benchmark's flood. A fresh
+    agent for every sample (the count is a start-up setting). workers = 1: the agent on the subject core,
+    as in `distributor`. workers = 2: process 0 (the agent: packets, and the control work: health probes,
+    status, the workers' counters) on the subject core, worker 1 on the generator core, which it shares
+    with the flood, the sink, this harness and the kernel's forwarding of the flood into the TUN. CPU per
+    packet: every process of the agent (schedstat), over the packets the sink counted."""
+    ns, tools, processes = lab.ns, lab.tools, lab.processes
+    sink = Sink(processes, tools["sink"], ns["tm"], [f"{address}:4754" for address in TM_UNDERLAYS])
+    subject, generator = lab.settings.subject_cpu, lab.settings.generator_cpu
+
+    def sample_with(count: int) -> Sample:
+        lab.write_configs(tms=3, workers=count)
+        agent = lab.start_agent("distributor", lab.subject_cpus)
+        try:
+            lab.wait_tms_up(["tm1", "tm2", "tm3"])
+            loops = wait_workers(lab, count)
+            # Process 0 and whatever else the agent started (multiprocessing's resource tracker) on the
+            # subject core; worker 1 (and any further) on the generator core.
+            others = [pid for pid in descendants(agent.pid) if pid not in loops.values()]
+            for pid in [agent.pid, *others]:
+                pin(pid, lab.subject_cpus)
+            for index, pid in loops.items():
+                if index:
+                    pin(pid, lab.generator_cpus)
+            pids = [agent.pid, *others, *(pid for index, pid in sorted(loops.items()) if index)]
+            sample = lab.flood_sample(pids, ns["client"], [*DIST_FLOOD, "-d", f"{VIP}:{SINK_PORT}"], sink,
+                                      at_edges=(lambda: worker_counts(lab)) if count > 1 else None)
+        finally:
+            lab.stop_agent("distributor")
+        window = sample.extra["window_s"] * 1e9
+        by_pid = sample.extra["proc_ns_by_pid"]
+        cpu = {str(index): by_pid.get(str(pid), 0) / window for index, pid in sorted(loops.items())}
+        cpu["0"] += sum(by_pid.get(str(pid), 0) for pid in others) / window
+        info: dict[str, Any] = {"count": count, "pids": {str(i): pid for i, pid in loops.items()}, "others": others,
+                                "cpu": cpu, "subject_cpu": subject, "generator_cpu": generator,
+                                "placement": {"0": subject, **{str(i): generator for i in loops if i}}}
+        if count > 1:
+            edges = sample.extra.pop("edges")
+            info.update(shares=worker_shares(edges), running=edges[1]["running"],
+                        restarted=edges[1]["restarts"] - edges[0]["restarts"])
+            # The subject core is process 0's alone: its busy time per packet would be half a picture.
+            sample.core_ns = -1.0
+        else:
+            info.update(shares={"0": 1.0}, running=1, restarted=0)
+        sample.extra["workers"] = info
+        return sample
+
+    try:
+        subjects: dict[str, tuple[int, Callable[[], Sample]]] = {
+            f"workers = {count}": (0, functools.partial(sample_with, count)) for count in WORKER_COUNTS}
+        results = run_pps(lab, "workers", subjects, flags=workers_flags, progress=workers_progress)
+        results[1].ratio = (results[1].subject, results[0].subject)
+        return results
+    finally:
         lab.stop_agent("distributor")
         sink.close()
 
@@ -884,20 +1149,62 @@ def print_table(results: list[Result]) -> None:
         by_benchmark.setdefault(result.benchmark, []).append(result)
     for benchmark, rows in by_benchmark.items():
         product, baseline = rows[0], rows[1] if len(rows) > 1 else None
+        by_label = {row.subject: row for row in rows}
+        explicit = any(row.ratio for row in rows)
         for row in rows:
             fmt = "{:,.0f}" if row.unit == "pps" else "{:.2f}" if row.unit == "Gbit/s" else "{:.1f}"
             median = fmt.format(row.median) + f" {row.unit}"
             values = " ".join(fmt.format(v) for v in row.values)
             core = proc = user = ""
             if row.samples and "core_ns" in row.samples[0]:
-                core = f"{statistics.median(s['core_ns'] for s in row.samples):,.0f}"
+                measured = [s["core_ns"] for s in row.samples if s["core_ns"] >= 0]
+                core = f"{statistics.median(measured):,.0f}" if measured else "—"
                 proc = f"{statistics.median(s['proc_ns'] for s in row.samples):,.0f}"
                 user = f"{statistics.median(s['user_share'] for s in row.samples):.0%}"
-            ratio = ratio_line(product, baseline) if row is product and baseline is not None else ""
+            if explicit:
+                ratio = ""
+                if row.ratio:
+                    numerator, denominator = row.ratio
+                    ratio = ratio_line(by_label[numerator], by_label[denominator])
+                    if row.subject != numerator:
+                        ratio += f" ({numerator} / {denominator})"
+            else:
+                ratio = ratio_line(product, baseline) if row is product and baseline is not None else ""
             print(f"| {benchmark} | {row.subject} | {median} | {values} ({spread(row.values)}) | {core} | {proc} | "
                   f"{user} | {ratio} |")
     print("\nratio: product / baseline medians (per-round ratios in brackets); for RTT, overlay / kernel "
-          "(how many times longer).")
+          "(how many times longer); for workers, workers = 2 / workers = 1 (the scaling).")
+    if "workers" in by_benchmark:
+        print_workers(by_benchmark["workers"])
+
+
+def print_workers(rows: list[Result]) -> None:
+    """The workers benchmark beyond the table: scaling, efficiency, the shares and where the CPU went."""
+    one, two = rows[0], rows[1]
+    if not one.values or not two.values:
+        return
+    per_round = [b["proc_ns"] / a["proc_ns"] for a, b in zip(one.samples, two.samples) if a["proc_ns"]]
+    efficiency = (statistics.median(s["proc_ns"] for s in two.samples)
+                  / statistics.median(s["proc_ns"] for s in one.samples))
+    print(f"\nworkers: scaling (packets/s, workers = 2 / workers = 1) {ratio_line(two, one)}")
+    print(f"workers: efficiency (CPU ns per packet of all the agent's processes, workers = 2 / workers = 1) "
+          f"{efficiency:.2f} (per round {min(per_round):.2f}–{max(per_round):.2f}); 1.0: each packet costs the same, "
+          f"the rate grows with the CPU the agent gets")
+    info = two.samples[0]["extra"]["workers"]
+    print(f"workers: where: workers = 1, the agent on CPU {info['subject_cpu']}; workers = 2, process 0 (the agent: "
+          f"packets, health probes, status, the workers' counters) on CPU {info['subject_cpu']}, worker 1 on CPU "
+          f"{info['generator_cpu']}, shared with the generator (flood), the sink, this harness and the kernel's "
+          f"forwarding of the flood into the TUN — so workers = 2 had less than two cores, and the generator less "
+          f"than one")
+    for round_index, sample in enumerate(two.samples):
+        extra = sample["extra"]
+        w = extra["workers"]
+        shares = ", ".join(f"w{index} {share:.1%}" for index, share in w["shares"].items())
+        cpu = ", ".join(f"w{index} {used:.0%}" for index, used in w["cpu"].items())
+        generator = extra["cores_busy"].get(str(w["generator_cpu"]), 0.0)
+        print(f"  round {round_index + 1}, workers = 2: packets read {shares}; CPU {cpu} of a core; CPU "
+              f"{w['generator_cpu']} busy {generator:.0%}; the generator sent {sample['generated_pps']:,.0f} pps "
+              f"(its cap: --offered){extra['flags']}")
 
 
 def print_perf(perf: dict | None) -> None:
@@ -1003,6 +1310,7 @@ def run(args: argparse.Namespace) -> int:
     processes = Processes()
     results: list[Result] = []
     profiles: list[dict] = []
+    durations: dict[str, float] = {}
     # The harness and everything it starts run on the generator core; subjects are moved to theirs.
     os.sched_setaffinity(0, {settings.generator_cpu})
     try:
@@ -1012,21 +1320,27 @@ def run(args: argparse.Namespace) -> int:
             lab = Lab(ns, workdir, tools, settings, processes)
             try:
                 lab.steer_rx(settings.steer_rx)
-                for name, bench in (("distributor", bench_distributor), ("tm", bench_tm)):
+                for name, bench in (("distributor", bench_distributor), ("workers", bench_workers), ("tm", bench_tm)):
                     if name in args.names:
                         print(f"\n[{name}]", flush=True)
+                        section = time.monotonic()
                         results.extend(bench(lab))
+                        durations[name] = time.monotonic() - section
                 lab.steer_rx(False)
                 os.sched_setaffinity(0, lab.all_cpus)   # end to end: nothing pinned, no steering
                 for name, bench in (("iperf", bench_iperf), ("rtt", bench_rtt)):
                     if name in args.names:
                         print(f"\n[{name}]", flush=True)
+                        section = time.monotonic()
                         results.extend(bench(lab))
+                        durations[name] = time.monotonic() - section
                 if "profile" in args.names:
                     print("\n[profile]", flush=True)
                     lab.steer_rx(settings.steer_rx)
                     os.sched_setaffinity(0, {settings.generator_cpu})
+                    section = time.monotonic()
                     profiles = bench_profile(lab)
+                    durations["profile"] = time.monotonic() - section
             finally:
                 for role in list(lab.overlay.procs):
                     lab.stop_agent(role)
@@ -1040,7 +1354,8 @@ def run(args: argparse.Namespace) -> int:
         print_table(results)
     if profiles:
         print_profile(profiles)
-    print(f"\n{elapsed:.0f} s in all")
+    print(f"\n{elapsed:.0f} s in all" + (" (" + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in durations.items())
+                                         + ")" if durations else ""))
     if args.json:
         args.json.write_text(json.dumps({"date": started.isoformat(), "machine": machine(), "product": git_state(),
                                          "settings": asdict(settings), "results": [asdict(r) for r in results],

@@ -1,10 +1,13 @@
 """The benchmark suite (benchmarks/, not part of pass/fail) must not rot silently: its C baselines compile
 with -Wall -Werror, the C xxh64 hashes as python-xxhash does, the generator's packets and the TM baseline's
-DNAT carry correct checksums (over loopback, no root), and the harness imports and answers --help.
-Unprivileged and quick (~1 s); skipped where there is no C compiler."""
+DNAT carry correct checksums (over loopback, no root), dist_loop takes -g, and the harness imports and
+answers --help. Unprivileged and quick (~1 s); skipped where there is no C compiler. One test more where
+root can open a network namespace: dist_loop -g (UDP GSO) sends the datagrams plain dist_loop sends."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import socket
 import struct
@@ -148,6 +151,94 @@ def test_sink_counts_and_echoes_keepalives(binaries: dict[str, Path]) -> None:
         client.close()
 
 
+def test_dist_loop_takes_the_gso_flag(binaries: dict[str, Path]) -> None:
+    """-g parses (too few arguments after it: the usage, no "invalid option"), an unknown flag does not."""
+    gso = subprocess.run([str(binaries["dist_loop"]), "-g", "-s", "1"], capture_output=True, text=True, timeout=5)
+    assert gso.returncode == 2 and "invalid option" not in gso.stderr and "[-g]" in gso.stderr
+    unknown = subprocess.run([str(binaries["dist_loop"]), "-z", "x", "y", "z"], capture_output=True, text=True,
+                             timeout=5)
+    assert unknown.returncode == 2 and "invalid option" in unknown.stderr
+
+
+# Run inside a fresh network namespace (unshare -n): dist_loop [-g] -p on a TUN, 24 UDP flows routed into it
+# while it is stopped (per flow: equal sizes, a shorter one that ends a GSO run, then bigger ones: a new
+# run), three "TMs" on loopback. Prints dist_loop's last line and, per TM, the datagrams it got.
+GSO_CHECK = r"""
+import json, signal, socket, subprocess, sys
+binary, gso = sys.argv[1], sys.argv[2] == "1"
+subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+subprocess.run(["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"], check=True)  # no stray IPv6 on the TUN
+tms = []
+for _ in range(3):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+    s.bind(("127.0.0.1", 0))
+    s.settimeout(0.3)
+    tms.append(s)
+argv = [binary, "-p", *(["-g"] if gso else []), "-s", "10", "dgtest0", "127.0.0.1",
+        *(f"127.0.0.1:{s.getsockname()[1]}" for s in tms)]
+loop = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+assert loop.stdout.readline().strip() == "ready"
+subprocess.run(["ip", "link", "set", "dgtest0", "up"], check=True)
+subprocess.run(["ip", "addr", "add", "10.9.0.254/24", "dev", "dgtest0"], check=True)
+senders = []
+for port in range(40000, 40024):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("10.9.0.254", port))
+    senders.append(s)
+sizes = [100] * 6 + [60] + [100] * 3 + [40, 40]
+loop.send_signal(signal.SIGSTOP)   # all of it queued in the TUN (288 < its 500): dist_loop reads full batches
+for index, size in enumerate(sizes):
+    for flow, s in enumerate(senders):
+        s.sendto(bytes([flow, index]) * (size // 2), ("10.9.0.1", 9))
+loop.send_signal(signal.SIGCONT)
+got = []
+for s in tms:
+    got.append([])
+    while True:
+        try:
+            got[-1].append(s.recv(65536).hex())
+        except socket.timeout:
+            break
+loop.terminate()
+print(json.dumps({"out": loop.communicate(timeout=5)[0].split(), "got": got}))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/net/tun") or shutil.which("unshare") is None
+                    or shutil.which("ip") is None, reason="needs root, /dev/net/tun, unshare(1) and ip(8)")
+def test_dist_loop_gso_sends_what_plain_sends(binaries: dict[str, Path]) -> None:
+    """The same flows through dist_loop and dist_loop -g: every TM gets the same datagrams (GRE header, inner
+    source port, payload; the inner IP id differs from run to run), each flow's in the order sent, and -g
+    did send GSO messages (runs of one TM's equal-sized datagrams)."""
+    runs = {}
+    for gso in ("0", "1"):
+        result = subprocess.run(["unshare", "-n", sys.executable, "-c", GSO_CHECK, str(binaries["dist_loop"]), gso],
+                                capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, result.stderr
+        runs[gso] = json.loads(result.stdout)
+
+    def per_tm(run: dict) -> list[list[tuple[str, str, str]]]:
+        tms = []
+        for datagrams in run["got"]:
+            rows = []
+            for text in datagrams:
+                datagram = bytes.fromhex(text)
+                inner = datagram[4:]
+                rows.append((datagram[:4].hex(), inner[20:22].hex(), inner[28:].hex()))  # GRE, sport, payload
+            tms.append(rows)
+        return tms
+
+    plain, gso = per_tm(runs["0"]), per_tm(runs["1"])
+    assert sum(map(len, plain)) == 24 * 12 and sum(1 for rows in plain if rows) >= 2
+    for plain_rows, gso_rows in zip(plain, gso):
+        assert sorted(plain_rows) == sorted(gso_rows)
+        for flow in {row[1] for row in plain_rows}:
+            assert [row for row in plain_rows if row[1] == flow] == [row for row in gso_rows if row[1] == flow]
+    counts = dict(zip(runs["1"]["out"][::2], runs["1"]["out"][1::2]))
+    assert int(counts["gso_messages"]) > 0 and counts["gso_refused"] == "0" and counts["dropped"] == "0"
+
+
 def test_harness_imports_and_answers_help() -> None:
     result = subprocess.run([sys.executable, "-m", "benchmarks.run", "--help"], cwd=ROOT, capture_output=True,
                             text=True, timeout=30)
@@ -160,6 +251,9 @@ def test_harness_imports_and_answers_help() -> None:
         sys.path.remove(str(ROOT))
     assert set(run.BENCHMARKS) <= set(run.EVERYTHING)
     assert run.parse_args(["--only", "tm,rtt"]).names == {"tm", "rtt"}
+    assert run.parse_args(["--only", "workers"]).names == {"workers"}
+    assert run.rotate(0, ("a", "b")) == ("a", "b") and run.rotate(1, ("a", "b")) == ("b", "a")
+    assert {run.rotate(r, ("a", "b", "c"))[0] for r in range(3)} == {"a", "b", "c"}
     with pytest.raises(SystemExit):
         run.parse_args(["--only", "nonsense"])
     pingpong = subprocess.run([sys.executable, "-m", "benchmarks.pingpong", "--help"], cwd=ROOT, capture_output=True,

@@ -53,13 +53,13 @@ def entries(draw: st.DrawFn) -> AddressEntry:
     return AddressEntry(network, protocol, ports)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=400 if os.environ.get("CI") == "true" else 100, deadline=None)
 @given(st.lists(entries(), max_size=12))
 def test_within_finds_what_every_pair_finds(items: list[AddressEntry]) -> None:
     assert first_overlap_within(SortedEntries(items)) == brute_within(items)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=400 if os.environ.get("CI") == "true" else 100, deadline=None)
 @given(st.lists(entries(), max_size=8), st.lists(entries(), max_size=8))
 def test_between_finds_what_every_pair_finds(left: list[AddressEntry], right: list[AddressEntry]) -> None:
     assert first_overlap_between(SortedEntries(left), SortedEntries(right)) == brute_between(left, right)

@@ -205,6 +205,7 @@ print(json.dumps({"out": loop.communicate(timeout=5)[0].split(), "got": got}))
 """
 
 
+@pytest.mark.lab
 @pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/net/tun") or shutil.which("unshare") is None
                     or shutil.which("ip") is None, reason="needs root, /dev/net/tun, unshare(1) and ip(8)")
 def test_dist_loop_gso_sends_what_plain_sends(binaries: dict[str, Path]) -> None:

@@ -18,6 +18,9 @@ from aiohttp import web
 from overlay.etcd import EtcdClient, EtcdCompacted, EtcdError, EtcdUnavailable, KeyValue, WatchEvent, prefix_range_end
 from tests.etcdserver import EtcdServer, etcd_server_fixture, free_ports  # noqa: F401 (the etcd_server fixture)
 
+# A real etcd with real lease waits: not part of the fast suite (`-m "not etcd"`); CI runs them.
+pytestmark = pytest.mark.etcd
+
 
 async def collect(stream: AsyncIterator[list[WatchEvent]], count: int, timeout: float = 5.0) -> list[WatchEvent]:
     """The next count events of a watch (failing after timeout), and no more than count."""

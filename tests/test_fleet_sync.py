@@ -20,6 +20,9 @@ from overlay.runtime import fleet_sync
 from overlay.runtime.fleet_sync import FleetSync
 from tests.etcdserver import EtcdServer, etcd_server_fixture  # noqa: F401 (the etcd_server fixture)
 
+# A real etcd with real lease waits: not part of the fast suite (`-m "not etcd"`); CI runs them.
+pytestmark = pytest.mark.etcd
+
 CONFIG = Path(__file__).resolve().parents[1] / "config"
 PREFIX = "/overlay/test"
 DOCUMENT = """\

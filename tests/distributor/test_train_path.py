@@ -233,7 +233,7 @@ def compare(fast: Distributor, reference: Distributor, steps: list[tuple[str, ob
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@settings(max_examples=60 if os.environ.get("CI") == "true" else 15, deadline=None, derandomize=True)
+@settings(max_examples=60 if os.environ.get("CI") == "true" else 6, deadline=None, derandomize=True)
 @given(steps=st.lists(step(), min_size=1, max_size=30), warm=st.booleans())
 def test_one_decision_for_a_train_is_what_each_segment_would_get(variant: str, steps: list, warm: bool,
                                                                  auth_dirs: dict[str, Path]) -> None:

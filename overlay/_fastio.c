@@ -22,6 +22,7 @@
  *   flow_run(payloads, start, offset) -> n                  payloads[start:start+n] carry one TCP flow
  *   nat_run(payloads, start, count, at, prefix, addresses, ports, ip_delta, l4_delta) -> [datagram]
  *                                                           a TM's translation of such a run
+ *   distribute(packets, start, state) -> (queues, combos, stop)  the distributor's fast path, compiled
  *
  * Errors: recv_batch and read_batch raise OSError when the first call fails with anything but EAGAIN
  * (what was already read is returned first; the error comes on the next call). send_batch never raises
@@ -944,6 +945,209 @@ static PyObject *write_batch(PyObject *self, PyObject *args) {
     return Py_BuildValue("(nnnn)", written, failed, writes, written_bytes);
 }
 
+/* ---- the distributor's fast path, compiled (Distributor.compiled_state / from_tun) --------------------- */
+
+#include "xxh64.h"
+
+#define COMBOS 64
+
+/* distribute(packets, start, state) -> (queues, combos, stop): the distributor's fast path
+ * (`Distributor._fast_tm` with `parse_flow`'s fast branch) for packets[start:], in order, until the first
+ * packet it does not serve — that one, at `stop`, goes to `Distributor.from_tun` (it may be served by the
+ * full path, or dropped), and the caller calls again from stop + 1. For each packet served: the GRE header
+ * (marked where the row has a second chance) + the packet, to its TM, in queues[flow hash % sockets] as
+ * (payload, destination) — what `UnderlayEndpoint.send` would queue — and one count for its (cell, TM) in
+ * combos [(roles index, TM index, count)]. `state` is `Distributor.compiled_state()`: (roles cache, the 256
+ * fast cells by src_roles * 16 + dst_roles, management addresses, largest inner packet, hash ports?, seed,
+ * row mask, the table's first choices, its second-chance marks or None, the two unmarked GRE headers, the
+ * fleet id, each TM's destination, send sockets). */
+static PyObject *distribute(PyObject *self, PyObject *args) {
+    PyObject *packets, *state;
+    Py_ssize_t start;
+    if (!PyArg_ParseTuple(args, "O!nO!", &PyList_Type, &packets, &start, &PyTuple_Type, &state))
+        return NULL;
+    PyObject *cache, *grid, *management, *first, *fallback, *headers, *dests;
+    Py_ssize_t largest, mask, sockets;
+    int hash_ports;
+    unsigned long long seed;
+    long fleet;
+    if (!PyArg_ParseTuple(state, "O!O!O!npKnO!OO!lO!n", &PyDict_Type, &cache, &PyList_Type, &grid, &PyDict_Type,
+                          &management, &largest, &hash_ports, &seed, &mask, &PyList_Type, &first, &fallback,
+                          &PyTuple_Type, &headers, &fleet, &PyList_Type, &dests, &sockets))
+        return NULL;
+    if (PyList_GET_SIZE(grid) != 256 || PyTuple_GET_SIZE(headers) != 2 || mask + 1 != PyList_GET_SIZE(first) ||
+        (fallback != Py_None && (!PyList_Check(fallback) || PyList_GET_SIZE(fallback) != mask + 1))) {
+        PyErr_SetString(PyExc_ValueError, "distribute: inconsistent state");
+        return NULL;
+    }
+    Py_ssize_t queues_count = sockets > 0 ? sockets : 1;
+    PyObject *queues = PyList_New(queues_count);
+    if (queues == NULL)
+        return NULL;
+    for (Py_ssize_t q = 0; q < queues_count; q++) {
+        PyObject *queue = PyList_New(0);
+        if (queue == NULL) {
+            Py_DECREF(queues);
+            return NULL;
+        }
+        PyList_SET_ITEM(queues, q, queue);
+    }
+    int combo_roles[COMBOS];
+    long combo_tm[COMBOS];
+    Py_ssize_t combo_count[COMBOS];
+    int combos_used = 0;
+    Py_ssize_t count = PyList_GET_SIZE(packets), index = start;
+    int failed = 0;
+    for (; index < count; index++) {
+        PyObject *item = PyList_GET_ITEM(packets, index);
+        if (!PyBytes_Check(item))
+            break;
+        const uint8_t *p = (const uint8_t *)PyBytes_AS_STRING(item);
+        Py_ssize_t size = PyBytes_GET_SIZE(item);
+        int version;
+        size_t address_length;
+        const uint8_t *src, *dst;
+        uint16_t sport, dport;
+        /* parse_flow's fast branch, TCP and UDP only (ICMP and the rest: the Python path). */
+        if (size >= 28 && p[0] == 0x45) {
+            Py_ssize_t total = get16(p + 2);
+            uint8_t protocol = p[9];
+            if (total > size || (get16(p + 6) & 0x3FFF))
+                break;
+            if (protocol == 6) {
+                Py_ssize_t offset = (Py_ssize_t)(p[32] >> 4) << 2;
+                if (total < 40 || offset < 20 || offset > total - 20)
+                    break;
+            } else if (protocol == 17) {
+                Py_ssize_t length = get16(p + 24);
+                if (length < 8 || length > total - 20)
+                    break;
+            } else {
+                break;
+            }
+            version = 4, src = p + 12, dst = p + 16, address_length = 4, sport = get16(p + 20), dport = get16(p + 22);
+        } else if (size >= 48 && p[0] >> 4 == 6) {
+            Py_ssize_t payload = get16(p + 4);
+            uint8_t next = p[6];
+            if (40 + payload > size)
+                break;
+            if (next == 6) {
+                Py_ssize_t offset = (Py_ssize_t)(p[52] >> 4) << 2;
+                if (payload < 20 || offset < 20 || offset > payload)
+                    break;
+            } else if (next == 17) {
+                Py_ssize_t length = get16(p + 44);
+                if (length < 8 || length > payload)
+                    break;
+            } else {
+                break;
+            }
+            version = 6, src = p + 8, dst = p + 24, address_length = 16, sport = get16(p + 40), dport = get16(p + 42);
+        } else {
+            break;
+        }
+        if (size > largest)
+            break;
+        /* _fast_tm: not to a management address; both roles cached; a hashing cell; a row with a TM. */
+        PyObject *dst_object = PyBytes_FromStringAndSize((const char *)dst, (Py_ssize_t)address_length);
+        PyObject *src_object = dst_object ? PyBytes_FromStringAndSize((const char *)src, (Py_ssize_t)address_length) : NULL;
+        if (src_object == NULL) {
+            Py_XDECREF(dst_object);
+            failed = 1;
+            break;
+        }
+        int managed = PyDict_Contains(management, dst_object);
+        PyObject *src_roles = managed ? NULL : PyDict_GetItemWithError(cache, src_object);
+        PyObject *dst_roles = src_roles ? PyDict_GetItemWithError(cache, dst_object) : NULL;
+        Py_DECREF(src_object);
+        Py_DECREF(dst_object);
+        if (managed < 0 || PyErr_Occurred()) {
+            failed = 1;
+            break;
+        }
+        if (dst_roles == NULL || !PyLong_Check(src_roles) || !PyLong_Check(dst_roles))
+            break;
+        long source_bits = PyLong_AsLong(src_roles), destination_bits = PyLong_AsLong(dst_roles);
+        if (source_bits < 0 || source_bits > 15 || destination_bits < 0 || destination_bits > 15)
+            break;
+        int roles = (int)(source_bits * 16 + destination_bits);
+        PyObject *cell = PyList_GET_ITEM(grid, roles);
+        if (cell == Py_None || !PyTuple_Check(cell) || PyTuple_GET_SIZE(cell) != 3)
+            break;
+        int by_source = PyTuple_GET_ITEM(cell, 2) == Py_True;
+        uint8_t key[18];
+        size_t key_length = address_length;
+        memcpy(key, by_source ? src : dst, address_length);
+        if (hash_ports) {
+            uint16_t port = by_source ? sport : dport;
+            key[address_length] = (uint8_t)(port >> 8);
+            key[address_length + 1] = (uint8_t)port;
+            key_length += 2;
+        }
+        uint64_t value = xxh64(key, key_length, (uint64_t)seed);
+        Py_ssize_t row = (Py_ssize_t)(value & (uint64_t)mask);
+        long tm = PyLong_AsLong(PyList_GET_ITEM(first, row));
+        if (tm < 0 || tm >= PyList_GET_SIZE(dests))
+            break;
+        long mark = fallback == Py_None ? 0 : PyLong_AsLong(PyList_GET_ITEM(fallback, row));
+        int slot = 0;
+        while (slot < combos_used && (combo_roles[slot] != roles || combo_tm[slot] != tm))
+            slot++;
+        if (slot == COMBOS)
+            break; /* this batch's count list is full: the caller calls again */
+        /* Committed. */
+        uint8_t marked[8];
+        const char *header;
+        Py_ssize_t header_length;
+        if (mark) {
+            put16(marked, 0x2000);
+            put16(marked + 2, version == 6 ? 0x86DD : 0x0800);
+            put32(marked + 4, (uint32_t)(((unsigned long)fleet << 16) | (unsigned long)mark));
+            header = (const char *)marked, header_length = 8;
+        } else {
+            PyObject *plain = PyTuple_GET_ITEM(headers, version == 6);
+            header = PyBytes_AS_STRING(plain), header_length = PyBytes_GET_SIZE(plain);
+        }
+        PyObject *payload = PyBytes_FromStringAndSize(NULL, header_length + size);
+        PyObject *entry = payload ? PyTuple_Pack(2, payload, PyList_GET_ITEM(dests, tm)) : NULL;
+        if (entry != NULL) {
+            memcpy(PyBytes_AS_STRING(payload), header, (size_t)header_length);
+            memcpy(PyBytes_AS_STRING(payload) + header_length, p, (size_t)size);
+        }
+        Py_XDECREF(payload);
+        PyObject *queue = PyList_GET_ITEM(queues, sockets > 0 ? (Py_ssize_t)(value % (uint64_t)sockets) : 0);
+        if (entry == NULL || PyList_Append(queue, entry) < 0) {
+            Py_XDECREF(entry);
+            failed = 1;
+            break;
+        }
+        Py_DECREF(entry);
+        if (slot == combos_used) {
+            combo_roles[slot] = roles, combo_tm[slot] = tm, combo_count[slot] = 0;
+            combos_used++;
+        }
+        combo_count[slot]++;
+    }
+    if (failed) {
+        Py_DECREF(queues);
+        return NULL;
+    }
+    PyObject *combos = PyList_New(combos_used);
+    for (int slot = 0; combos != NULL && slot < combos_used; slot++) {
+        PyObject *combo = Py_BuildValue("(iln)", combo_roles[slot], combo_tm[slot], combo_count[slot]);
+        if (combo == NULL)
+            Py_CLEAR(combos);
+        else
+            PyList_SET_ITEM(combos, slot, combo);
+    }
+    if (combos == NULL) {
+        Py_DECREF(queues);
+        return NULL;
+    }
+    PyObject *result = Py_BuildValue("(NNn)", queues, combos, index);
+    return result;
+}
+
 static PyObject *read_batch(PyObject *self, PyObject *args) {
     int fd, max = BATCH, vnet = 0;
     if (!PyArg_ParseTuple(args, "O&|ip", to_fd, &fd, &max, &vnet))
@@ -1010,6 +1214,7 @@ static PyMethodDef methods[] = {
     {"coalesce", coalesce, METH_VARARGS, "packets -> vnet-headed writes, runs of one TCP flow as super-packets"},
     {"flow_run", flow_run, METH_VARARGS, "how many payloads from start carry one TCP flow after offset bytes"},
     {"nat_run", nat_run, METH_VARARGS, "the TM's established translation of a run of one TCP connection"},
+    {"distribute", distribute, METH_VARARGS, "the distributor's fast path for a batch of TUN packets"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -17,10 +17,11 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import xxhash
 
-from overlay import checksum, gre
+from overlay import checksum, compiled, gre
 from overlay.auth import Authenticator
 from overlay.addrsets import PrefixIndex
 from overlay.decision import (
@@ -104,6 +105,7 @@ class Distributor:
         """`authenticator`: seal and open every overlay datagram (overlay/auth.py); None: plain GRE-in-UDP,
         peers known by address (the lab on one host)."""
         self.auth = authenticator
+        self._compiled: tuple[tuple[Any, ...], tuple[Any, ...]] | None = None   # compiled_state's cache
         # Where a peer's authenticated datagrams last came from: a TM or edge behind NAT is reached there.
         self.learned: dict[str, tuple[str, int]] = {}
         self._behind_nat: set[str] = set()
@@ -443,6 +445,35 @@ class Distributor:
         return Verdict(ACTION_TM, tm, cell, cell_name, None, self.endpoint(tm),
                        PINNED if tm in self._behind_nat else value,
                        train=[seal(header + segment, tm) for segment in segments])
+
+    def compiled_state(self, sockets: int) -> tuple[Any, ...] | None:
+        """What `_fastio.distribute` (the fast path in C, runtime/packet_path.py) needs, for an endpoint
+        with `sockets` flow-entropy send sockets; None where it does not apply: no extension, `[auth]` (every
+        datagram is sealed in Python), or roles that cannot be cached per address. Rebuilt when the table,
+        its marks, the roles cache or the TMs' destinations are replaced; the cache's contents are read live."""
+        if compiled.distribute is None or self.auth is not None or self._roles_cache is None:
+            return None
+        basis = (self._table, self._fallback, self._roles_cache, self._management, self._tm_dest, sockets)
+        cached = self._compiled
+        if cached is not None and all(a is b for a, b in zip(cached[0], basis)) and cached[0][5] == sockets:
+            return cached[1]
+        table = self._table
+        grid = [self._fast_cells.get((src, dst)) for src in range(16) for dst in range(16)]
+        state = (self._roles_cache, grid, self._management, self._largest_inner, self._hash_ports, self._seed64,
+                 self._mask, table.first, self._fallback, self._gre_headers, self.config.gre_key or 0,
+                 [self._tm_dest[name] for name in table.names], sockets)
+        self._compiled = (basis, state)
+        return state
+
+    def count_compiled(self, combos: list[tuple[int, int, int]]) -> None:
+        """Count what `_fastio.distribute` sent, [(src_roles * 16 + dst_roles, TM index, packets)], as
+        `_fast_tm` counts each packet."""
+        names = self._table.names
+        for roles, tm, count in combos:
+            cell_name, cell, _ = self._fast_cells[(roles >> 4, roles & 15)]
+            self.counters_cell[cell_name] += count
+            self.counters_reason[cell] += count
+            self.counters_tm[names[tm]] += count
 
     def _fast_tm(self, flow: Flow, packet: bytes) -> tuple[str, str, str, int, bytes] | None:
         """The fast path's decision, counted: (tm, reason, cell, flow hash, GRE header), or None when the

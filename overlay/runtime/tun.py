@@ -19,6 +19,7 @@ import fcntl
 import os
 import struct
 from collections.abc import Callable
+from typing import Any
 
 from overlay.runtime import offload as vnet
 from overlay.runtime.batchio import BATCH, COMPILED, read_batch, write_batch
@@ -117,6 +118,7 @@ class TunDevice:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_packet: Callable[[bytes], None] | None = None
         self._on_train: Callable[[list[bytes]], None] | None = None
+        self._on_batch: Callable[[list[bytes]], None] | None = None
         self._on_lost: Callable[[OSError], None] | None = None
         self._queue: list[bytes] = []
         self._flush_scheduled = False
@@ -138,12 +140,15 @@ class TunDevice:
         on_packet: Callable[[bytes], None],
         on_lost: Callable[[OSError], None] | None = None,
         on_train: Callable[[list[bytes]], None] | None = None,
+        on_batch: Callable[[list[bytes]], None] | None = None,
     ) -> None:
-        """Read into `on_packet` (and `on_train`); `on_lost(error)` once if the device goes away (e.g.
-        `ip link del`)."""
+        """Read into `on_packet` (and `on_train`); with `on_batch`, the packets of one read batch (but a
+        super-packet's segments) come together instead, in order. `on_lost(error)` once if the device goes
+        away (e.g. `ip link del`)."""
         self._loop = loop
         self._on_packet = on_packet
         self._on_train = on_train
+        self._on_batch = on_batch
         self._on_lost = on_lost
         loop.add_reader(self.fd, self._drain)
 
@@ -189,7 +194,9 @@ class TunDevice:
                 handled += reads
                 counters["tun_rx_packets"] += reads
                 counters["tun_rx_bytes"] += sum([len(packet) for packet in packets])
-                if on_packet is not None:
+                if self._on_batch is not None:
+                    self._on_batch(packets)
+                elif on_packet is not None:
                     for packet in packets:
                         on_packet(packet)
             if reads < BATCH:
@@ -202,14 +209,19 @@ class TunDevice:
             self.counters[key] = self.counters.get(key, 0) + count
         return sum(dropped.values())
 
-    def _deliver_offloaded(self, items: list[bytes | list[bytes]]) -> None:
-        counters, on_packet, on_train = self.counters, self._on_packet, self._on_train
+    def _deliver_offloaded(self, items: list[Any]) -> None:
+        """A read batch with offloads: a packet (bytes) or a super-packet's segments (a list) each."""
+        counters, on_packet, on_train, on_batch = self.counters, self._on_packet, self._on_train, self._on_batch
+        plain: list[bytes] = []     # with on_batch: the packets since the last super-packet, in order
         for item in items:
             if item.__class__ is list:
                 segments: list[bytes] = item
                 counters["tun_rx_super_packets"] += 1
                 counters["tun_rx_packets"] += len(segments)
                 counters["tun_rx_bytes"] += sum([len(segment) for segment in segments])
+                if plain:
+                    on_batch(plain)  # type: ignore[misc]
+                    plain = []
                 if on_train is not None:
                     on_train(segments)
                 elif on_packet is not None:
@@ -218,8 +230,12 @@ class TunDevice:
             else:
                 counters["tun_rx_packets"] += 1
                 counters["tun_rx_bytes"] += len(item)
-                if on_packet is not None:
-                    on_packet(item)  # type: ignore[arg-type]
+                if on_batch is not None:
+                    plain.append(item)
+                elif on_packet is not None:
+                    on_packet(item)
+        if plain:
+            on_batch(plain)  # type: ignore[misc]
 
     def write(self, packet: bytes) -> bool:
         if self.offload and self._loop is not None:

@@ -298,6 +298,16 @@ class UnderlayEndpoint:
         self._send(sock, payloads[0], peer)      # creates the queue and schedules the flush
         self._queues[sock].extend([(payload, peer) for payload in payloads[1:]])
 
+    def queue_all(self, queues: list[list[tuple[bytes, Peer]]]) -> None:
+        """Queue (payload, peer) items per send socket, as `send` with a flow hash of that index would
+        (the compiled distributor fast path sorts them so); started endpoints only."""
+        sockets = self.send_sockets or [self.receive_socket]
+        for index, items in enumerate(queues):
+            if items:
+                payload, peer = items[0]
+                self._send(sockets[index], payload, peer)    # creates the queue and schedules the flush
+                self._queues[sockets[index]].extend(items[1:])
+
     def reply(self, payload: bytes, peer: Peer) -> bool:
         """Send from the well-known port (keepalive echoes, control traffic)."""
         return self._send(self.receive_socket, payload, peer)

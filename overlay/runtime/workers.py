@@ -77,7 +77,7 @@ async def _serve(source: str, document: str | None, index: int, control: Connect
     def keepalive(_: bytes) -> None:
         stray["keepalives"] += 1   # probes leave from the agent's own sockets: their echoes come back there
 
-    from_tun, from_overlay, from_tun_train, from_overlay_train = packet_handlers(core, tun, udp, keepalive)
+    from_tun, from_overlay, from_tun_train, from_overlay_train, from_tun_batch = packet_handlers(core, tun, udp, keepalive)
 
     def on_control() -> None:
         try:
@@ -103,7 +103,7 @@ async def _serve(source: str, document: str | None, index: int, control: Connect
         loop.call_later(STATS_INTERVAL, report)
 
     loop.add_reader(control.fileno(), on_control)
-    tun.start(loop, from_tun, lambda error: stop.set(), from_tun_train)
+    tun.start(loop, from_tun, lambda error: stop.set(), from_tun_train, from_tun_batch)
     udp.start(loop, from_overlay, from_overlay_train)
     control.send(("ready", index, os.getpid()))
     loop.call_soon(report)

@@ -86,9 +86,10 @@ class FakeTun:
         self.written: list[bytes] = []
         self.counters: dict[str, int] = {}
 
-    def start(self, loop, on_packet, on_lost=None, on_train=None) -> None:
+    def start(self, loop, on_packet, on_lost=None, on_train=None, on_batch=None) -> None:
         self.deliver = on_packet
         self.deliver_train = on_train
+        self.deliver_batch = on_batch
 
     def write(self, packet: bytes) -> bool:
         self.written.append(packet)
@@ -101,6 +102,7 @@ class FakeTun:
 class FakeUdp:
     port = 4754
     source_ports: list[int] = []
+    send_sockets: list[object] = []
 
     def __init__(self) -> None:
         self.sent: list[tuple[bytes, tuple[str, int], int | None]] = []
@@ -117,6 +119,11 @@ class FakeUdp:
     def send_all(self, payloads: list[bytes], peer: tuple[str, int], flow_hash: int = 0) -> None:
         for payload in payloads:
             self.send(payload, peer, flow_hash)
+
+    def queue_all(self, queues: list[list[tuple[bytes, tuple[str, int]]]]) -> None:
+        for items in queues:
+            for payload, peer in items:
+                self.sent.append((payload, peer, "queued"))
 
     def reply(self, payload: bytes, peer: tuple[str, int]) -> bool:
         self.sent.append((payload, peer, None))

@@ -25,6 +25,8 @@ TM1 = ("192.0.2.71", 4754)
 class Recorder:
     """Stands in for the TUN and the underlay endpoint: records what the packet path does."""
 
+    send_sockets: list[object] = []
+
     def __init__(self) -> None:
         self.log: list[tuple] = []
 
@@ -44,6 +46,11 @@ class Recorder:
         for payload in payloads:
             self.send(payload, peer, flow_hash)
 
+    def queue_all(self, queues: list[list[tuple[bytes, tuple[str, int]]]]) -> None:
+        for items in queues:
+            for payload, peer in items:
+                self.log.append(("udp", payload, peer, "queued"))
+
     def keepalive(self, payload: bytes) -> None:
         self.log.append(("keepalive", payload))
 
@@ -56,7 +63,7 @@ def path(fleet_id: bool = False):  # type: ignore[no-untyped-def]
     assert node.distributor is not None
     core = Distributor(node.distributor)
     recorder = Recorder()
-    _, from_overlay, _, from_overlay_train = packet_path.packet_handlers(core, recorder, recorder, recorder.keepalive)  # type: ignore[arg-type]
+    _, from_overlay, _, from_overlay_train, _ = packet_path.packet_handlers(core, recorder, recorder, recorder.keepalive)  # type: ignore[arg-type]
     return core, recorder, from_overlay, from_overlay_train
 
 

@@ -108,6 +108,11 @@ def format_summary(status: Mapping[str, Any], health: Mapping[str, Any], history
         f"up {_duration(status.get('uptime_s'))} · config generation {config.get('generation', '?')} {config.get('hash', '')}".rstrip(),
         f"readiness: {'ready' if health.get('ok') else 'NOT READY'}" + (f" ({_pairs(details)})" if details else ""),
     ]
+    datapath = status.get("datapath")
+    if isinstance(datapath, Mapping):
+        lines.append(f"datapath: {'compiled' if datapath.get('compiled') else 'pure Python'} · "
+                     f"TUN offloads {'on' if datapath.get('tun_offload') else 'off'} · "
+                     f"workers {datapath.get('workers', '?')}")
     rates = recent_rates(history)
     total_rate = sum(rates.values())
     is_distributor = status.get("role") == "distributor"

@@ -257,3 +257,13 @@ def test_the_summary_shows_the_fleet_of_distributors_and_an_unreachable_store() 
         ["dist1", "192.0.2.2:4754", "tm2"], ["dist2", "192.0.2.3:4754", "-"]]
     assert "agreed down: tm2" in text
     assert "fleet store" not in format_summary({"role": "distributor", "fleet": {"store": "file"}}, {"ok": True}, {})
+
+
+def test_the_summary_says_how_the_datapath_runs() -> None:
+    text = format_summary({"role": "distributor", "datapath": {"compiled": True, "tun_offload": True, "workers": 2}},
+                          {"ok": True}, {})
+    assert "datapath: compiled · TUN offloads on · workers 2" in text
+    text = format_summary({"role": "tm", "datapath": {"compiled": False, "tun_offload": False, "workers": 1}},
+                          {"ok": True}, {})
+    assert "datapath: pure Python · TUN offloads off · workers 1" in text
+    assert "datapath" not in format_summary({"role": "tm"}, {"ok": True}, {})

@@ -23,6 +23,7 @@
  *   nat_run(payloads, start, count, at, prefix, addresses, ports, ip_delta, l4_delta) -> [datagram]
  *                                                           a TM's translation of such a run
  *   distribute(packets, start, state) -> (queues, combos, stop)  the distributor's fast path, compiled
+ *   deliver(items, start, state) -> (inners, stop)          its from_overlay for TMs' data, compiled
  *
  * Errors: recv_batch and read_batch raise OSError when the first call fails with anything but EAGAIN
  * (what was already read is returned first; the error comes on the next call). send_batch never raises
@@ -1148,6 +1149,62 @@ static PyObject *distribute(PyObject *self, PyObject *args) {
     return result;
 }
 
+/* deliver(items, start, state) -> (inners, stop): the distributor's `from_overlay` for a TM's plain data
+ * datagram (no [auth], no edges: `Distributor.delivery_state`), for items[start:] as (payload, peer), in
+ * order, until the first it does not serve (at `stop`: the caller hands it to `from_overlay`, then calls
+ * again): the peer is a TM (by its underlay endpoint, else by its address), the GRE header is 4 bytes
+ * without a key (fleet id 0) or 8 with our fleet id in the key, the protocol IPv4 or IPv6; the inner packet
+ * goes into the TUN as it is (`inners`), counted "from-tm" by the caller. state: (TMs by underlay, TMs by
+ * address, fleet id). */
+static PyObject *deliver(PyObject *self, PyObject *args) {
+    PyObject *items, *state, *by_underlay, *by_address;
+    Py_ssize_t start;
+    long fleet;
+    if (!PyArg_ParseTuple(args, "O!nO!", &PyList_Type, &items, &start, &PyTuple_Type, &state) ||
+        !PyArg_ParseTuple(state, "O!O!l", &PyDict_Type, &by_underlay, &PyDict_Type, &by_address, &fleet))
+        return NULL;
+    PyObject *inners = PyList_New(0);
+    if (inners == NULL)
+        return NULL;
+    Py_ssize_t count = PyList_GET_SIZE(items), index = start;
+    for (; index < count; index++) {
+        PyObject *item = PyList_GET_ITEM(items, index);
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2 || !PyBytes_Check(PyTuple_GET_ITEM(item, 0)))
+            break;
+        PyObject *payload = PyTuple_GET_ITEM(item, 0), *peer = PyTuple_GET_ITEM(item, 1);
+        const uint8_t *p = (const uint8_t *)PyBytes_AS_STRING(payload);
+        Py_ssize_t size = PyBytes_GET_SIZE(payload), header;
+        if (size < 4)
+            break;
+        uint16_t flags = get16(p), protocol = get16(p + 2);
+        if (protocol != 0x0800 && protocol != 0x86DD)
+            break;
+        if (flags == 0 && fleet == 0)
+            header = 4;
+        else if (flags == 0x2000 && size >= 8 && (long)(get32(p + 4) >> 16) == fleet)
+            header = 8;
+        else
+            break;
+        PyObject *tm = PyDict_GetItemWithError(by_underlay, peer);
+        if (tm == NULL && !PyErr_Occurred() && PyTuple_Check(peer) && PyTuple_GET_SIZE(peer) == 2)
+            tm = PyDict_GetItemWithError(by_address, PyTuple_GET_ITEM(peer, 0));
+        if (PyErr_Occurred()) {
+            Py_DECREF(inners);
+            return NULL;
+        }
+        if (tm == NULL || !PyObject_IsTrue(tm))
+            break;
+        PyObject *inner = PyBytes_FromStringAndSize((const char *)p + header, size - header);
+        if (inner == NULL || PyList_Append(inners, inner) < 0) {
+            Py_XDECREF(inner);
+            Py_DECREF(inners);
+            return NULL;
+        }
+        Py_DECREF(inner);
+    }
+    return Py_BuildValue("(Nn)", inners, index);
+}
+
 static PyObject *read_batch(PyObject *self, PyObject *args) {
     int fd, max = BATCH, vnet = 0;
     if (!PyArg_ParseTuple(args, "O&|ip", to_fd, &fd, &max, &vnet))
@@ -1215,6 +1272,7 @@ static PyMethodDef methods[] = {
     {"flow_run", flow_run, METH_VARARGS, "how many payloads from start carry one TCP flow after offset bytes"},
     {"nat_run", nat_run, METH_VARARGS, "the TM's established translation of a run of one TCP connection"},
     {"distribute", distribute, METH_VARARGS, "the distributor's fast path for a batch of TUN packets"},
+    {"deliver", deliver, METH_VARARGS, "the distributor's from_overlay for a batch of TMs' data datagrams"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -106,6 +106,7 @@ class Distributor:
         peers known by address (the lab on one host)."""
         self.auth = authenticator
         self._compiled: tuple[tuple[Any, ...], tuple[Any, ...]] | None = None   # compiled_state's cache
+        self._delivery: tuple[Any, ...] | None = None                            # delivery_state's
         # Where a peer's authenticated datagrams last came from: a TM or edge behind NAT is reached there.
         self.learned: dict[str, tuple[str, int]] = {}
         self._behind_nat: set[str] = set()
@@ -463,6 +464,16 @@ class Distributor:
                  self._mask, table.first, self._fallback, self._gre_headers, self.config.gre_key or 0,
                  [self._tm_dest[name] for name in table.names], sockets)
         self._compiled = (basis, state)
+        return state
+
+    def delivery_state(self) -> tuple[Any, ...] | None:
+        """What `_fastio.deliver` (`from_overlay` for a TM's plain data datagrams, in C) needs; None where
+        it does not apply: no extension, `[auth]`, or edges (a TM's output may be for an edge)."""
+        if compiled.deliver is None or self.auth is not None or self._edge_dest:
+            return None
+        state = self._delivery
+        if state is None or state[0] is not self._tm_by_underlay or state[1] is not self._tm_by_address:
+            state = self._delivery = (self._tm_by_underlay, self._tm_by_address, self._fleet_id)
         return state
 
     def count_compiled(self, combos: list[tuple[int, int, int]]) -> None:

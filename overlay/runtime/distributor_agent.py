@@ -76,9 +76,10 @@ class DistributorAgent(Agent):
         self._serving = self.health.serving()
         for tm in dconfig.tms:
             core.set_tm_up(tm.name, tm.name in self._serving)
-        from_tun, from_overlay, from_tun_train, from_overlay_train, from_tun_batch = packet_handlers(core, self.tun, self.udp, self._on_keepalive)
+        (from_tun, from_overlay, from_tun_train, from_overlay_train, from_tun_batch,
+         from_overlay_batch) = packet_handlers(core, self.tun, self.udp, self._on_keepalive)
         self.tun.start(loop, from_tun, self.tun_lost, from_tun_train, from_tun_batch)
-        self.udp.start(loop, from_overlay, from_overlay_train)
+        self.udp.start(loop, from_overlay, from_overlay_train, from_overlay_batch)
         self._arm_health(now)
         if self.config.workers > 1:
             # The receive sockets of all workers form one SO_REUSEPORT group: spread by the inner flow.

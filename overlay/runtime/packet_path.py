@@ -20,9 +20,10 @@ Peer = tuple[str, int]
 
 def packet_handlers(core: Distributor, tun: TunDevice, udp: UnderlayEndpoint, on_keepalive: Callable[[bytes], None],
                     ) -> tuple[Callable[[bytes], None], Callable[[bytes, Peer], None], Callable[[list[bytes]], None],
-                               Callable[[list[bytes], Peer], None], Callable[[list[bytes]], None]]:
-    """(from_tun, from_overlay, from_tun_train, from_overlay_train, from_tun_batch) callbacks for
-    `TunDevice.start` and `UnderlayEndpoint.start`."""
+                               Callable[[list[bytes], Peer], None], Callable[[list[bytes]], None],
+                               Callable[[list[tuple[bytes, Peer]]], None]]:
+    """(from_tun, from_overlay, from_tun_train, from_overlay_train, from_tun_batch, from_overlay_batch)
+    callbacks for `TunDevice.start` and `UnderlayEndpoint.start`."""
     tun_write, tun_write_all, udp_send, udp_send_all = tun.write, tun.write_all, udp.send, udp.send_all
 
     def execute(verdict: Verdict) -> None:
@@ -68,6 +69,27 @@ def packet_handlers(core: Distributor, tun: TunDevice, udp: UnderlayEndpoint, on
                     return
             index = stop
 
+    deliver = compiled.deliver
+
+    def from_overlay_batch(items: list[tuple[bytes, Peer]]) -> None:
+        # Datagrams of a receive batch: a TM's data into the TUN in C (`_fastio.deliver`) for as many as it
+        # serves, in order; the first it does not serve through `from_overlay`, then on from the next.
+        state = core.delivery_state()
+        if state is None:
+            for payload, peer in items:
+                from_overlay(payload, peer)
+            return
+        index, count = 0, len(items)
+        while index < count:
+            inners, stop = deliver(items, index, state)  # type: ignore[misc]
+            if inners:
+                core.forwarded_from_tm(len(inners))
+                tun_write_all(inners)
+            if stop < count:
+                from_overlay(*items[stop])
+                stop += 1
+            index = stop
+
     def from_tun_train(segments: list[bytes]) -> None:
         # A TSO super-packet's segments: one decision for all of them where the fast path serves the
         # first (runtime/offload.py); else each its own.
@@ -111,4 +133,4 @@ def packet_handlers(core: Distributor, tun: TunDevice, udp: UnderlayEndpoint, on
                 execute(verdict)
             index += 1
 
-    return from_tun, from_overlay, from_tun_train, from_overlay_train, from_tun_batch
+    return from_tun, from_overlay, from_tun_train, from_overlay_train, from_tun_batch, from_overlay_batch

@@ -201,6 +201,7 @@ class UnderlayEndpoint:
         self._flush_scheduled = False
         self._on_datagram: Callable[[bytes, Peer], None] | None = None
         self._on_train: Callable[[list[bytes], Peer], None] | None = None
+        self._on_batch: Callable[[list[tuple[bytes, Peer]]], None] | None = None
         self.counters: dict[str, int] = {
             "udp_rx_datagrams": 0,
             "udp_rx_bytes": 0,
@@ -214,12 +215,15 @@ class UnderlayEndpoint:
         return [self.receive_socket, *self.send_sockets]
 
     def start(self, loop: asyncio.AbstractEventLoop, on_datagram: Callable[[bytes, Peer], None],
-              on_train: Callable[[list[bytes], Peer], None] | None = None) -> None:
+              on_train: Callable[[list[bytes], Peer], None] | None = None,
+              on_batch: Callable[[list[tuple[bytes, Peer]]], None] | None = None) -> None:
         """Read into `on_datagram`; with `on_train`, a UDP GRO train (a peer's GSO send: datagrams of
-        one size, in order) comes as one call with its datagrams, which the node may handle together."""
+        one size, in order) comes as one call with its datagrams, which the node may handle together;
+        with `on_batch`, the other datagrams of a receive batch come together, [(payload, peer)], in order."""
         self._loop = loop
         self._on_datagram = on_datagram
         self._on_train = on_train
+        self._on_batch = on_batch
         for sock in self.sockets:
             loop.add_reader(sock.fileno(), self._drain, sock)
 
@@ -257,7 +261,9 @@ class UnderlayEndpoint:
             else:
                 counters["udp_rx_datagrams"] += len(batch)
                 counters["udp_rx_bytes"] += sum([len(payload) for payload, _ in batch])
-                if on_datagram is not None:
+                if self._on_batch is not None:
+                    self._on_batch(batch)
+                elif on_datagram is not None:
                     for payload, peer in batch:
                         on_datagram(payload, peer)
             if len(batch) < BATCH:
@@ -265,19 +271,28 @@ class UnderlayEndpoint:
         return handled
 
     def _deliver_grouped(self, batch: list[tuple[Any, Peer]]) -> None:
-        on_datagram, on_train, counters = self._on_datagram, self._on_train, self.counters
-        for payload, peer in batch:
+        on_datagram, on_train, on_batch, counters = self._on_datagram, self._on_train, self._on_batch, self.counters
+        plain: list[tuple[bytes, Peer]] = []     # with on_batch: the datagrams since the last train
+        for item in batch:
+            payload, peer = item
             if payload.__class__ is list:
                 train: list[bytes] = payload
                 counters["udp_rx_trains"] = counters.get("udp_rx_trains", 0) + 1
                 counters["udp_rx_datagrams"] += len(train)
                 counters["udp_rx_bytes"] += sum([len(each) for each in train])
+                if plain:
+                    on_batch(plain)  # type: ignore[misc]
+                    plain = []
                 on_train(train, peer)  # type: ignore[misc]
             else:
                 counters["udp_rx_datagrams"] += 1
                 counters["udp_rx_bytes"] += len(payload)
-                if on_datagram is not None:
+                if on_batch is not None:
+                    plain.append(item)
+                elif on_datagram is not None:
                     on_datagram(payload, peer)
+        if plain:
+            on_batch(plain)  # type: ignore[misc]
 
     def send(self, payload: bytes, peer: Peer, flow_hash: int = 0) -> bool:
         """Send from the socket `flow_hash` picks (so one inner flow keeps one outer source port); a

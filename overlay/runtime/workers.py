@@ -77,7 +77,8 @@ async def _serve(source: str, document: str | None, index: int, control: Connect
     def keepalive(_: bytes) -> None:
         stray["keepalives"] += 1   # probes leave from the agent's own sockets: their echoes come back there
 
-    from_tun, from_overlay, from_tun_train, from_overlay_train, from_tun_batch = packet_handlers(core, tun, udp, keepalive)
+    (from_tun, from_overlay, from_tun_train, from_overlay_train, from_tun_batch,
+     from_overlay_batch) = packet_handlers(core, tun, udp, keepalive)
 
     def on_control() -> None:
         try:
@@ -104,7 +105,7 @@ async def _serve(source: str, document: str | None, index: int, control: Connect
 
     loop.add_reader(control.fileno(), on_control)
     tun.start(loop, from_tun, lambda error: stop.set(), from_tun_train, from_tun_batch)
-    udp.start(loop, from_overlay, from_overlay_train)
+    udp.start(loop, from_overlay, from_overlay_train, from_overlay_batch)
     control.send(("ready", index, os.getpid()))
     loop.call_soon(report)
     try:

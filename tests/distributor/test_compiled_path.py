@@ -61,7 +61,7 @@ class Recorder:
 
 def handlers(core: Distributor) -> tuple[Recorder, object, object]:
     recorder = Recorder()
-    from_tun, _, _, _, from_tun_batch = packet_path.packet_handlers(core, recorder, recorder, lambda _: None)  # type: ignore[arg-type]
+    from_tun, _, _, _, from_tun_batch, _ = packet_path.packet_handlers(core, recorder, recorder, lambda _: None)  # type: ignore[arg-type]
     return recorder, from_tun, from_tun_batch
 
 

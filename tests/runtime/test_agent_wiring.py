@@ -108,9 +108,10 @@ class FakeUdp:
         self.sent: list[tuple[bytes, tuple[str, int], int | None]] = []
         self.counters: dict[str, int] = {}
 
-    def start(self, loop, on_datagram, on_train=None) -> None:
+    def start(self, loop, on_datagram, on_train=None, on_batch=None) -> None:
         self.deliver = on_datagram
         self.deliver_train = on_train
+        self.deliver_batch = on_batch
 
     def send(self, payload: bytes, peer: tuple[str, int], flow_hash: int = 0) -> bool:
         self.sent.append((payload, peer, flow_hash))

@@ -63,7 +63,7 @@ def path(fleet_id: bool = False):  # type: ignore[no-untyped-def]
     assert node.distributor is not None
     core = Distributor(node.distributor)
     recorder = Recorder()
-    _, from_overlay, _, from_overlay_train, _ = packet_path.packet_handlers(core, recorder, recorder, recorder.keepalive)  # type: ignore[arg-type]
+    _, from_overlay, _, from_overlay_train, _, _ = packet_path.packet_handlers(core, recorder, recorder, recorder.keepalive)  # type: ignore[arg-type]
     return core, recorder, from_overlay, from_overlay_train
 
 
@@ -135,3 +135,81 @@ def test_negative_control_a_run_check_blind_to_the_outer_header_is_caught(monkey
     for payload in train:
         from_overlay(payload, TM1)
     assert train_log.log != plain_log.log
+
+
+# -- the compiled delivery of a receive batch (`from_overlay_batch`, `_fastio.deliver`) --------------------
+
+PEERS = [TM1, ("192.0.2.72", 4754), ("192.0.2.71", 40001), ("192.0.2.99", 4754)]   # tm1, tm2, tm1 by address, nobody
+
+
+def random_items(rng: random.Random, key: int | None) -> list[tuple[bytes, tuple[str, int]]]:
+    items = []
+    for _ in range(rng.randrange(1, 80)):
+        version = rng.choice((4, 6))
+        inner = rng.choice([tcp_packet(version, rng.randbytes(rng.randrange(0, 200))),
+                            udp_packet(version, rng.randbytes(50)), rng.randbytes(rng.randrange(0, 30))])
+        choice = rng.random()
+        if choice < 0.7:
+            payload = gre.encapsulate(inner, key=key)
+        elif choice < 0.75:
+            payload = gre.encapsulate(inner, key=(key or 0) + (1 << 16))          # another fleet
+        elif choice < 0.8:
+            payload = gre.encapsulate(inner, key=gre.make_key(77 if key else None, 5))   # a mark
+        elif choice < 0.85:
+            payload = gre.encapsulate(b"probe", key=key, protocol=gre.KEEPALIVE_PROTOCOL)
+        elif choice < 0.9:
+            payload = b"\x80\x00\x08\x00" + bytes(4) + inner                     # with a GRE checksum field
+        else:
+            payload = rng.randbytes(rng.randrange(0, 12))
+        items.append((payload, rng.choice(PEERS)))
+    return items
+
+
+@pytest.mark.parametrize("fleet_id", [False, True], ids=["no fleet id", "fleet id"])
+def test_a_receive_batch_gives_what_its_datagrams_give_one_by_one(fleet_id: bool) -> None:
+    rng = random.Random(7 + fleet_id)
+    key = gre.make_key(77, 0) if fleet_id else None
+    batch_core, batch_log, batch_handlers = path_with_batch(fleet_id)
+    plain_core, plain_log, from_overlay, _ = path(fleet_id)
+    assert (batch_core.delivery_state() is not None) == batchio.COMPILED    # C serves where it is built
+    for _ in range(60):
+        items = random_items(rng, key)
+        batch_handlers(items)
+        for payload, peer in items:
+            from_overlay(payload, peer)
+    assert batch_log.log == plain_log.log
+    assert sum(entry[0] == "tun" for entry in batch_log.log) > 1000
+    assert batch_core.counters() == plain_core.counters()
+    assert dict(batch_core.counters_reason) == dict(plain_core.counters_reason)
+    assert dict(batch_core.counters_drop) == dict(plain_core.counters_drop)
+
+
+def path_with_batch(fleet_id: bool = False):  # type: ignore[no-untyped-def]
+    text = reference_text()
+    if fleet_id:
+        text = text.replace("mtu = 1500", "mtu = 1500\ngre_key = 77")
+    node = parse_node_config(text, "distributor.toml")
+    assert node.distributor is not None
+    core = Distributor(node.distributor)
+    recorder = Recorder()
+    *_, from_overlay_batch = packet_path.packet_handlers(core, recorder, recorder, recorder.keepalive)  # type: ignore[arg-type]
+    return core, recorder, from_overlay_batch
+
+
+@pytest.mark.skipif(not batchio.COMPILED, reason="overlay._fastio was not built")
+def test_negative_control_a_delivery_blind_to_the_fleet_id_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    original = Distributor.delivery_state
+
+    def blind(self: Distributor):  # type: ignore[no-untyped-def]
+        state = original(self)
+        return None if state is None else (state[0], state[1], 0)
+
+    monkeypatch.setattr(Distributor, "delivery_state", blind)
+    rng = random.Random(3)
+    _, batch_log, batch_handlers = path_with_batch(True)
+    _, plain_log, from_overlay, _ = path(True)
+    items = [(gre.encapsulate(tcp_packet(4, rng.randbytes(20))), TM1) for _ in range(5)]   # no key: fleet 0
+    batch_handlers(items)
+    for payload, peer in items:
+        from_overlay(payload, peer)
+    assert batch_log.log != plain_log.log

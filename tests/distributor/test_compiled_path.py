@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from overlay import compiled
-from overlay.distributor.core import PINNED, Distributor
+from overlay.distributor.core import Distributor
 from overlay.runtime import packet_path
 from tests.distributor import packets as P
 from tests.distributor.test_fast_path import ADDRESSES_V4, ADDRESSES_V6, fleet, packet_mix
@@ -142,7 +142,3 @@ def test_negative_control_a_wrong_state_is_caught(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(Distributor, "compiled_state", wrong)
     with pytest.raises(AssertionError):
         compare("draining", busy_batches(7))
-
-
-def test_pinned_is_negative() -> None:
-    assert PINNED < 0     # the recorder's reading of the well-known port

@@ -24,6 +24,7 @@
  *                                                           a TM's translation of such a run
  *   distribute(packets, start, state) -> (queues, combos, stop)  the distributor's fast path, compiled
  *   deliver(items, start, state) -> (inners, stop)          its from_overlay for TMs' data, compiled
+ *   translate(items, start, state, now) -> (outputs, stop, received, last)  the TM's fast path, compiled
  *
  * Errors: recv_batch and read_batch raise OSError when the first call fails with anything but EAGAIN
  * (what was already read is returned first; the error comes on the next call). send_batch never raises
@@ -1205,6 +1206,291 @@ static PyObject *deliver(PyObject *self, PyObject *args) {
     return Py_BuildValue("(Nn)", inners, index);
 }
 
+/* ---- the TM's established-flow fast path, compiled (TMNode.from_overlay_batch) --------------------------- */
+
+static PyObject *one;   /* the int 1, for the counters */
+static PyObject *s_conn, *s_state, *s_last_seen, *s_direction, *s_reason, *s_addresses, *s_ports, *s_ip_delta,
+    *s_l4_delta, *s_move_to_end;
+
+static int intern_names(void) {
+    if (s_conn != NULL)
+        return 0;
+    s_conn = PyUnicode_InternFromString("conn");
+    s_state = PyUnicode_InternFromString("state");
+    s_last_seen = PyUnicode_InternFromString("last_seen");
+    s_direction = PyUnicode_InternFromString("direction");
+    s_reason = PyUnicode_InternFromString("reason");
+    s_addresses = PyUnicode_InternFromString("addresses");
+    s_ports = PyUnicode_InternFromString("ports");
+    s_ip_delta = PyUnicode_InternFromString("ip_delta");
+    s_l4_delta = PyUnicode_InternFromString("l4_delta");
+    s_move_to_end = PyUnicode_InternFromString("move_to_end");
+    one = PyLong_FromLong(1);
+    return s_move_to_end == NULL || one == NULL ? -1 : 0;
+}
+
+static long attribute_long(PyObject *object, PyObject *name, int *failed) {
+    PyObject *value = PyObject_GetAttr(object, name);
+    if (value == NULL) {
+        *failed = 1;
+        return -1;
+    }
+    long result = PyLong_AsLong(value);
+    Py_DECREF(value);
+    if (result == -1 && PyErr_Occurred())
+        *failed = 1;
+    return result;
+}
+
+/* One datagram through TrafficManager.forward_established, in C: 1 sent (*out set), 0 not served (nothing
+ * changed), -1 error. */
+static int translate_one(PyObject *data_object, Py_ssize_t at, PyObject *state, double now, PyObject **out) {
+    PyObject *tcp = PyTuple_GET_ITEM(state, 3), *udp = PyTuple_GET_ITEM(state, 4);
+    PyObject *management = PyTuple_GET_ITEM(state, 5), *timeouts = PyTuple_GET_ITEM(state, 6);
+    PyObject *by_state = PyTuple_GET_ITEM(state, 7), *held = PyTuple_GET_ITEM(state, 8);
+    PyObject *counts = PyTuple_GET_ITEM(state, 9), *prefixes = PyTuple_GET_ITEM(state, 10);
+    long established = PyLong_AsLong(PyTuple_GET_ITEM(state, 11)), replied = PyLong_AsLong(PyTuple_GET_ITEM(state, 12));
+    const uint8_t *data = (const uint8_t *)PyBytes_AS_STRING(data_object);
+    Py_ssize_t size = PyBytes_GET_SIZE(data_object) - at;
+    if (size < 20)
+        return 0;
+    const uint8_t *packet = data + at;
+    int version;
+    Py_ssize_t l4;
+    uint8_t protocol;
+    const uint8_t *key, *destination;
+    Py_ssize_t key_length, address_length;
+    uint16_t ip_checksum = 0;
+    if (packet[0] == 0x45) {
+        if (get16(packet + 2) != size || (get16(packet + 6) & 0x3FFF))
+            return 0;
+        protocol = packet[9], ip_checksum = get16(packet + 10);
+        version = 4, l4 = 20, key = packet + 12, key_length = 12, destination = packet + 16, address_length = 4;
+    } else if (packet[0] >> 4 == 6) {
+        if (size < 40 || 40 + (Py_ssize_t)get16(packet + 4) != size)
+            return 0;
+        protocol = packet[6];
+        version = 6, l4 = 40, key = packet + 8, key_length = 36, destination = packet + 24, address_length = 16;
+    } else {
+        return 0;
+    }
+    Py_ssize_t room = size - l4;
+    uint16_t l4_checksum;
+    PyObject *table;
+    if (protocol == 6) {
+        if (room < 20)
+            return 0;
+        Py_ssize_t offset = (Py_ssize_t)(packet[l4 + 12] >> 4) << 2;
+        if (offset < 20 || offset > room || (packet[l4 + 13] & (TCP_FIN | 0x02 | 0x04)))
+            return 0;
+        l4_checksum = get16(packet + l4 + 16), table = tcp;
+    } else if (protocol == 17) {
+        if (room < 8)
+            return 0;
+        Py_ssize_t length = get16(packet + l4 + 4);
+        if (length < 8 || length > room)
+            return 0;
+        l4_checksum = get16(packet + l4 + 6), table = udp;
+    } else {
+        return 0;
+    }
+    PyObject *destination_object = PyBytes_FromStringAndSize((const char *)destination, address_length);
+    if (destination_object == NULL)
+        return -1;
+    int managed = PySequence_Contains(management, destination_object);
+    Py_DECREF(destination_object);
+    if (managed)
+        return managed < 0 ? -1 : 0;
+    PyObject *key_object = PyBytes_FromStringAndSize((const char *)key, key_length);
+    if (key_object == NULL)
+        return -1;
+    PyObject *half = PyDict_GetItemWithError(table, key_object);   /* borrowed */
+    Py_DECREF(key_object);
+    if (half == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    PyObject *conn = PyObject_GetAttr(half, s_conn);
+    if (conn == NULL)
+        return -1;
+    int failed = 0, result = 0;
+    PyObject *reason = NULL, *addresses = NULL, *ports = NULL, *seen = NULL;
+    long conn_state = attribute_long(conn, s_state, &failed);
+    if (failed)
+        goto done;
+    if (protocol == 6 ? conn_state != established
+                      : (attribute_long(half, s_direction, &failed) != 0 && conn_state != replied)) {
+        goto done;   /* failed is set if the attribute was missing */
+    }
+    if (failed || conn_state < 0 || conn_state >= PyList_GET_SIZE(timeouts))
+        goto done;
+    seen = PyObject_GetAttr(conn, s_last_seen);
+    if (seen == NULL) {
+        failed = 1;
+        goto done;
+    }
+    double last_seen = PyFloat_AsDouble(seen), timeout = PyFloat_AsDouble(PyList_GET_ITEM(timeouts, conn_state));
+    if (PyErr_Occurred()) {
+        failed = 1;
+        goto done;
+    }
+    if (last_seen + timeout <= now)
+        goto done;
+    if (PyDict_GET_SIZE(held)) {
+        int is_held = PyDict_Contains(held, conn);
+        if (is_held) {
+            failed = is_held < 0;
+            goto done;
+        }
+    }
+    reason = PyObject_GetAttr(half, s_reason);
+    addresses = reason ? PyObject_GetAttr(half, s_addresses) : NULL;
+    if (addresses == NULL) {
+        failed = 1;
+        goto done;
+    }
+    long ip_delta = 0, l4_delta = 0;
+    if (addresses != Py_None) {
+        ports = PyObject_GetAttr(half, s_ports);
+        ip_delta = attribute_long(half, s_ip_delta, &failed);
+        l4_delta = failed ? 0 : attribute_long(half, s_l4_delta, &failed);
+        if (failed || ports == NULL || !PyBytes_Check(ports) || PyBytes_GET_SIZE(ports) != 4 || !PyBytes_Check(addresses) ||
+            PyBytes_GET_SIZE(addresses) != 2 * address_length) {
+            failed = failed || ports == NULL;
+            if (!failed)
+                PyErr_Clear();
+            goto done;   /* not what the fast path knows: the Python path decides */
+        }
+    }
+    /* Committed: what forward_established changes. */
+    PyObject *now_object = PyFloat_FromDouble(now);
+    if (now_object == NULL || PyObject_SetAttr(conn, s_last_seen, now_object) < 0) {
+        Py_XDECREF(now_object);
+        failed = 1;
+        goto done;
+    }
+    Py_DECREF(now_object);
+    PyObject *moved = PyObject_CallMethodOneArg(PyList_GET_ITEM(by_state, conn_state), s_move_to_end, conn);
+    if (moved == NULL) {
+        failed = 1;
+        goto done;
+    }
+    Py_DECREF(moved);
+    PyObject *count = PyDict_GetItemWithError(counts, reason);
+    PyObject *next = count ? PyNumber_Add(count, one) : NULL;
+    if (next == NULL || PyDict_SetItem(counts, reason, next) < 0) {
+        Py_XDECREF(next);
+        failed = 1;
+        goto done;
+    }
+    Py_DECREF(next);
+    PyObject *prefix = PyTuple_GET_ITEM(prefixes, version == 6);
+    Py_ssize_t prefix_length = PyBytes_GET_SIZE(prefix);
+    PyObject *datagram = PyBytes_FromStringAndSize(NULL, prefix_length + size);
+    if (datagram == NULL) {
+        failed = 1;
+        goto done;
+    }
+    uint8_t *buffer = (uint8_t *)PyBytes_AS_STRING(datagram);
+    memcpy(buffer, PyBytes_AS_STRING(prefix), (size_t)prefix_length);
+    memcpy(buffer + prefix_length, packet, (size_t)size);
+    if (addresses != Py_None) {
+        uint8_t *inner = buffer + prefix_length;
+        uint16_t checksum;
+        if (protocol == 17 && !l4_checksum) {
+            checksum = 0;
+        } else {
+            checksum = minus_delta(l4_checksum, l4_delta);
+            if (!checksum && protocol == 17)
+                checksum = 0xFFFF;
+        }
+        if (version == 4)
+            put16(inner + 10, minus_delta(ip_checksum, ip_delta));
+        memcpy(inner + (version == 4 ? 12 : 8), PyBytes_AS_STRING(addresses), (size_t)(2 * address_length));
+        memcpy(inner + l4, PyBytes_AS_STRING(ports), 4);
+        put16(inner + l4 + (protocol == 6 ? 16 : 6), checksum);
+    }
+    *out = datagram;
+    result = 1;
+done:
+    Py_XDECREF(seen);
+    Py_XDECREF(reason);
+    Py_XDECREF(addresses);
+    Py_XDECREF(ports);
+    Py_DECREF(conn);
+    return failed ? -1 : result;
+}
+
+/* translate(items, start, state, now) -> (outputs, stop, received, last): TMNode.from_overlay's fast path
+ * for items[start:] as (payload, peer), in order, until the first it does not serve (at `stop`: the
+ * caller hands it to `from_overlay`, then calls again). outputs: [(datagram, destination)] to send from the
+ * well-known port; received: how many (the core's packets.received); last: the name of the last sender.
+ * The peers' counts are incremented here. state: TMNode.compiled_state(). */
+static PyObject *translate(PyObject *self, PyObject *args) {
+    PyObject *items, *state;
+    Py_ssize_t start;
+    double now;
+    if (!PyArg_ParseTuple(args, "O!nO!d", &PyList_Type, &items, &start, &PyTuple_Type, &state, &now))
+        return NULL;
+    if (PyTuple_GET_SIZE(state) != 14 || intern_names() < 0) {
+        PyErr_SetString(PyExc_ValueError, "translate: bad state");
+        return NULL;
+    }
+    PyObject *fast_peers = PyTuple_GET_ITEM(state, 0), *fast_headers = PyTuple_GET_ITEM(state, 1);
+    PyObject *fleet = PyTuple_GET_ITEM(state, 2), *peers = PyTuple_GET_ITEM(state, 13);
+    PyObject *outputs = PyList_New(0), *last = Py_None;
+    if (outputs == NULL)
+        return NULL;
+    Py_ssize_t count = PyList_GET_SIZE(items), index = start, received = 0;
+    for (; index < count; index++) {
+        PyObject *item = PyList_GET_ITEM(items, index);
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2 || !PyBytes_Check(PyTuple_GET_ITEM(item, 0)))
+            break;
+        PyObject *payload = PyTuple_GET_ITEM(item, 0), *peer = PyTuple_GET_ITEM(item, 1);
+        if (!PyTuple_Check(peer) || PyTuple_GET_SIZE(peer) != 2 || PyBytes_GET_SIZE(payload) < 8)
+            break;
+        PyObject *via = PyDict_GetItemWithError(fast_peers, PyTuple_GET_ITEM(peer, 0));
+        if (via == NULL)
+            break;
+        PyObject *first_four = PyBytes_FromStringAndSize(PyBytes_AS_STRING(payload), 4);
+        PyObject *at_object = first_four ? PyDict_GetItemWithError(fast_headers, first_four) : NULL;
+        Py_XDECREF(first_four);
+        if (at_object == NULL)
+            break;
+        Py_ssize_t at = PyLong_AsSsize_t(at_object);
+        if (at == 8 && memcmp(PyBytes_AS_STRING(payload) + 4, PyBytes_AS_STRING(fleet), 2))
+            break;
+        if (at != 4 && at != 8)
+            break;
+        PyObject *datagram = NULL;
+        int outcome = translate_one(payload, at, state, now, &datagram);
+        if (outcome <= 0)
+            break;
+        PyObject *name = PyTuple_GET_ITEM(via, 0), *destination = PyTuple_GET_ITEM(via, 1);
+        PyObject *entry = PyTuple_Pack(2, datagram, destination);
+        Py_DECREF(datagram);
+        PyObject *seen = entry ? PyDict_GetItemWithError(peers, destination) : NULL;
+        PyObject *next = NULL;
+        if (seen != NULL)
+            next = PyNumber_Add(seen, one);
+        else if (entry != NULL && !PyErr_Occurred())
+            next = Py_NewRef(one);
+        if (next == NULL || PyDict_SetItem(peers, destination, next) < 0 || PyList_Append(outputs, entry) < 0) {
+            Py_XDECREF(next);
+            Py_XDECREF(entry);
+            Py_DECREF(outputs);
+            return NULL;
+        }
+        Py_DECREF(next);
+        Py_DECREF(entry);
+        last = name;
+        received++;
+    }
+    if (PyErr_Occurred()) {
+        Py_DECREF(outputs);
+        return NULL;
+    }
+    return Py_BuildValue("(NnnO)", outputs, index, received, last);
+}
+
 static PyObject *read_batch(PyObject *self, PyObject *args) {
     int fd, max = BATCH, vnet = 0;
     if (!PyArg_ParseTuple(args, "O&|ip", to_fd, &fd, &max, &vnet))
@@ -1273,6 +1559,7 @@ static PyMethodDef methods[] = {
     {"nat_run", nat_run, METH_VARARGS, "the TM's established translation of a run of one TCP connection"},
     {"distribute", distribute, METH_VARARGS, "the distributor's fast path for a batch of TUN packets"},
     {"deliver", deliver, METH_VARARGS, "the distributor's from_overlay for a batch of TMs' data datagrams"},
+    {"translate", translate, METH_VARARGS, "the TM's established-flow fast path for a receive batch"},
     {NULL, NULL, 0, NULL},
 };
 

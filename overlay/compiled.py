@@ -2,7 +2,8 @@
 
 `flow_run` is the C one where the extension was built, else the reference in overlay/runtime/offload.py
 (the same results: tests/runtime/test_overlay_train.py). `nat_run` (a TM's translation of a run),
-`distribute` and `deliver` (the distributor's fast paths for a batch) have no Python twins — their callers fall back to
+`distribute` and `deliver` (the distributor's fast paths for a batch) and `translate` (the TM's) have no
+Python twins — their callers fall back to
 their own per-packet paths, which the differential tests hold them to — so they are None without it. `OVERLAY_PURE_PYTHON=1` switches
 the extension off here as in overlay/runtime/batchio.py.
 """
@@ -18,6 +19,7 @@ flow_run: Callable[[list[bytes], int, int], int] = _reference_flow_run
 nat_run: Callable[..., list[bytes]] | None = None
 distribute: Callable[..., tuple[list[list[tuple[bytes, tuple[str, int]]]], list[tuple[int, int, int]], int]] | None = None
 deliver: Callable[..., tuple[list[bytes], int]] | None = None
+translate: Callable[..., tuple[list[tuple[bytes, tuple[str, int]]], int, int, str]] | None = None
 
 if os.environ.get("OVERLAY_PURE_PYTHON") != "1":
     try:
@@ -26,4 +28,4 @@ if os.environ.get("OVERLAY_PURE_PYTHON") != "1":
         pass
     else:
         flow_run, nat_run = _fastio.flow_run, _fastio.nat_run
-        distribute, deliver = _fastio.distribute, _fastio.deliver
+        distribute, deliver, translate = _fastio.distribute, _fastio.deliver, _fastio.translate

@@ -22,7 +22,7 @@ from overlay.config import NodeConfig
 from overlay.runtime.agent import UplinkAgent, authenticator, reconfigured_authenticator
 from overlay.runtime.netsetup import NetPlan, tm_plan
 from overlay.tm.core import TrafficManager
-from overlay.tm.node import FLUSH, SEND, SEND_ALL, TUN, NodeOutput, TMNode
+from overlay.tm.node import FLUSH, SEND, SEND_ALL, SEND_EACH, TUN, NodeOutput, TMNode
 
 
 class TMAgent(UplinkAgent):
@@ -109,12 +109,26 @@ class TMAgent(UplinkAgent):
                 else:
                     execute(output)
 
+        node_from_overlay_batch = node.from_overlay_batch
+        udp_queue_all = self.udp.queue_all
+
+        def from_overlay_batch(items: list[tuple[bytes, tuple[str, int]]]) -> None:
+            # A receive batch: the established flows' datagrams translated in C, sent as they are.
+            for output in node_from_overlay_batch(items, clock()):
+                if output[0] == SEND_EACH:
+                    udp_queue_all([output[1]])  # type: ignore[list-item]
+                    if not self._rearm_pending:
+                        self._rearm_pending = True
+                        call_soon(self._rearm)
+                else:
+                    execute(output)
+
         def from_tun(packet: bytes) -> None:
             execute(node_from_tun(packet, clock()))
 
         self._execute = execute
         self.tun.start(loop, from_tun, self.tun_lost)
-        self.udp.start(loop, from_overlay, from_overlay_train)
+        self.udp.start(loop, from_overlay, from_overlay_train, from_overlay_batch)
         self._rearm()
         self._announce()
         self._replicate()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ipaddress
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 from overlay import compiled
 from overlay.checksum import add_deltas, checksum_delta
@@ -309,6 +310,17 @@ class TrafficManager:
                                                    checksum) + data[l4 + 18:]
         return prefixes[1] + _IPV6_UDP_REWRITE(data[at:at + 8], addresses, half.ports, data[l4 + 4:l4 + 6],
                                                checksum) + data[l4 + 8:]
+
+    def compiled_parts(self) -> tuple[Any, ...]:
+        """The objects `forward_established` reads and changes, for its C twin (`_fastio.translate`, through
+        `TMNode.compiled_state`): the TCP and UDP tables, management addresses, timeouts, the expiry lists,
+        the held packets, the reasons' counts, and the two states it serves."""
+        return (self._tcp, self._udp, self._management, self._timeouts, self._by_state, self._held, self._counts,
+                TCP_ESTABLISHED, UDP_REPLIED)
+
+    def count_received(self, count: int) -> None:
+        """`packets.received` for what `_fastio.translate` passed."""
+        self._received += count
 
     def forward_run(self, payloads: list[bytes], start: int, count: int, at: int, prefixes: tuple[bytes, bytes],
                     now: float) -> list[bytes]:

@@ -13,13 +13,19 @@ only moves bytes: it sends `SEND` results to their peer and writes `TUN` results
 
 from __future__ import annotations
 
+from typing import Any
+
 from overlay import compiled, gre
 from overlay.auth import Authenticator
 from overlay.tm.core import BOUNCE, DECLINE, DEFER, LAST_CHANCE, LOCAL, OVERLAY, SECOND_CHANCE, UNMARKED, TrafficManager
 from overlay.tm.core import TMResult
 from overlay.uplink import FLUSH, NO_OUTPUT, NOTHING, SEND, SEND_ALL, TUN, NodeOutput, Peer, Uplink
 
-__all__ = ["TMNode", "NodeOutput", "FLUSH", "NOTHING", "SEND", "SEND_ALL", "TUN"]
+__all__ = ["TMNode", "NodeOutput", "FLUSH", "NOTHING", "SEND", "SEND_ALL", "SEND_EACH", "TUN"]
+
+# Datagrams each to its own destination, [(datagram, destination)]: what the compiled fast path sends
+# (a TM node's own output kind, after overlay.uplink's).
+SEND_EACH = 5
 
 _FLUSH: NodeOutput = (FLUSH, None, None)
 
@@ -55,6 +61,42 @@ class TMNode(Uplink):
             self._fast_headers[gre.FLAG_KEY.to_bytes(2, "big") + protocol.to_bytes(2, "big")] = 8
             if not fleet_id:
                 self._fast_headers[bytes(2) + protocol.to_bytes(2, "big")] = 4
+
+    def compiled_state(self) -> tuple[Any, ...] | None:
+        """What `_fastio.translate` (`from_overlay`'s fast path for a receive batch, in C) needs; None
+        without the extension, with the fast path off, or with authentication (nothing is known by address).
+        Built per batch (a reload replaces some of its parts); their contents are read and changed live."""
+        if compiled.translate is None or not self.fast_path or not self._fast_peers:
+            return None
+        core_parts = self.core.compiled_parts()
+        # (peers by address, GRE headers, fleet id bytes, the core's objects..., the prefixes, the peer counts)
+        return (self._fast_peers, self._fast_headers, self._fast_fleet, *core_parts[:7], self._headers,
+                *core_parts[7:], self.peers)
+
+    def from_overlay_batch(self, items: list[tuple[bytes, Peer]], now: float) -> list[NodeOutput]:
+        """A receive batch, [(payload, peer)]: what `from_overlay` gives for each, in order — the fast path
+        in C (`_fastio.translate`) for as many as it serves, as one (SEND_EACH, [(datagram, destination)],
+        None); the first it does not serve through `from_overlay`, then on from the next."""
+        state = self.compiled_state()
+        if state is None:
+            return [self.from_overlay(payload, peer, now) for payload, peer in items]
+        outputs: list[NodeOutput] = []
+        index, count = 0, len(items)
+        translate = compiled.translate
+        while index < count:
+            sends, stop, received, last = translate(items, index, state, now)  # type: ignore[misc]
+            if received:
+                self.core.count_received(received)
+                self.last = last
+                outputs.append((SEND_EACH, sends, None))  # type: ignore[arg-type]
+            if stop < count:
+                outputs.append(self.from_overlay(*items[stop], now))
+                stop += 1
+                state = self.compiled_state()
+                if state is None:
+                    return outputs + [self.from_overlay(payload, peer, now) for payload, peer in items[stop:]]
+            index = stop
+        return outputs
 
     def from_overlay_train(self, payloads: list[bytes], peer: Peer, now: float) -> list[NodeOutput]:
         """A UDP GRO train from one peer (a distributor's GSO send): what `from_overlay` gives for each of

@@ -106,20 +106,25 @@ class TMAgent(UplinkAgent):
             for output in node_from_overlay_train(payloads, peer, clock()):
                 if output[0] == SEND_ALL and self._rearm_pending:
                     udp_reply_all(output[1], output[2])  # type: ignore[arg-type]
+                elif output[0] == SEND_EACH:
+                    send_each(output[1])  # type: ignore[arg-type]
                 else:
                     execute(output)
 
         node_from_overlay_batch = node.from_overlay_batch
         udp_queue_all = self.udp.queue_all
 
+        def send_each(sends: list[tuple[bytes, tuple[str, int]]]) -> None:
+            udp_queue_all([sends])      # from the well-known port: a TM has no entropy sockets
+            if not self._rearm_pending:
+                self._rearm_pending = True
+                call_soon(self._rearm)
+
         def from_overlay_batch(items: list[tuple[bytes, tuple[str, int]]]) -> None:
             # A receive batch: the established flows' datagrams translated in C, sent as they are.
             for output in node_from_overlay_batch(items, clock()):
                 if output[0] == SEND_EACH:
-                    udp_queue_all([output[1]])  # type: ignore[list-item]
-                    if not self._rearm_pending:
-                        self._rearm_pending = True
-                        call_soon(self._rearm)
+                    send_each(output[1])  # type: ignore[arg-type]
                 else:
                     execute(output)
 

@@ -106,6 +106,12 @@ class TMNode(Uplink):
         outputs: list[NodeOutput] = []
         index, count = 0, len(payloads)
         fast = self.fast_path and self._fast_peers.get(peer[0])
+        if fast and count > 1 and compiled.translate is not None:
+            # A train that is not one connection's run (a GSO send groups what is equal in size, whatever
+            # the flow): each datagram through the compiled fast path, which serves them one by one.
+            at = self._fast_headers.get(payloads[0][:4])
+            if at is None or compiled.flow_run(payloads, 0, at) < count:
+                return self.from_overlay_batch([(payload, peer) for payload in payloads], now)
         while index < count:
             payload = payloads[index]
             if fast:

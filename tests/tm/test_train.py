@@ -19,7 +19,7 @@ import random
 import pytest
 
 from overlay import compiled, gre
-from overlay.tm.node import SEND, SEND_ALL
+from overlay.tm.node import SEND, SEND_ALL, SEND_EACH
 from overlay.uplink import NodeOutput
 
 from .packets import ACK, FIN, PSH, RST, SYN, tcp, udp
@@ -36,6 +36,8 @@ def flattened(outputs: list[NodeOutput]) -> list[tuple[object, ...]]:
     for action, data, peer in outputs:
         if action == SEND_ALL:
             result += [(SEND, datagram, peer) for datagram in data]  # type: ignore[union-attr]
+        elif action == SEND_EACH:
+            result += [(SEND, datagram, to) for datagram, to in data]  # type: ignore[misc,union-attr]
         else:
             result.append((action, data, peer))
     return result
@@ -76,6 +78,13 @@ def segment(endpoints: tuple[str, int, str, int], seq: int, size: int, rng: rand
 
 
 def random_train(twins: Twins, rng: random.Random, connections: list[tuple], corners: list[int]) -> list[bytes]:
+    if rng.random() < 0.5:
+        # One connection's run, as a distributor sends a super-packet's segments: the run path.
+        endpoints = rng.choice(connections)[rng.randrange(2)]
+        size, seq = rng.choice((100, 1000, 1400)), rng.randrange(1 << 31)
+        return [gre.encapsulate(segment(endpoints, seq + index * size, size, rng, corners), key=twins.key(0))
+                for index in range(rng.randrange(2, 64))]
+    # A mixed train (a GSO send groups what is equal in size, whatever the flow): broken runs.
     train: list[bytes] = []
     while len(train) < 64:
         choice = rng.random()
@@ -118,12 +127,13 @@ def run_trains(twins: Twins, seed: int) -> int:
 @pytest.mark.parametrize("variant", ["nat", "fleet id", "replication"])
 def test_a_train_gives_what_its_datagrams_give_through_the_full_path(variant: str) -> None:
     batched = run_trains(Twins(variant), seed=len(variant))
-    assert batched > 200     # the runs were translated together, not packet by packet
+    assert batched > 50      # runs were translated together (FIN and RST in the mixed trains close some)
 
 
 def test_without_the_extension_the_run_goes_packet_by_packet_alike(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(compiled, "nat_run", None)
-    assert run_trains(Twins("nat"), seed=99) > 200
+    monkeypatch.setattr(compiled, "translate", None)
+    assert run_trains(Twins("nat"), seed=99) > 50
 
 
 @pytest.mark.skipif(compiled.nat_run is None, reason="overlay._fastio was not built")

@@ -513,6 +513,8 @@ static int split_into(const uint8_t *read, size_t size, PyObject *out) {
     if (header_length < l4 + 20 || header_length > length)
         return SPLIT_BAD_GSO;
     size_t ihl = (size_t)(packet[0] & 0x0F) * 4;
+    if (version == 4 && (ihl < 20 || ihl > l4))
+        return SPLIT_BAD_GSO; /* the IPv4 header must end where TCP starts, or before */
     uint16_t ip_id = get16(packet + 4);
     uint32_t sequence = get32(packet + l4 + 4);
     uint8_t tcp_flags = packet[l4 + 13];
@@ -1017,8 +1019,10 @@ static PyObject *distribute(PyObject *self, PyObject *args) {
             if (total > size || (get16(p + 6) & 0x3FFF))
                 break;
             if (protocol == 6) {
+                if (total < 40)
+                    break;
                 Py_ssize_t offset = (Py_ssize_t)(p[32] >> 4) << 2;
-                if (total < 40 || offset < 20 || offset > total - 20)
+                if (offset < 20 || offset > total - 20)
                     break;
             } else if (protocol == 17) {
                 Py_ssize_t length = get16(p + 24);
@@ -1034,8 +1038,10 @@ static PyObject *distribute(PyObject *self, PyObject *args) {
             if (40 + payload > size)
                 break;
             if (next == 6) {
+                if (payload < 20)
+                    break;
                 Py_ssize_t offset = (Py_ssize_t)(p[52] >> 4) << 2;
-                if (payload < 20 || offset < 20 || offset > payload)
+                if (offset < 20 || offset > payload)
                     break;
             } else if (next == 17) {
                 Py_ssize_t length = get16(p + 44);

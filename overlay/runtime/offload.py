@@ -100,8 +100,10 @@ def split(header: bytes, packet: bytes) -> list[bytes] | str:
     header_length = l4 + (packet[l4 + 12] >> 4) * 4
     if header_length < l4 + 20 or header_length > len(packet):
         return BAD_GSO
-    src, dst = _addresses(packet)
     ihl = (packet[0] & 0x0F) * 4
+    if version == 4 and not 20 <= ihl <= l4:
+        return BAD_GSO     # the IPv4 header must end where TCP starts, or before
+    src, dst = _addresses(packet)
     ip_id = int.from_bytes(packet[4:6], "big")
     sequence = int.from_bytes(packet[l4 + 4:l4 + 8], "big")
     tcp_flags = packet[l4 + 13]

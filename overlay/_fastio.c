@@ -26,6 +26,9 @@
  *   deliver(items, start, state) -> (inners, stop)          its from_overlay for TMs' data, compiled
  *   translate(items, start, state, now) -> (outputs, stop, received, last)  the TM's fast path, compiled
  *
+ * One thread only: the message arrays and slots are static (the agents are single-threaded; workers are
+ * processes), and recv_batch lets the kernel fill them with the GIL released.
+ *
  * Errors: recv_batch and read_batch raise OSError when the first call fails with anything but EAGAIN
  * (what was already read is returned first; the error comes on the next call). send_batch never raises
  * for a datagram the kernel refuses: it returns how many were sent and the errno of the one that was
@@ -43,7 +46,8 @@
 #include <unistd.h>
 
 #define BATCH 64
-#define SLOT 65536 /* a whole UDP payload or TUN packet always fits: nothing is ever truncated */
+#define SLOT (65536 + 16) /* a whole UDP payload, or a TUN packet (up to 64 KiB) behind its 10-byte vnet
+                            * header, always fits: nothing is ever truncated */
 
 static char *slots;               /* BATCH buffers of SLOT bytes, allocated on first use */
 static struct mmsghdr messages[BATCH];
@@ -328,6 +332,8 @@ static PyObject *send_batch(PyObject *self, PyObject *args) {
     Py_ssize_t start = 0;
     if (!PyArg_ParseTuple(args, "O&O!|n", to_fd, &fd, &PyList_Type, &items, &start))
         return NULL;
+    if (start < 0)
+        start = 0;
     Py_ssize_t total = PyList_GET_SIZE(items);
     Py_ssize_t sent = 0; /* datagrams */
     int run_length[BATCH];
@@ -520,6 +526,9 @@ static int split_into(const uint8_t *read, size_t size, PyObject *out) {
     uint8_t tcp_flags = packet[l4 + 13];
     size_t payload = length - header_length;
     size_t segments = payload ? (payload + gso_size - 1) / gso_size : 1;
+    size_t largest = header_length + (payload < gso_size ? payload : gso_size);
+    if (largest > (version == 4 ? 65535u : 65535u + 40))
+        return SPLIT_BAD_GSO; /* a segment whose length its IP header cannot hold */
     PyObject *list = PyList_New((Py_ssize_t)segments);
     if (list == NULL)
         return -1;
@@ -569,12 +578,13 @@ static PyObject *split(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "y*y*", &header, &packet))
         return NULL;
     PyObject *result = NULL;
-    uint8_t *joined = PyMem_RawMalloc((size_t)header.len + (size_t)packet.len + 1);
+    Py_ssize_t header_length = header.len < VNET_LEN ? header.len : VNET_LEN;   /* as offload.split: header[:10] */
+    uint8_t *joined = PyMem_RawMalloc((size_t)header_length + (size_t)packet.len + 1);
     PyObject *out = joined ? PyList_New(0) : PyErr_NoMemory();
     if (out != NULL) {
-        memcpy(joined, header.buf, (size_t)header.len);
-        memcpy(joined + header.len, packet.buf, (size_t)packet.len);
-        int outcome = header.len < VNET_LEN ? SPLIT_SHORT : split_into(joined, (size_t)(header.len + packet.len), out);
+        memcpy(joined, header.buf, (size_t)header_length);
+        memcpy(joined + header_length, packet.buf, (size_t)packet.len);
+        int outcome = header.len < VNET_LEN ? SPLIT_SHORT : split_into(joined, (size_t)(header_length + packet.len), out);
         if (outcome > 0) {
             result = PyUnicode_FromString(split_reasons[outcome]);
         } else if (outcome == 0) {
@@ -788,7 +798,8 @@ static PyObject *nat_run(PyObject *self, PyObject *args) {
     int have_addresses = addresses_object != Py_None;
     if (have_addresses && PyObject_GetBuffer(addresses_object, &addresses, PyBUF_SIMPLE) < 0)
         goto done;
-    if (start < 0 || count < 0 || start + count > PyList_GET_SIZE(payloads) || at < 0 || ports.len != 4) {
+    if (start < 0 || count < 0 || start > PyList_GET_SIZE(payloads) || count > PyList_GET_SIZE(payloads) - start ||
+        at < 0 || at > 65536 || ports.len != 4) {
         PyErr_SetString(PyExc_ValueError, "nat_run: bad run or ports");
         goto done;
     }
@@ -979,7 +990,8 @@ static PyObject *distribute(PyObject *self, PyObject *args) {
                           &management, &largest, &hash_ports, &seed, &mask, &PyList_Type, &first, &fallback,
                           &PyTuple_Type, &headers, &fleet, &PyList_Type, &dests, &sockets))
         return NULL;
-    if (PyList_GET_SIZE(grid) != 256 || PyTuple_GET_SIZE(headers) != 2 || mask + 1 != PyList_GET_SIZE(first) ||
+    if (start < 0 || mask < 0 || PyList_GET_SIZE(grid) != 256 || PyTuple_GET_SIZE(headers) != 2 ||
+        mask + 1 != PyList_GET_SIZE(first) ||
         (fallback != Py_None && (!PyList_Check(fallback) || PyList_GET_SIZE(fallback) != mask + 1))) {
         PyErr_SetString(PyExc_ValueError, "distribute: inconsistent state");
         return NULL;
@@ -1076,6 +1088,10 @@ static PyObject *distribute(PyObject *self, PyObject *args) {
         if (dst_roles == NULL || !PyLong_Check(src_roles) || !PyLong_Check(dst_roles))
             break;
         long source_bits = PyLong_AsLong(src_roles), destination_bits = PyLong_AsLong(dst_roles);
+        if (PyErr_Occurred()) {
+            failed = 1;
+            break;
+        }
         if (source_bits < 0 || source_bits > 15 || destination_bits < 0 || destination_bits > 15)
             break;
         int roles = (int)(source_bits * 16 + destination_bits);
@@ -1095,9 +1111,13 @@ static PyObject *distribute(PyObject *self, PyObject *args) {
         uint64_t value = xxh64(key, key_length, (uint64_t)seed);
         Py_ssize_t row = (Py_ssize_t)(value & (uint64_t)mask);
         long tm = PyLong_AsLong(PyList_GET_ITEM(first, row));
+        long mark = fallback == Py_None ? 0 : PyLong_AsLong(PyList_GET_ITEM(fallback, row));
+        if (PyErr_Occurred()) {
+            failed = 1;
+            break;
+        }
         if (tm < 0 || tm >= PyList_GET_SIZE(dests))
             break;
-        long mark = fallback == Py_None ? 0 : PyLong_AsLong(PyList_GET_ITEM(fallback, row));
         int slot = 0;
         while (slot < combos_used && (combo_roles[slot] != roles || combo_tm[slot] != tm))
             slot++;
@@ -1170,6 +1190,8 @@ static PyObject *deliver(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "O!nO!", &PyList_Type, &items, &start, &PyTuple_Type, &state) ||
         !PyArg_ParseTuple(state, "O!O!l", &PyDict_Type, &by_underlay, &PyDict_Type, &by_address, &fleet))
         return NULL;
+    if (start < 0)
+        start = 0;
     PyObject *inners = PyList_New(0);
     if (inners == NULL)
         return NULL;
@@ -1199,7 +1221,12 @@ static PyObject *deliver(PyObject *self, PyObject *args) {
             Py_DECREF(inners);
             return NULL;
         }
-        if (tm == NULL || !PyObject_IsTrue(tm))
+        int named = tm == NULL ? 0 : PyObject_IsTrue(tm);
+        if (named < 0) {
+            Py_DECREF(inners);
+            return NULL;
+        }
+        if (!named)
             break;
         PyObject *inner = PyBytes_FromStringAndSize((const char *)p + header, size - header);
         if (inner == NULL || PyList_Append(inners, inner) < 0) {
@@ -1219,8 +1246,8 @@ static PyObject *s_conn, *s_state, *s_last_seen, *s_direction, *s_reason, *s_add
     *s_l4_delta, *s_move_to_end;
 
 static int intern_names(void) {
-    if (s_conn != NULL)
-        return 0;
+    if (one != NULL)
+        return 0;   /* the last one made: all of them are there */
     s_conn = PyUnicode_InternFromString("conn");
     s_state = PyUnicode_InternFromString("state");
     s_last_seen = PyUnicode_InternFromString("last_seen");
@@ -1231,8 +1258,11 @@ static int intern_names(void) {
     s_ip_delta = PyUnicode_InternFromString("ip_delta");
     s_l4_delta = PyUnicode_InternFromString("l4_delta");
     s_move_to_end = PyUnicode_InternFromString("move_to_end");
+    if (!s_conn || !s_state || !s_last_seen || !s_direction || !s_reason || !s_addresses || !s_ports || !s_ip_delta ||
+        !s_l4_delta || !s_move_to_end)
+        return -1;   /* a MemoryError is set; tried again on the next call */
     one = PyLong_FromLong(1);
-    return s_move_to_end == NULL || one == NULL ? -1 : 0;
+    return one == NULL ? -1 : 0;
 }
 
 static long attribute_long(PyObject *object, PyObject *name, int *failed) {
@@ -1326,7 +1356,7 @@ static int translate_one(PyObject *data_object, Py_ssize_t at, PyObject *state, 
                       : (attribute_long(half, s_direction, &failed) != 0 && conn_state != replied)) {
         goto done;   /* failed is set if the attribute was missing */
     }
-    if (failed || conn_state < 0 || conn_state >= PyList_GET_SIZE(timeouts))
+    if (failed || conn_state < 0 || conn_state >= PyList_GET_SIZE(timeouts) || conn_state >= PyList_GET_SIZE(by_state))
         goto done;
     seen = PyObject_GetAttr(conn, s_last_seen);
     if (seen == NULL) {
@@ -1356,6 +1386,10 @@ static int translate_one(PyObject *data_object, Py_ssize_t at, PyObject *state, 
     long ip_delta = 0, l4_delta = 0;
     if (addresses != Py_None) {
         ports = PyObject_GetAttr(half, s_ports);
+        if (ports == NULL) {
+            failed = 1;
+            goto done;
+        }
         ip_delta = attribute_long(half, s_ip_delta, &failed);
         l4_delta = failed ? 0 : attribute_long(half, s_l4_delta, &failed);
         if (failed || ports == NULL || !PyBytes_Check(ports) || PyBytes_GET_SIZE(ports) != 4 || !PyBytes_Check(addresses) ||
@@ -1366,22 +1400,32 @@ static int translate_one(PyObject *data_object, Py_ssize_t at, PyObject *state, 
             goto done;   /* not what the fast path knows: the Python path decides */
         }
     }
+    PyObject *count = PyDict_GetItemWithError(counts, reason);   /* looked up before anything changes */
+    if (count == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_SetObject(PyExc_KeyError, reason);
+        failed = 1;
+        goto done;
+    }
+    Py_INCREF(count);
     /* Committed: what forward_established changes. */
     PyObject *now_object = PyFloat_FromDouble(now);
     if (now_object == NULL || PyObject_SetAttr(conn, s_last_seen, now_object) < 0) {
         Py_XDECREF(now_object);
+        Py_DECREF(count);
         failed = 1;
         goto done;
     }
     Py_DECREF(now_object);
     PyObject *moved = PyObject_CallMethodOneArg(PyList_GET_ITEM(by_state, conn_state), s_move_to_end, conn);
     if (moved == NULL) {
+        Py_DECREF(count);
         failed = 1;
         goto done;
     }
     Py_DECREF(moved);
-    PyObject *count = PyDict_GetItemWithError(counts, reason);
-    PyObject *next = count ? PyNumber_Add(count, one) : NULL;
+    PyObject *next = PyNumber_Add(count, one);
+    Py_DECREF(count);
     if (next == NULL || PyDict_SetItem(counts, reason, next) < 0) {
         Py_XDECREF(next);
         failed = 1;
@@ -1436,7 +1480,16 @@ static PyObject *translate(PyObject *self, PyObject *args) {
     double now;
     if (!PyArg_ParseTuple(args, "O!nO!d", &PyList_Type, &items, &start, &PyTuple_Type, &state, &now))
         return NULL;
-    if (PyTuple_GET_SIZE(state) != 14 || intern_names() < 0) {
+    if (intern_names() < 0)
+        return NULL;
+    if (start < 0 || PyTuple_GET_SIZE(state) != 14 || !PyDict_Check(PyTuple_GET_ITEM(state, 0)) ||
+        !PyDict_Check(PyTuple_GET_ITEM(state, 1)) || !PyBytes_Check(PyTuple_GET_ITEM(state, 2)) ||
+        PyBytes_GET_SIZE(PyTuple_GET_ITEM(state, 2)) != 2 || !PyDict_Check(PyTuple_GET_ITEM(state, 3)) ||
+        !PyDict_Check(PyTuple_GET_ITEM(state, 4)) || !PyList_Check(PyTuple_GET_ITEM(state, 6)) ||
+        !PyList_Check(PyTuple_GET_ITEM(state, 7)) || !PyDict_Check(PyTuple_GET_ITEM(state, 8)) ||
+        !PyDict_Check(PyTuple_GET_ITEM(state, 9)) || !PyTuple_Check(PyTuple_GET_ITEM(state, 10)) ||
+        PyTuple_GET_SIZE(PyTuple_GET_ITEM(state, 10)) != 2 || !PyBytes_Check(PyTuple_GET_ITEM(PyTuple_GET_ITEM(state, 10), 0)) ||
+        !PyBytes_Check(PyTuple_GET_ITEM(PyTuple_GET_ITEM(state, 10), 1)) || !PyDict_Check(PyTuple_GET_ITEM(state, 13))) {
         PyErr_SetString(PyExc_ValueError, "translate: bad state");
         return NULL;
     }
@@ -1454,7 +1507,7 @@ static PyObject *translate(PyObject *self, PyObject *args) {
         if (!PyTuple_Check(peer) || PyTuple_GET_SIZE(peer) != 2 || PyBytes_GET_SIZE(payload) < 8)
             break;
         PyObject *via = PyDict_GetItemWithError(fast_peers, PyTuple_GET_ITEM(peer, 0));
-        if (via == NULL)
+        if (via == NULL || !PyTuple_Check(via) || PyTuple_GET_SIZE(via) != 2)
             break;
         PyObject *first_four = PyBytes_FromStringAndSize(PyBytes_AS_STRING(payload), 4);
         PyObject *at_object = first_four ? PyDict_GetItemWithError(fast_headers, first_four) : NULL;

@@ -108,6 +108,8 @@ def split(header: bytes, packet: bytes) -> list[bytes] | str:
     sequence = int.from_bytes(packet[l4 + 4:l4 + 8], "big")
     tcp_flags = packet[l4 + 13]
     payload = packet[header_length:]
+    if header_length + min(len(payload), gso_size) > (65535 if version == 4 else 65535 + 40):
+        return BAD_GSO     # a segment whose length its IP header cannot hold
     offsets = range(0, max(len(payload), 1), gso_size)
     segments: list[bytes] = []
     for index, start in enumerate(offsets):

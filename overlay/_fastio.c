@@ -600,8 +600,7 @@ static PyObject *split(PyObject *self, PyObject *args) {
     return result;
 }
 
-/* A packet that may be part of a super-packet (offload._segment): TCP with data, ACK and at most PSH and
- * ECE, not a fragment, exact lengths, right checksums. */
+/* A TCP segment of a stream (offload._segment): what coalesce and flow_run compare. */
 struct segment {
     const uint8_t *packet;
     size_t length, l4, header_length, payload;
@@ -611,7 +610,11 @@ struct segment {
     uint8_t flags;
 };
 
-static int as_segment(const uint8_t *packet, size_t length, struct segment *out) {
+/* `packet` as a TCP segment of a stream: ACK and at most PSH and ECE, not a fragment, exact lengths. With
+ * `coalescing` (as_segment: a super-packet is made of it) it must also carry data and have right checksums,
+ * so that the kernel's recomputation never "repairs" a corrupt one; without (as_run_member: a train's run is
+ * handled as each of its packets would be), checksums are not looked at. */
+static int read_segment(const uint8_t *packet, size_t length, struct segment *out, int coalescing) {
     if (length < 40)
         return 0;
     int version = packet[0] >> 4;
@@ -631,14 +634,16 @@ static int as_segment(const uint8_t *packet, size_t length, struct segment *out)
         return 0;
     size_t header_length = l4 + (size_t)(packet[l4 + 12] >> 4) * 4;
     uint8_t flags = packet[l4 + 13];
-    if (header_length < l4 + 20 || header_length >= length || !(flags & TCP_ACK) ||
-        (flags & ~(TCP_ACK | TCP_PSH | TCP_ECE)))
+    if (header_length < l4 + 20 || header_length > length || (coalescing && header_length == length) ||
+        !(flags & TCP_ACK) || (flags & ~(TCP_ACK | TCP_PSH | TCP_ECE)))
         return 0;
-    if (version == 4 && ones_sum(packet, l4, 0) != 0xFFFF)
-        return 0;
-    uint16_t pseudo = pseudo_sum(packet, version, (uint32_t)(length - l4));
-    if (ones_sum(packet + l4, length - l4, pseudo) != 0xFFFF)
-        return 0;
+    if (coalescing) {
+        if (version == 4 && ones_sum(packet, l4, 0) != 0xFFFF)
+            return 0;
+        uint16_t pseudo = pseudo_sum(packet, version, (uint32_t)(length - l4));
+        if (ones_sum(packet + l4, length - l4, pseudo) != 0xFFFF)
+            return 0;
+    }
     out->packet = packet;
     out->length = length;
     out->version = version;
@@ -649,6 +654,14 @@ static int as_segment(const uint8_t *packet, size_t length, struct segment *out)
     out->sequence = get32(packet + l4 + 4);
     out->flags = flags;
     return 1;
+}
+
+static int as_segment(const uint8_t *packet, size_t length, struct segment *out) {
+    return read_segment(packet, length, out, 1);
+}
+
+static int as_run_member(const uint8_t *packet, size_t length, struct segment *out) {
+    return read_segment(packet, length, out, 0);
 }
 
 /* The headers are the same but for what differs between the segments of one super-packet (offload._masked). */
@@ -694,43 +707,6 @@ static Py_ssize_t run_length(PyObject *packets, Py_ssize_t first, struct segment
             break;
     }
     return run;
-}
-
-/* An inner packet that may share a flow run (flow_run): as as_segment, but checksums are not looked at —
- * a run is handled as each of its packets would be, a bad checksum included. */
-static int as_run_member(const uint8_t *packet, size_t length, struct segment *out) {
-    if (length < 40)
-        return 0;
-    int version = packet[0] >> 4;
-    size_t l4;
-    if (version == 4) {
-        l4 = (size_t)(packet[0] & 0x0F) * 4;
-        if (l4 < 20 || packet[9] != 6 || get16(packet + 2) != length || (get16(packet + 6) & 0x3FFF))
-            return 0;
-    } else if (version == 6) {
-        l4 = 40;
-        if (packet[6] != 6 || (size_t)get16(packet + 4) + 40 != length)
-            return 0;
-    } else {
-        return 0;
-    }
-    if (l4 + 20 > length)
-        return 0;
-    size_t header_length = l4 + (size_t)(packet[l4 + 12] >> 4) * 4;
-    uint8_t flags = packet[l4 + 13];
-    if (header_length < l4 + 20 || header_length > length || !(flags & TCP_ACK) ||
-        (flags & ~(TCP_ACK | TCP_PSH | TCP_ECE)))
-        return 0;
-    out->packet = packet;
-    out->length = length;
-    out->version = version;
-    out->l4 = l4;
-    out->header_length = header_length;
-    out->payload = length - header_length;
-    out->ip_id = get16(packet + 4);
-    out->sequence = get32(packet + l4 + 4);
-    out->flags = flags;
-    return 1;
 }
 
 /* flow_run(payloads, start, offset) -> n: payloads[start:start+n] (n >= 1) carry, after the same `offset`

@@ -454,9 +454,9 @@ class Distributor:
         its marks, the roles cache or the TMs' destinations are replaced; the cache's contents are read live."""
         if compiled.distribute is None or self.auth is not None or self._roles_cache is None:
             return None
-        basis = (self._table, self._fallback, self._roles_cache, self._management, self._tm_dest, sockets)
+        basis = (self._table, self._fallback, self._roles_cache, self._management, self._tm_dest)
         cached = self._compiled
-        if cached is not None and all(a is b for a, b in zip(cached[0], basis)) and cached[0][5] == sockets:
+        if cached is not None and cached[1][-1] == sockets and all(a is b for a, b in zip(cached[0], basis)):
             return cached[1]
         table = self._table
         grid = [self._fast_cells.get((src, dst)) for src in range(16) for dst in range(16)]

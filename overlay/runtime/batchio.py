@@ -11,7 +11,6 @@ exactly the same results (tests/runtime/test_batchio.py runs both against the sa
                                                         a UDP GRO train comes back as its datagrams —
                                                         with recv_batch(sock, max, True) as one item,
                                                         ([payload, ...], peer)
-    flow_run(payloads, start, offset) -> n              payloads[start:start+n] carry one TCP flow
     send_batch(sock, items, start) -> (sent, errno)     items[start:] as (payload, (host, port)); stops at
                                                         the first datagram refused, with its errno
     read_batch(fd, max) -> [packet]                     a non-blocking TUN queue until EAGAIN or max
@@ -118,7 +117,6 @@ recv_batch: Callable[..., list[tuple[bytes, Peer]]] = py_recv_batch
 send_batch: Callable[..., tuple[int, int]] = py_send_batch
 read_batch: Callable[..., Any] = py_read_batch
 write_batch: Callable[..., tuple[int, int, int, int]] = py_write_batch
-flow_run: Callable[[list[bytes], int, int], int] = offload.flow_run
 COMPILED = False
 
 if os.environ.get("OVERLAY_PURE_PYTHON") != "1":
@@ -128,5 +126,5 @@ if os.environ.get("OVERLAY_PURE_PYTHON") != "1":
         pass
     else:
         recv_batch, send_batch, read_batch = _fastio.recv_batch, _fastio.send_batch, _fastio.read_batch
-        write_batch, flow_run = _fastio.write_batch, _fastio.flow_run
+        write_batch = _fastio.write_batch
         COMPILED = True

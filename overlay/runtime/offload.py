@@ -159,9 +159,11 @@ class _Segment:
         self.flags = packet[l4 + 13]
 
 
-def _segment(packet: bytes) -> _Segment | None:
-    """A TCP segment with data and only ACK (PSH, ECE) set, no IP options beyond what the header holds,
-    not a fragment, lengths exact, checksums right: it may be part of a super-packet."""
+def _segment(packet: bytes, coalescing: bool = True) -> _Segment | None:
+    """`packet` as a TCP segment of a stream: ACK and at most PSH and ECE, not a fragment, lengths exact, no
+    IP options beyond what the header holds. `coalescing` (a super-packet is made of it): it must also carry
+    data and have right checksums, so the kernel's recomputation never "repairs" a corrupt one; without (a
+    train's run, `flow_run`: handled as each of its packets would be), checksums are not looked at."""
     if len(packet) < 40:
         return None
     version = packet[0] >> 4
@@ -180,8 +182,10 @@ def _segment(packet: bytes) -> _Segment | None:
         return None
     header_length = l4 + (packet[l4 + 12] >> 4) * 4
     flags = packet[l4 + 13]
-    if (header_length < l4 + 20 or header_length >= len(packet) or not flags & _ACK
-            or flags & ~(_ACK | _PSH | _ECE) or not _checksums_valid(packet, version, l4)):
+    if (header_length < l4 + 20 or header_length > len(packet) or (coalescing and header_length == len(packet))
+            or not flags & _ACK or flags & ~(_ACK | _PSH | _ECE)):
+        return None
+    if coalescing and not _checksums_valid(packet, version, l4):
         return None
     return _Segment(packet, version, l4, header_length)
 
@@ -264,31 +268,6 @@ def coalesce_counted(packets: list[bytes]) -> list[tuple[bytes, int]]:
     return writes
 
 
-def _run_member(packet: bytes) -> _Segment | None:
-    """`_segment` without the checksum check: a run is handled as each of its packets would be."""
-    if len(packet) < 40:
-        return None
-    version = packet[0] >> 4
-    if version == 4:
-        l4 = (packet[0] & 0x0F) * 4
-        if (l4 < 20 or packet[9] != 6 or int.from_bytes(packet[2:4], "big") != len(packet)
-                or int.from_bytes(packet[6:8], "big") & 0x3FFF):
-            return None
-    elif version == 6:
-        l4 = 40
-        if packet[6] != 6 or int.from_bytes(packet[4:6], "big") + 40 != len(packet):
-            return None
-    else:
-        return None
-    if l4 + 20 > len(packet):
-        return None
-    header_length = l4 + (packet[l4 + 12] >> 4) * 4
-    flags = packet[l4 + 13]
-    if header_length < l4 + 20 or header_length > len(packet) or not flags & _ACK or flags & ~(_ACK | _PSH | _ECE):
-        return None
-    return _Segment(packet, version, l4, header_length)
-
-
 def flow_run(payloads: list[bytes], start: int, offset: int) -> int:
     """How many of `payloads[start:]` (at least 1) carry, behind the same `offset` bytes of outer header,
     TCP packets of one flow whose headers differ only where the segments of one stream do (lengths, IPv4
@@ -297,7 +276,7 @@ def flow_run(payloads: list[bytes], start: int, offset: int) -> int:
     if not 0 <= start < len(payloads) or offset < 0:
         raise IndexError("flow_run: start or offset out of range")
     first = payloads[start]
-    head = _run_member(first[offset:]) if len(first) > offset else None
+    head = _segment(first[offset:], coalescing=False) if len(first) > offset else None
     if head is None:
         return 1
     mask, outer = _masked(head), first[:offset]
@@ -305,7 +284,7 @@ def flow_run(payloads: list[bytes], start: int, offset: int) -> int:
     for payload in payloads[start + 1:]:
         if len(payload) <= offset or payload[:offset] != outer:
             break
-        candidate = _run_member(payload[offset:])
+        candidate = _segment(payload[offset:], coalescing=False)
         if (candidate is None or candidate.version != head.version or candidate.header_length != head.header_length
                 or _masked(candidate) != mask):
             break

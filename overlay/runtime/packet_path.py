@@ -11,7 +11,6 @@ from collections.abc import Callable
 
 from overlay.distributor.core import ACTION_FANOUT, ACTION_FORWARD, ACTION_LOCAL, ACTION_TM, PINNED, Distributor, Verdict
 from overlay import compiled
-from overlay.runtime.batchio import flow_run
 from overlay.runtime.tun import TunDevice
 from overlay.runtime.udp import UnderlayEndpoint
 
@@ -121,7 +120,7 @@ def packet_handlers(core: Distributor, tun: TunDevice, udp: UnderlayEndpoint, on
                 inner: bytes = verdict.packet  # type: ignore[assignment]
                 tun_write(inner)
                 offset = len(payload) - len(inner)
-                run = flow_run(payloads, index, offset) if index + 1 < count else 1
+                run = compiled.flow_run(payloads, index, offset) if index + 1 < count else 1
                 if run > 1:
                     core.forwarded_from_tm(run - 1)
                     tun_write_all([each[offset:] for each in payloads[index + 1:index + run]])

@@ -118,6 +118,7 @@ REJECTIONS = [
     ("bad all-down policy", edited('all_down = "drop"', 'all_down = "panic" ' + MARK), "health.all_down"),
     ("edge without prefixes", BASE + '[[edge]] ' + MARK + '\nname = "e1"\nunderlay = "192.0.2.130"\n', "edge[0].prefixes"),
     ("capture containing the underlay address", edited('capture = ["203.0.113.64/27", "203.0.113.96/27"]', 'capture = ["192.0.2.0/24"] ' + MARK), "tun.capture[0]"),
+    ("an unknown TUN offload setting", edited('capture = ["203.0.113.64/27", "203.0.113.96/27"]', 'capture = ["203.0.113.64/27", "203.0.113.96/27"]\noffload = "fast" ' + MARK), "tun.offload"),
     ("fleet id above 16 bits", edited('address = "192.0.2.2"', 'address = "192.0.2.2"\ngre_key = 65536 ' + MARK), "underlay.gre_key"),
     ("unknown role", edited('role = "distributor"', 'role = "router" ' + MARK), "node.role"),
     ("TOML syntax error", edited('name = "tm2"', 'name = "tm2 ' + MARK), ""),
@@ -212,3 +213,16 @@ def test_complete_example_of_the_config_doc_is_valid() -> None:
     example = re.findall(r"## A complete distributor\n\n```toml\n(.*?)```", doc, re.S)[0]
     config = parse_node_config(example.replace('seed_file = "fleet.seed"', 'seed = "0123456789abcdef0123"'))
     assert config.distributor is not None and [tm.weight for tm in config.distributor.tms] == [1, 2]
+
+
+@pytest.mark.parametrize(("setting", "role", "compiled", "on"), [
+    ("auto", "distributor", True, True), ("auto", "edge", True, True), ("auto", "tm", True, False),
+    ("auto", "distributor", False, False), ("on", "tm", False, True), ("off", "distributor", True, False),
+])
+def test_tun_offload_auto_means_bulk_roles_with_the_extension(monkeypatch: pytest.MonkeyPatch, setting: str, role: str,
+                                                              compiled: bool, on: bool) -> None:
+    from overlay.runtime import tun
+
+    monkeypatch.setattr(tun, "COMPILED", compiled)
+    assert tun.wants_offload(setting, role) is on
+    assert parse_node_config(BASE, "base.toml").tun.offload == "auto"

@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from overlay import gre
+from overlay import compiled, gre
 from overlay.config import parse_node_config
 from overlay.distributor.core import Distributor
 from overlay.runtime import batchio, packet_path
@@ -29,6 +29,7 @@ class Recorder:
 
     def __init__(self) -> None:
         self.log: list[tuple] = []
+        self.handlers: tuple = ()     # the packet path's callbacks over this recorder
 
     def write(self, packet: bytes) -> bool:
         self.log.append(("tun", packet))
@@ -63,7 +64,8 @@ def path(fleet_id: bool = False):  # type: ignore[no-untyped-def]
     assert node.distributor is not None
     core = Distributor(node.distributor)
     recorder = Recorder()
-    _, from_overlay, _, from_overlay_train, _, _ = packet_path.packet_handlers(core, recorder, recorder, recorder.keepalive)  # type: ignore[arg-type]
+    recorder.handlers = packet_path.packet_handlers(core, recorder, recorder, recorder.keepalive)  # type: ignore[arg-type]
+    _, from_overlay, _, from_overlay_train, _, _ = recorder.handlers
     return core, recorder, from_overlay, from_overlay_train
 
 
@@ -125,7 +127,7 @@ def test_negative_control_a_run_check_blind_to_the_outer_header_is_caught(monkey
         inner = [payload[gre.gre_header_length(1 if payload and payload[0] & 0x20 else None):] for payload in payloads]
         return reference_flow_run(inner, start, 0)
 
-    monkeypatch.setattr(packet_path, "flow_run", blind)
+    monkeypatch.setattr(compiled, "flow_run", blind)
     _, train_log, _, from_overlay_train = path()
     _, plain_log, from_overlay, _ = path()
     inner = run_of(4, 10, 1000)
@@ -185,15 +187,8 @@ def test_a_receive_batch_gives_what_its_datagrams_give_one_by_one(fleet_id: bool
 
 
 def path_with_batch(fleet_id: bool = False):  # type: ignore[no-untyped-def]
-    text = reference_text()
-    if fleet_id:
-        text = text.replace("mtu = 1500", "mtu = 1500\ngre_key = 77")
-    node = parse_node_config(text, "distributor.toml")
-    assert node.distributor is not None
-    core = Distributor(node.distributor)
-    recorder = Recorder()
-    *_, from_overlay_batch = packet_path.packet_handlers(core, recorder, recorder, recorder.keepalive)  # type: ignore[arg-type]
-    return core, recorder, from_overlay_batch
+    core, recorder, _, _ = path(fleet_id)
+    return core, recorder, recorder.handlers[-1]
 
 
 @pytest.mark.skipif(not batchio.COMPILED, reason="overlay._fastio was not built")

@@ -15,17 +15,24 @@ that node's traffic. Datagrams are sealed with ChaCha20-Poly1305 (WireGuard's AE
     | 0x4F  | flags | sender key id | receiver kid  | counter (64 bit)      | GRE payload   | tag  |
     +-------+-------+---------------+---------------+-----------------------+---------------+------+
       flags bit 0: payload encrypted (else only authenticated: header and payload are the AEAD's
-      associated data, the tag covers both). Key ids: the first 4 bytes of SHA-256 of the public key.
+      associated data, the tag covers both); bits 1-7: the sender's lane (below). Key ids: the first 4
+      bytes of SHA-256 of the public key.
 
 The first byte is never a GRE header we accept (0x40 is GRE's deprecated routing bit), so a node tells a
 sealed datagram from a plain one by its first byte, and one that requires authentication drops plain GRE.
 
-Replay: the nonce is the counter, which starts at the wall clock in nanoseconds (so it keeps rising across
-restarts: a restarted node never reuses a nonce, and its peers' windows accept it at once) and counts up
-per datagram. One sending process per key: a second process sealing with the same key would reuse nonces,
-so multi-process workers must each hold their own key or split the counter space. Each receiver keeps,
-per sender key, the highest counter seen and a window of the WINDOW below it: a counter seen before, or
-older than the window, is dropped — but only after the tag verified, so forgeries cannot move the window.
+Replay: the nonce is the lane (32 bits) and the counter (64), which starts at the wall clock in nanoseconds
+(so it keeps rising across restarts: a restarted node never reuses a nonce, and its peers' windows accept
+it at once) and counts up per datagram. Lanes: a node's packet loops (`[node] workers`) seal with the same
+key, each from a counter of its own, worker i in lane i — the lane in the nonce keeps their nonces apart,
+and the lane in the header gives each its own replay window at the receiver (their counters interleave
+far apart: one window would refuse the slower loop's as too old). Lane 0 is the one-process format, so a
+node without workers talks to any peer; a peer must know lanes before it hears from lane 1 and up (older
+peers refuse a lane as `auth:malformed`). Each receiver keeps, per sender key and lane, the highest
+counter seen and a window of the WINDOW below it: a counter seen before, or older than the window, is
+dropped — but only after the tag verified, so forgeries cannot move the window. A receiver with several
+workers must hand every copy of a datagram to the same worker (its window): `udp.steering_program` picks
+the worker from the sealed bytes alone, never from the outer addresses a replayer chooses.
 
 Rotation without loss: a node lists several private keys (the first signs, all are accepted) and several
 public keys per peer (the first is sealed to, all are accepted), so old and new keys overlap while
@@ -49,6 +56,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 MARKER = 0x4F
 FLAG_ENCRYPTED = 0x01
+LANE_SHIFT = 1
+LANES = 128            # flags bits 1-7: the sealing worker (lane 0: a node's only or first loop)
 _HEADER = struct.Struct("!BBIIQ")
 HEADER_SIZE = _HEADER.size   # 18
 TAG_SIZE = 16
@@ -149,10 +158,14 @@ class Authenticator:
     """Seals datagrams to peers and opens datagrams from them. `counter_start`: the wall clock in ns at
     start (the caller's clock)."""
 
-    def __init__(self, config: AuthConfig, counter_start: int) -> None:
+    def __init__(self, config: AuthConfig, counter_start: int, lane: int = 0) -> None:
+        if not 0 <= lane < LANES:
+            raise ValueError(f"lane must be 0 to {LANES - 1}")
         self.config = config
         self.mode = config.mode
-        self._flags = FLAG_ENCRYPTED if config.mode == "encrypt" else 0
+        self.lane = lane
+        self._flags = (FLAG_ENCRYPTED if config.mode == "encrypt" else 0) | lane << LANE_SHIFT
+        self._nonce_pad = lane.to_bytes(4, "big")
         self._counter = counter_start
         self._private = [X25519PrivateKey.from_private_bytes(raw) for raw in config.private_keys]
         self._own_public = [public_key_of(raw) for raw in config.private_keys]
@@ -163,14 +176,14 @@ class Authenticator:
                 self._peer_by_id[key_id(public)] = (name, public)
         self._send: dict[str, list] = {}   # peer → [header prefix, AEAD, counter]
         self._receive: dict[tuple[int, int], ChaCha20Poly1305] = {}
-        self._windows: dict[int, _ReplayWindow] = {}
+        self._windows: dict[tuple[int, int], _ReplayWindow] = {}   # (sender key id, lane) → its window
         self.refused = dict.fromkeys(REASONS, 0)
 
     def reconfigure(self, config: AuthConfig) -> Authenticator:
         """The same node with new keys (a reload): the counter keeps rising and the replay windows of
         senders whose keys stay are kept, so a reload neither reuses a nonce nor reopens a replay."""
-        new = Authenticator(config, max([self._counter, *(sender[2] for sender in self._send.values())]))
-        new._windows = {sender: window for sender, window in self._windows.items() if sender in new._peer_by_id}
+        new = Authenticator(config, max([self._counter, *(sender[2] for sender in self._send.values())]), self.lane)
+        new._windows = {sender: window for sender, window in self._windows.items() if sender[0] in new._peer_by_id}
         new.refused = self.refused
         return new
 
@@ -193,8 +206,8 @@ class Authenticator:
         prefix, aead = sender[0], sender[1]
         counter = sender[2].to_bytes(8, "big")
         header = prefix + counter
-        nonce = _NONCE_PAD + counter
-        if self._flags:
+        nonce = self._nonce_pad + counter
+        if self._flags & FLAG_ENCRYPTED:
             return header + aead.encrypt(nonce, payload, header)
         return header + payload + aead.encrypt(nonce, b"", header + payload)
 
@@ -212,8 +225,7 @@ class Authenticator:
         if len(datagram) < OVERHEAD:
             return self._refuse(MALFORMED)
         _, flags, sender_id, receiver_id, counter = _HEADER.unpack_from(datagram, 0)
-        if flags & ~FLAG_ENCRYPTED:
-            return self._refuse(MALFORMED)
+        lane = flags >> LANE_SHIFT
         aead = self._receive.get((sender_id, receiver_id))
         if aead is None:
             sender = self._peer_by_id.get(sender_id)
@@ -222,7 +234,7 @@ class Authenticator:
                 return self._refuse(UNKNOWN_KEY)
             aead = self._receive[(sender_id, receiver_id)] = _aead(own[0], own[1], sender[1], sending=False)
         header = datagram[:HEADER_SIZE]
-        nonce = _NONCE_PAD + datagram[10:HEADER_SIZE]
+        nonce = (_NONCE_PAD if not lane else lane.to_bytes(4, "big")) + datagram[10:HEADER_SIZE]
         try:
             if flags & FLAG_ENCRYPTED:
                 payload = aead.decrypt(nonce, datagram[HEADER_SIZE:], header)
@@ -231,9 +243,9 @@ class Authenticator:
                 payload = datagram[HEADER_SIZE:-TAG_SIZE]
         except InvalidTag:
             return self._refuse(BAD_TAG)
-        window = self._windows.get(sender_id)
+        window = self._windows.get((sender_id, lane))
         if window is None:
-            window = self._windows[sender_id] = _ReplayWindow()
+            window = self._windows[(sender_id, lane)] = _ReplayWindow()
         refused = window.check_and_set(counter)
         if refused is not None:
             return self._refuse(refused)
@@ -253,5 +265,5 @@ def _aead(own_private: X25519PrivateKey, own_public: bytes, their_public: bytes,
     return ChaCha20Poly1305(key)
 
 
-__all__ = ["AuthConfig", "Authenticator", "OVERHEAD", "MODES", "REASONS", "decode_key", "encode_key",
+__all__ = ["AuthConfig", "Authenticator", "LANES", "OVERHEAD", "MODES", "REASONS", "decode_key", "encode_key",
            "generate_private_key", "public_key_of", "key_id"]

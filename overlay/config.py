@@ -137,10 +137,6 @@ def parse_node_config(text: str, source: str = "config", base: Path | None = Non
     log = _parse_log(root.section("log"))
     underlay = _parse_underlay(root.section("underlay", required=True))
     auth_mode, private_keys = parse_auth_section(root.section("auth"), base)
-    if workers > 1 and auth_mode != "off":
-        # Each worker would seal with the same key from a counter of its own: nonces could repeat, and a
-        # receiver's replay window would refuse the interleaved counters. Not yet (docs/performance.md).
-        raise node.error("workers", "more than one worker with [auth] on is not supported yet")
     tun = _parse_tun(root.section("tun"), role, underlay, auth_mode != "off")
 
     distributor = tm = edge = None

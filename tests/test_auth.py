@@ -16,9 +16,10 @@ T0 = 1_700_000_000_000_000_000
 
 
 def node(name: str, peers: tuple[str, ...], mode: str = "authenticate", start: int = T0,
-         private: tuple[bytes, ...] | None = None, public: dict[str, tuple[bytes, ...]] | None = None) -> Authenticator:
+         private: tuple[bytes, ...] | None = None, public: dict[str, tuple[bytes, ...]] | None = None,
+         lane: int = 0) -> Authenticator:
     keys = {peer: (PUBLIC[peer],) for peer in peers} | (public or {})
-    return Authenticator(AuthConfig(mode, private or (KEYS[name],), keys), start)
+    return Authenticator(AuthConfig(mode, private or (KEYS[name],), keys), start, lane)
 
 
 @pytest.mark.parametrize("mode", ["authenticate", "encrypt"])
@@ -126,3 +127,43 @@ def test_a_reload_keeps_counting_and_keeps_the_replay_windows() -> None:
     assert tm1.open(old) == auth.REPLAYED, "a reload must not reopen a replay"
     dist = dist.reconfigure(dist.config)
     assert tm1.open(dist.seal(PAYLOAD, "tm1"))[0] == "dist", "nor reuse a counter"
+
+
+@pytest.mark.parametrize("mode", ["authenticate", "encrypt"])
+def test_workers_seal_with_one_key_in_lanes_of_their_own(mode: str) -> None:
+    """`[node] workers`: every loop seals with the node's key, each from its own counter (its lane). The lane
+    keeps their nonces apart — two loops that started in the same nanosecond must not seal alike (negative
+    control: two loops in one lane do, which is a reused ChaCha20-Poly1305 nonce) — and gives each its own
+    replay window at the receiver, so counters that interleave far apart are all accepted (negative control:
+    in one lane the slower loop's are refused as too old), while a replay is refused in every lane."""
+    tm1 = node("tm1", ("dist",), mode)
+    loops = [node("dist", ("tm1",), mode, lane=lane) for lane in (0, 1)]
+    sealed = [loop.seal(PAYLOAD, "tm1") for loop in loops]
+    assert sealed[0][10:] != sealed[1][10:] and sealed[0][-16:] != sealed[1][-16:], "same counter, other nonce"
+    same_lane = [node("dist", ("tm1",), mode) for _ in range(2)]
+    assert same_lane[0].seal(PAYLOAD, "tm1") == same_lane[1].seal(PAYLOAD, "tm1"), "the control: one lane, one nonce"
+    assert [tm1.open(datagram) for datagram in sealed] == [("dist", PAYLOAD)] * 2
+    assert [tm1.open(datagram) for datagram in sealed] == [auth.REPLAYED] * 2
+
+    fast = node("dist", ("tm1",), mode, start=T0 + 10 * auth.WINDOW, lane=3)
+    slow = node("dist", ("tm1",), mode, start=T0, lane=4)
+    for _ in range(50):
+        assert tm1.open(fast.seal(PAYLOAD, "tm1")) == ("dist", PAYLOAD)
+        assert tm1.open(slow.seal(PAYLOAD, "tm1")) == ("dist", PAYLOAD), "its own window"
+    one_window = node("tm1", ("dist",), mode)
+    fast0, slow0 = (node("dist", ("tm1",), mode, start=start) for start in (T0 + 10 * auth.WINDOW, T0))
+    assert one_window.open(fast0.seal(PAYLOAD, "tm1")) == ("dist", PAYLOAD)
+    assert one_window.open(slow0.seal(PAYLOAD, "tm1")) == auth.TOO_OLD, "the control: one window for both"
+
+
+def test_a_lane_is_covered_by_the_tag_and_bounded() -> None:
+    tm1 = node("tm1", ("dist",))
+    sealed = bytearray(node("dist", ("tm1",), lane=5).seal(PAYLOAD, "tm1"))
+    assert sealed[1] >> auth.LANE_SHIFT == 5
+    sealed[1] ^= 1 << auth.LANE_SHIFT     # another lane: another nonce and other associated data
+    assert tm1.open(bytes(sealed)) == auth.BAD_TAG
+    for lane in (-1, auth.LANES):
+        with pytest.raises(ValueError, match="lane"):
+            node("dist", ("tm1",), lane=lane)
+    reloaded = node("dist", ("tm1",), lane=7).reconfigure(AuthConfig("authenticate", (KEYS["dist"],), {"tm1": (PUBLIC["tm1"],)}))
+    assert reloaded.lane == 7 and tm1.open(reloaded.seal(PAYLOAD, "tm1")) == ("dist", PAYLOAD)

@@ -124,6 +124,10 @@ class Distributor:
         # the agent sets its loop's clock; the core itself never reads one for a decision.
         self.clock: Callable[[], float] = time.monotonic
         self.replication_lag = replication.StandbyLag()
+        # One packet loop of several (`[node] workers`): what a datagram taught this loop that the others
+        # need too — where a peer behind NAT is, what an edge announced — goes out through `share`
+        # (("learned", peer, endpoint), ("announced", edge, prefixes)); `apply_shared` takes it in.
+        self.share: Callable[[tuple[Any, ...]], None] | None = None
         self.reconfigure(config)
 
     # -- configuration and fleet state ----------------------------------------------------------------
@@ -530,6 +534,8 @@ class Distributor:
             sender, payload = opened
             if self.learned.get(sender) != peer:
                 self._learn(sender, peer)
+                if self.share is not None:
+                    self.share(("learned", sender, peer))
             tm = sender if sender in self._tm_dest else None
             edge = sender if sender in self._edge_dest else None
         else:
@@ -738,6 +744,21 @@ class Distributor:
         configured = tuple(sorted(str(prefix) for prefix in self._edge_config[edge]))
         if announced != configured:
             self.counters_reason["announce-prefixes-differ"] += 1
+        if self.share is not None:
+            self.share(("announced", edge, announced))
+
+    def shared_state(self) -> list[tuple[Any, ...]]:
+        """Everything `share` has told, as its messages: for a packet loop that starts late."""
+        return ([("learned", peer, endpoint) for peer, endpoint in self.learned.items()]
+                + [("announced", edge, prefixes) for edge, prefixes in self.edge_prefixes.items()])
+
+    def apply_shared(self, message: tuple[Any, ...]) -> None:
+        """What another packet loop's `share` sent (peers this config does not have are ignored)."""
+        kind, peer, value = message
+        if kind == "learned" and (peer in self._tm_dest or peer in self._edge_dest):
+            self._learn(peer, (str(value[0]), int(value[1])))
+        elif kind == "announced" and peer in self._edge_dest:
+            self.edge_prefixes[peer] = tuple(value)
 
     def behind_nat(self, peer: str) -> bool:
         return peer in self._behind_nat

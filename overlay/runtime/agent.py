@@ -40,9 +40,10 @@ class StartupError(RuntimeError):
     """The agent cannot start for a reason the operator can fix; the message says what to do."""
 
 
-def authenticator(config: NodeConfig) -> Authenticator | None:
-    """The node's datagram authenticator, its counter started at the wall clock (overlay/auth.py)."""
-    return Authenticator(config.auth, time.time_ns()) if config.auth.enabled else None
+def authenticator(config: NodeConfig, lane: int = 0) -> Authenticator | None:
+    """The node's datagram authenticator, its counter started at the wall clock (overlay/auth.py); `lane`:
+    the packet loop's (worker i seals in lane i)."""
+    return Authenticator(config.auth, time.time_ns(), lane) if config.auth.enabled else None
 
 
 def reconfigured_authenticator(running: Authenticator | None, old: NodeConfig, new: NodeConfig) -> Authenticator | None:

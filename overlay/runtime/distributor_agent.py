@@ -84,7 +84,8 @@ class DistributorAgent(Agent):
         if self.config.workers > 1:
             # The receive sockets of all workers form one SO_REUSEPORT group: spread by the inner flow.
             attach_steering(self.udp.receive_socket, self.config.workers)
-            self.pool = WorkerPool(self.config.workers, loop, core.fleet_state)
+            self.pool = WorkerPool(self.config.workers, loop, core.fleet_state, self._on_shared, core.shared_state)
+            core.share = self.pool.share
             self.pool.start(self.config.source)
             self._synced_state = core.fleet_state()
         if dconfig.fleet.store == "etcd":
@@ -123,6 +124,19 @@ class DistributorAgent(Agent):
     async def leave(self) -> None:
         if self.fleet is not None:
             await self.fleet.stop()
+
+    def _on_shared(self, message: tuple[Any, ...]) -> None:
+        """What a worker learned that we need too (overlay/runtime/workers.py)."""
+        assert self.core is not None
+        kind, peer, value = message
+        if kind == "keepalive":
+            self._on_keepalive(value)
+        elif kind == "fanned":
+            self.core.replication_lag.fanned(peer, *value)
+        elif kind == "acked":
+            self.core.replication_lag.acked(peer, *value)
+        else:
+            self.core.apply_shared(message)
 
     def _on_keepalive(self, payload: bytes) -> None:
         assert self.health is not None and self.loop is not None

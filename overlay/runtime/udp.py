@@ -27,6 +27,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
+from overlay import auth
 from overlay.runtime.batchio import BATCH, SOL_UDP, UDP_GRO, recv_batch, send_batch
 
 DRAIN_BUDGET = 256
@@ -47,7 +48,8 @@ def steering_program(sockets: int) -> list[tuple[int, int, int, int]]:
     """A classic BPF program for a SO_REUSEPORT group of `sockets` receive sockets (one per worker): pick
     the socket by a hash of the *inner* packet's addresses and ports, not of the outer 4-tuple — a TM sends
     every datagram from one port to one port, so the default hash would hand all of them to one worker.
-    The program sees the UDP payload: the GRE header (4 bytes, 8 with a key), then the inner IP header.
+    The program sees the UDP payload: the GRE header (4 bytes, 8 with a key), then the inner IP header
+    (sealed datagrams: below).
     (Ports are read where TCP and UDP keep them: for other packets that word is whatever is there, which
     still picks a worker; a malformed packet reads out of bounds, and the kernel then picks socket 0.)
 
@@ -64,12 +66,32 @@ def steering_program(sockets: int) -> list[tuple[int, int, int, int]]:
         jumps.append((len(program), label))
         emit(_JA)
 
-    emit(_LD_B_ABS, 0)                    # the GRE flags' high byte
+    emit(_LD_B_ABS, 0)                    # the GRE flags' high byte, or a sealed datagram's marker
+    emit(_JEQ_K, auth.MARKER, jt=0, jf=1)
+    jump("sealed")
     emit(_AND_K, 0x20)                    # the key bit
     emit(_JEQ_K, 0, jt=0, jf=1)           # no key: the body for offset 4, else the one for offset 8
     jump("body4")
     jump("body8")
-    for offset in (4, 8):
+    # Sealed (overlay/auth.py): authenticated only, the GRE payload is in the clear after the 18-byte
+    # header — the same inner flow, further on; encrypted, the sender's key id and lane (the flags byte)
+    # are all there is to go by: one sending loop's datagrams to one worker. Either way the choice is a
+    # function of bytes the tag covers, so a replayed copy meets the window that saw the original.
+    labels["sealed"] = len(program)
+    emit(_LD_B_ABS, 1)                    # flags: bit 0 encrypted
+    emit(_AND_K, auth.FLAG_ENCRYPTED)
+    emit(_JEQ_K, 0, jt=0, jf=1)
+    jump("sealed-clear")
+    for load in ((_LD_W_ABS, 2), (_ST, 0), (_LD_B_ABS, 1), (_LDX_MEM, 0), (_XOR_X, 0)):
+        emit(*load)
+    jump("mix")
+    labels["sealed-clear"] = len(program)
+    emit(_LD_B_ABS, auth.HEADER_SIZE)     # the GRE flags' high byte behind the header
+    emit(_AND_K, 0x20)
+    emit(_JEQ_K, 0, jt=0, jf=1)
+    jump(f"body{auth.HEADER_SIZE + 4}")
+    jump(f"body{auth.HEADER_SIZE + 8}")
+    for offset in (4, 8, auth.HEADER_SIZE + 4, auth.HEADER_SIZE + 8):
         labels[f"body{offset}"] = len(program)
         emit(_LD_B_ABS, offset)           # the inner version
         emit(_RSH_K, 4)

@@ -9,6 +9,13 @@ own, one event loop each, sharing the one decision (issue 10; Nebula's `routines
   hands each one the fleet state after every change (`Distributor.fleet_state()`: admin states, health,
   returns) and every reload (the config file and the fleet document it applied). The distributor is
   stateless per packet, so which process sees a packet never matters.
+- With `[auth]` worker i seals in lane i (overlay/auth.py: its own nonces, its own replay windows at the
+  receiver) and the receive group is steered by sealed bytes only (a replayed copy meets the window that
+  saw the original). What one loop learns from a datagram that every loop needs goes through the agent
+  (`Distributor.share`): where a peer behind NAT is (`ShareFilter`: a peer's first endpoint and a new
+  address at once, a new port at most once per `STATS_INTERVAL`), what an edge announced; so do the
+  replication telemetry (`SharedLag`) and keepalive echoes that reach a worker (probes from the
+  well-known port, to a TM behind NAT): the agent's status and health see them all.
 - Workers report their counters every `STATS_INTERVAL`; the agent's status and metrics add them up.
 - A worker dies with the agent (PR_SET_PDEATHSIG): a SIGKILLed agent leaves no process holding a TUN
   queue (the device, its routes and the fail-closed blackholes behave as for one process). A worker that
@@ -59,23 +66,84 @@ def _load(source: str, document: str | None, prefix: str = "") -> Any:
     return load_node_config(source, document, f"etcd:{prefix}tms")
 
 
+class ShareFilter:
+    """What a packet loop shares with the others (`Distributor.share` messages), thinned: a peer that sends
+    from several ports (an edge's entropy ports) moves its learned endpoint with nearly every datagram,
+    and any of those ports reaches it. A peer's first endpoint and a change of address go out at once (a
+    NAT rebinding: the other loops must follow); a change of port only with `flush`, the latest one."""
+
+    def __init__(self, send: Callable[[tuple[Any, ...]], None]) -> None:
+        self._send = send
+        self._sent: dict[str, tuple[str, int]] = {}
+        self._pending: dict[str, tuple[str, int]] = {}
+
+    def offer(self, message: tuple[Any, ...]) -> None:
+        kind, peer, value = message
+        if kind != "learned":
+            self._send(message)
+            return
+        last = self._sent.get(peer)
+        if last is not None and last[0] == value[0]:
+            self._pending[peer] = value
+            return
+        self._pending.pop(peer, None)
+        self._sent[peer] = value
+        self._send(message)
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, {}
+        for peer, value in pending.items():
+            if self._sent.get(peer) != value:
+                self._sent[peer] = value
+                self._send(("learned", peer, value))
+
+
+class SharedLag:
+    """A worker's stand-in for `replication.StandbyLag`: a batch fanned out here may be acknowledged at
+    another loop, so the events go to the agent, whose StandbyLag the status shows."""
+
+    def __init__(self, send: Callable[[tuple[Any, ...]], None]) -> None:
+        self._send = send
+
+    def fanned(self, origin: str, sequence: int, now: float) -> None:
+        self._send(("fanned", origin, (sequence, now)))
+
+    def acked(self, origin: str, standby: str, sequence: int, now: float) -> None:
+        self._send(("acked", origin, (standby, sequence, now)))
+
+    def status(self, now: float) -> dict[str, dict]:
+        return {}
+
+
 async def _serve(source: str, document: str | None, index: int, control: Connection) -> None:
     from overlay.distributor.core import Distributor
+    from overlay.runtime.agent import authenticator, reconfigured_authenticator
     from overlay.runtime.packet_path import packet_handlers
     from overlay.runtime.tun import TunDevice, wants_offload
     from overlay.runtime.udp import UnderlayEndpoint
 
     loop = asyncio.get_running_loop()
     config = _load(source, document)
-    core = Distributor(config.distributor)
+    core = Distributor(config.distributor, authenticator(config, lane=index))
     core.clock = loop.time
     tun = TunDevice(config.tun.name, multi_queue=True, offload=wants_offload(config.tun.offload, config.role))
     udp = UnderlayEndpoint(config.underlay.address, config.underlay.port, source_ports=config.underlay.source_ports)
     stop = asyncio.Event()
-    stray = {"keepalives": 0}
 
-    def keepalive(_: bytes) -> None:
-        stray["keepalives"] += 1   # probes leave from the agent's own sockets: their echoes come back there
+    def to_agent(message: tuple[Any, ...]) -> None:
+        try:
+            control.send(("shared", index, message))
+        except (BrokenPipeError, OSError):
+            stop.set()
+
+    shared = ShareFilter(to_agent)
+    core.share = shared.offer
+    core.replication_lag = SharedLag(to_agent)  # type: ignore[assignment]
+
+    def keepalive(payload: bytes) -> None:
+        # Probes leave from the agent's own sockets and their echoes come back there, except a probe
+        # from the well-known port (a TM behind NAT): its echo may land in any loop of the group.
+        to_agent(("keepalive", None, payload))
 
     (from_tun, from_overlay, from_tun_train, from_overlay_train, from_tun_batch,
      from_overlay_batch) = packet_handlers(core, tun, udp, keepalive)
@@ -86,16 +154,23 @@ async def _serve(source: str, document: str | None, index: int, control: Connect
         except (EOFError, OSError):
             stop.set()            # the agent is gone
             return
+        nonlocal config
         kind = message[0]
         if kind == "state":
             core.apply_fleet_state(*message[1])
+        elif kind == "shared":
+            core.apply_shared(message[1])
         elif kind == "config":
-            core.reconfigure(_load(message[1], message[2], message[3]).distributor)
+            new = _load(message[1], message[2], message[3])
+            rekeyed = reconfigured_authenticator(core.auth, config, new)   # the agent checked it applies
+            core.reconfigure(new.distributor)
+            core.auth, config = rekeyed, new
         elif kind == "stop":
             stop.set()
 
     def report() -> None:
-        counters = {**udp.counters, **tun.counters, **core.counters(), "worker.stray_keepalives": stray["keepalives"]}
+        shared.flush()
+        counters = {**udp.counters, **tun.counters, **core.counters()}
         try:
             control.send(("stats", index, counters, dict(core.counters_tm), dict(core.counters_drop)))
         except (BrokenPipeError, OSError):
@@ -124,10 +199,16 @@ async def _serve(source: str, document: str | None, index: int, control: Connect
 class WorkerPool:
     """Workers 1..count-1 of a distributor agent: started, kept in step, their counters collected."""
 
-    def __init__(self, count: int, loop: asyncio.AbstractEventLoop, state: Callable[[], FleetState]) -> None:
+    def __init__(self, count: int, loop: asyncio.AbstractEventLoop, state: Callable[[], FleetState],
+                 on_shared: Callable[[tuple[Any, ...]], None] = lambda message: None,
+                 known: Callable[[], list[tuple[Any, ...]]] = list) -> None:
         self.count = count
         self.loop = loop
         self._state = state
+        self._on_shared = on_shared              # what a worker shared: the agent takes it in
+        self._known = known                      # what the agent knows of it: for a (re)started worker
+        self._shared = ShareFilter(self._broadcast)   # what the agent's own loop learned: to every worker
+        self._ticker: asyncio.TimerHandle | None = None
         self._context = multiprocessing.get_context("spawn")   # a fresh interpreter: no forked event loop
         self._processes: dict[int, multiprocessing.process.BaseProcess] = {}
         self._controls: dict[int, Connection] = {}
@@ -141,6 +222,20 @@ class WorkerPool:
         self._config = (source, document, prefix)
         for index in range(1, self.count):
             self._spawn(index)
+        self._tick()
+
+    def _tick(self) -> None:
+        self._shared.flush()
+        self._ticker = self.loop.call_later(STATS_INTERVAL, self._tick)
+
+    def share(self, message: tuple[Any, ...]) -> None:
+        """The agent's own loop learned something every loop needs (`Distributor.share`)."""
+        self._shared.offer(message)
+
+    def _broadcast(self, message: tuple[Any, ...], but: int | None = None) -> None:
+        for index in list(self._controls):
+            if index != but:
+                self._send(index, ("shared", message))
 
     def _spawn(self, index: int) -> None:
         source, document, _ = self._config
@@ -153,6 +248,8 @@ class WorkerPool:
         self.loop.add_reader(ours.fileno(), self._on_message, index)
         self.loop.add_reader(process.sentinel, self._on_exit, index)
         self._send(index, ("state", self._state()))
+        for message in self._known():
+            self._send(index, ("shared", message))
         log.info("worker.started", worker=index, pid=process.pid)
 
     def _on_message(self, index: int) -> None:
@@ -170,6 +267,11 @@ class WorkerPool:
         elif message[0] == "stats":
             _, _, counters, by_tm, drops = message
             self.stats[index] = (counters, by_tm, drops, time.monotonic())
+        elif message[0] == "shared":
+            shared = message[2]
+            self._on_shared(shared)
+            if shared[0] in ("learned", "announced"):
+                self._broadcast(shared, but=index)   # the other workers; the agent took it just now
 
     def _on_exit(self, index: int) -> None:
         process = self._processes.pop(index, None)
@@ -230,6 +332,8 @@ class WorkerPool:
 
     def stop(self, timeout: float = 3.0) -> None:
         self._stopping = True
+        if self._ticker is not None:
+            self._ticker.cancel()
         for index in list(self._controls):
             self._send(index, ("stop",))
         deadline = time.monotonic() + timeout

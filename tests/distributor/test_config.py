@@ -118,6 +118,8 @@ REJECTIONS = [
     ("bad all-down policy", edited('all_down = "drop"', 'all_down = "panic" ' + MARK), "health.all_down"),
     ("edge without prefixes", BASE + '[[edge]] ' + MARK + '\nname = "e1"\nunderlay = "192.0.2.130"\n', "edge[0].prefixes"),
     ("capture containing the underlay address", edited('capture = ["203.0.113.64/27", "203.0.113.96/27"]', 'capture = ["192.0.2.0/24"] ' + MARK), "tun.capture[0]"),
+    ("no packet loop at all", edited('name = "dist1"', 'name = "dist1"\nworkers = 0 ' + MARK), "node.workers"),
+    ("workers as words", edited('name = "dist1"', 'name = "dist1"\nworkers = "many" ' + MARK), "node.workers"),
     ("an unknown TUN offload setting", edited('capture = ["203.0.113.64/27", "203.0.113.96/27"]', 'capture = ["203.0.113.64/27", "203.0.113.96/27"]\noffload = "fast" ' + MARK), "tun.offload"),
     ("fleet id above 16 bits", edited('address = "192.0.2.2"', 'address = "192.0.2.2"\ngre_key = 65536 ' + MARK), "underlay.gre_key"),
     ("unknown role", edited('role = "distributor"', 'role = "router" ' + MARK), "node.role"),
@@ -226,3 +228,25 @@ def test_tun_offload_auto_means_bulk_roles_with_the_extension(monkeypatch: pytes
     monkeypatch.setattr(tun, "COMPILED", compiled)
     assert tun.wants_offload(setting, role) is on
     assert parse_node_config(BASE, "base.toml").tun.offload == "auto"
+
+
+def test_workers_with_authentication_are_a_distributors_and_a_tms_are_refused(tmp_path) -> None:
+    """`workers` with `[auth]`: each loop seals in a lane of its own (overlay/auth.py), so a distributor may;
+    a TM's connection table is one process's, so a TM may not — refused naming the field and its line."""
+    from overlay import auth
+
+    key = tmp_path / "dist.key"
+    key.write_text(auth.encode_key(auth.generate_private_key()) + "\n")
+    key.chmod(0o600)
+    peer = auth.encode_key(auth.public_key_of(auth.generate_private_key()))
+    text = BASE.replace('name = "dist1"', 'name = "dist1"\nworkers = 2')
+    for tm in ("tm1", "tm2"):
+        text = text.replace(f'name = "{tm}"\n', f'name = "{tm}"\npublic_key = "{peer}"\n')
+    text += f'\n[auth]\nmode = "encrypt"\nprivate_key_file = "{key}"\n'
+    config = parse_node_config(text, "dist.toml")
+    assert config.workers == 2 and config.auth.mode == "encrypt"
+    tm = """[node]\nrole = "tm"\nname = "tm1"\nworkers = 2 # <-\n[underlay]\naddress = "192.0.2.71"\n
+[[distributor]]\nunderlay = "192.0.2.2"\n[tm]\nmode = "firewall"\n"""
+    with pytest.raises(ConfigError) as caught:
+        parse_node_config(tm, "tm.toml")
+    assert (caught.value.field, caught.value.line) == ("node.workers", 4), str(caught.value)

@@ -238,3 +238,66 @@ def test_workers_steering_spreads_by_the_inner_flow_and_keeps_each_flow_on_one_s
         sender.close()
         for sock in group:
             sock.close()
+
+
+def test_workers_steering_of_sealed_datagrams_follows_what_the_tag_covers() -> None:
+    """With `[auth]` each worker keeps its own replay windows, so every copy of a sealed datagram must reach
+    the same worker — chosen from the sealed bytes, never from the outer source a replayer picks — and a
+    flow must stay on one worker although every datagram carries a new counter. Authenticated only: by
+    the inner flow, as plain GRE is (both directions alike); encrypted: by the sender's key and lane.
+    (Negative control: the program before sealed datagrams had a branch of their own read the header as
+    GRE and hashed counter bytes — a flow's datagrams scattered over the workers.)"""
+    from overlay import auth, gre
+    from overlay.runtime.udp import _bind_udp, attach_steering
+    from tests.distributor import packets as P
+
+    first = _bind_udp(LOOPBACK, 0)
+    port = first.getsockname()[1]
+    group = [first, _bind_udp(LOOPBACK, port), _bind_udp(LOOPBACK, port)]
+    attach_steering(first, len(group))
+    senders = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(3)]   # three source ports
+
+    def where(datagram: bytes, sender: int = 0) -> int:
+        senders[sender].sendto(datagram, ("127.0.0.1", port))
+        for _ in range(100):
+            for index, sock in enumerate(group):
+                try:
+                    sock.recv(2048)
+                    return index
+                except BlockingIOError:
+                    pass
+            time.sleep(0.001)
+        raise AssertionError("the datagram never arrived")
+
+    keys = {name: auth.generate_private_key() for name in ("tm", "dist")}
+    public = {name: auth.public_key_of(key) for name, key in keys.items()}
+
+    def sealer(mode: str, lane: int = 0, name: str = "tm", key: bytes | None = None) -> auth.Authenticator:
+        config = auth.AuthConfig(mode, (key or keys[name],), {"peer": (public["dist"],)})
+        return auth.Authenticator(config, time.time_ns(), lane)
+
+    try:
+        flows = [(f"198.51.100.{10 + i % 5}", 40000 + 2 * i) for i in range(60)]
+        lane0, lane1 = sealer("authenticate"), sealer("authenticate", lane=1)
+        counts = [0, 0, 0]
+        for client, client_port in flows:
+            forward = P.tcp(client, client_port, "203.0.113.10", 80)
+            plain = where(gre.encapsulate(forward))
+            sealed = {where(lane0.seal(gre.encapsulate(forward), "peer"), sender=n % 3) for n in range(4)}
+            assert sealed == {plain}, "authenticated: the inner flow decides, whatever the counter and source"
+            back = lane1.seal(gre.encapsulate(P.tcp("203.0.113.10", 80, client, client_port), key=7 << 16), "peer")
+            assert where(back) == plain, "both directions, from another lane, with a GRE key"
+            counts[plain] += 1
+        assert all(10 <= count <= 30 for count in counts), counts
+        for lane in range(6):
+            encrypting = sealer("encrypt", lane=lane)
+            chosen = {where(encrypting.seal(gre.encapsulate(P.tcp(client, client_port, "203.0.113.10", 80)), "peer"),
+                            sender=n % 3) for n, (client, client_port) in enumerate(flows[:20])}
+            assert len(chosen) == 1, f"encrypted: one sending loop's datagrams to one worker ({chosen})"
+        spread = {where(sealer("encrypt", key=auth.generate_private_key()).seal(b"x" * 40, "peer")) for _ in range(30)}
+        assert spread == {0, 1, 2}, "encrypted: different senders spread over the workers"
+        captured = lane0.seal(gre.encapsulate(P.udp("198.51.100.7", 5000, "203.0.113.10", 53)), "peer")
+        assert len({where(captured, sender=n) for n in range(3)}) == 1, "a replayed copy meets the same worker"
+    finally:
+        for sock in senders + group:
+            sock.close()

@@ -115,3 +115,47 @@ def test_a_worker_that_dies_is_restarted(tmp_path: Path) -> None:
                         overlay.status("distributor")["workers"]["restarts"] == 1), "restarted"
         assert connections(overlay, 30) == 30
         assert re.search(r'"worker.died"|worker.died', overlay.log("distributor"))
+
+
+def with_auth(overlay: MiniOverlay, mode: str) -> None:
+    """Both agents' configs with `[auth]` on: a key pair each, each naming the other's public key."""
+    from overlay import auth
+
+    keys = {role: auth.generate_private_key() for role in ("distributor", "tm")}
+    public = {role: auth.encode_key(auth.public_key_of(key)) for role, key in keys.items()}
+    for role, path, entry in (("distributor", overlay.distributor_config, '[[tm]]\nname = "tm1"\n'),
+                              ("tm", overlay.tm_config, "[[distributor]]\n")):
+        key_file = path.with_suffix(".key")
+        key_file.write_text(auth.encode_key(keys[role]) + "\n")
+        key_file.chmod(0o600)
+        other = public["tm" if role == "distributor" else "distributor"]
+        text = path.read_text()
+        assert entry in text
+        text = text.replace(entry, f'{entry}public_key = "{other}"\n', 1)
+        path.write_text(text + f'\n[auth]\nmode = "{mode}"\nprivate_key_file = "{key_file}"\n')
+
+
+@pytest.mark.parametrize("mode", ["encrypt", "authenticate"])
+def test_two_workers_with_authentication_seal_in_lanes_of_their_own(tmp_path: Path, mode: str) -> None:
+    """`workers = 2` with `[auth]`: both loops seal with the distributor's key, each in its own lane, and the
+    TM opens both without refusing one datagram as replayed or too old (one window for both loops' counters
+    would refuse the slower one's; one nonce sequence would repeat nonces). The sealed receive group is
+    steered by sealed bytes (encrypt: the sender's key and lane), and every connection crosses."""
+    require_lab()
+    with mini_overlay(tmp_path, agents=False) as overlay:
+        with_workers(overlay, 2)
+        with_auth(overlay, mode)
+        overlay.start("tm")
+        overlay.start("distributor")
+        assert wait_for(lambda: overlay.status("distributor")["workers"]["running"] == 2), "the worker starts"
+        assert wait_for(lambda: overlay.status("distributor")["tms"]["tm1"]["up"], 10), "sealed keepalives"
+        assert connections(overlay, 120) == 120, "every connection crosses, whichever loop seals it"
+        assert wait_for(lambda: sum(overlay.status("distributor")["workers"]["packets"].values()) > 0, 5), \
+            "the worker sealed and opened packets of its own"
+        time.sleep(1.2)     # the worker's counters of the last connections reach the agent
+        dist, tm = overlay.status("distributor"), overlay.status("tm")
+        assert dist["auth"] == tm["auth"] == mode
+        refused = {reason: count for reason, count in {**dist["drops"], **tm["drops"]}.items() if reason.startswith("auth:")}
+        assert refused == {}, refused
+        worker = sum(dist["workers"]["packets"].values())
+        print(f"\nworkers=2, auth {mode}: 120 connections, worker share {worker} packets, nothing refused")

@@ -10,6 +10,7 @@ them is a binding the announces and the traffic keep alive.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import xxhash
 
@@ -17,6 +18,9 @@ from overlay.config import NodeConfig
 from overlay.edge import EdgeNode
 from overlay.runtime.agent import UplinkAgent, authenticator, reconfigured_authenticator
 from overlay.runtime.netsetup import NetPlan, edge_plan
+from overlay.runtime.tun import TunDevice
+from overlay.runtime.udp import UnderlayEndpoint, attach_steering
+from overlay.runtime.workers import WorkerPool
 from overlay.uplink import SEND, TUN, NodeOutput
 
 
@@ -28,6 +32,7 @@ class EdgeAgent(UplinkAgent):
             raise ValueError(f"{config.source}: not an edge config (node.role = {config.role!r})")
         super().__init__(config)
         self.node: EdgeNode | None = None
+        self.pool: WorkerPool | None = None          # [node] workers > 1: the other packet loops
 
     def net_plan(self) -> NetPlan:
         assert self.config.edge is not None
@@ -37,29 +42,15 @@ class EdgeAgent(UplinkAgent):
         assert self.config.edge is not None and self.tun is not None and self.udp is not None
         self.node = node = EdgeNode(self.config.edge.prefixes, self._distributors(self.config),
                                     self.config.underlay.gre_key, authenticator(self.config))
-        tun_write, udp_send, udp_reply = self.tun.write, self.udp.send, self.udp.reply
-        clock = loop.time
-        node_from_tun, node_from_overlay = node.from_tun, node.from_overlay
-        hash_addresses = xxhash.xxh32_intdigest
-
-        def from_tun(packet: bytes) -> None:
-            action, datagram, peer = node_from_tun(packet)
-            if action == SEND:
-                # One inner flow, one outer source port (its addresses: fragments stay together).
-                addresses = packet[12:20] if packet[0] >> 4 == 4 else packet[8:40]
-                udp_send(datagram, peer, hash_addresses(addresses))  # type: ignore[arg-type]
-
-        def from_overlay(payload: bytes, peer: tuple[str, int]) -> None:
-            output: NodeOutput = node_from_overlay(payload, peer, clock())
-            action, data, to = output
-            if action == TUN:
-                tun_write(data)  # type: ignore[arg-type]
-            elif action == SEND:
-                udp_reply(data, to)  # type: ignore[arg-type]   # a keepalive echo: from the well-known port
-
+        from_tun, from_overlay = edge_handlers(node, self.tun, self.udp, loop.time)
         self.tun.start(loop, from_tun, self.tun_lost)
         self.udp.start(loop, from_overlay)
         self._announce()
+        if self.config.workers > 1:
+            # The other packet loops (overlay/runtime/workers.py): the edge keeps no state a packet needs.
+            attach_steering(self.udp.receive_socket, self.config.workers)
+            self.pool = WorkerPool(self.config.workers, loop, lambda: None)
+            self.pool.start(self.config.source)
 
     def _reconfigure(self, new: NodeConfig) -> None:
         assert self.node is not None and self.config.edge is not None
@@ -69,20 +60,63 @@ class EdgeAgent(UplinkAgent):
             raise ValueError("edge.prefixes changed: the TUN's addresses and rules apply only at restart")
         rekeyed = reconfigured_authenticator(self.node.auth, self.config, new)
         self.node.configure(self._distributors(new), new.underlay.gre_key, rekeyed)
+        if self.pool is not None:
+            self.pool.reconfigure(new.source, None, "")
 
     def _close_role(self) -> None:
         self._stop_announcing()
+        if self.pool is not None:
+            self.pool.stop()
+            self.pool = None
 
     def _role_status(self) -> dict:
         if self.node is None:
             return {}
-        counters = self.transport_counters()
-        counters.update({"packets.sent": self.node.sent, "packets.delivered": self.node.delivered,
-                         "keepalives_echoed": self.node.keepalives_echoed})
+        counters = {**self.transport_counters(), **edge_counters(self.node)}
+        drops = {f"agent:{reason}": count for reason, count in self.node.drops.items()}
+        if self.pool is not None:
+            # One edge, several packet loops: their counters and drops add up.
+            for worker_counters, _, worker_drops, _ in self.pool.stats.values():
+                for name, value in worker_counters.items():
+                    counters[name] = counters.get(name, 0) + value
+                for reason, value in worker_drops.items():
+                    drops[reason] = drops.get(reason, 0) + value
         return {
             "auth": self.config.auth.mode,
             "prefixes": [str(prefix) for prefix in self.node.prefixes],
             "peers": {f"{host}:{port}": {"packets": count} for (host, port), count in self.node.peers.items()},
-            "drops": {f"agent:{reason}": count for reason, count in self.node.drops.items()},
+            "drops": drops,
             "counters": counters,
+            "workers": {"count": 1, "running": 1} if self.pool is None else self.pool.status(),
         }
+
+
+def edge_counters(node: EdgeNode) -> dict[str, int]:
+    return {"packets.sent": node.sent, "packets.delivered": node.delivered,
+            "keepalives_echoed": node.keepalives_echoed}
+
+
+def edge_handlers(node: EdgeNode, tun: TunDevice, udp: UnderlayEndpoint, clock: Callable[[], float]
+                  ) -> tuple[Callable[[bytes], None], Callable[[bytes, tuple[str, int]], None]]:
+    """The edge's two packet callbacks (the agent's loop and each worker's): TUN → `from_tun` → the
+    distributor; underlay → `from_overlay` → the TUN (or a keepalive echo back)."""
+    tun_write, udp_send, udp_reply = tun.write, udp.send, udp.reply
+    node_from_tun, node_from_overlay = node.from_tun, node.from_overlay
+    hash_addresses = xxhash.xxh32_intdigest
+
+    def from_tun(packet: bytes) -> None:
+        action, datagram, peer = node_from_tun(packet)
+        if action == SEND:
+            # One inner flow, one outer source port (its addresses: fragments stay together).
+            addresses = packet[12:20] if packet[0] >> 4 == 4 else packet[8:40]
+            udp_send(datagram, peer, hash_addresses(addresses))  # type: ignore[arg-type]
+
+    def from_overlay(payload: bytes, peer: tuple[str, int]) -> None:
+        output: NodeOutput = node_from_overlay(payload, peer, clock())
+        action, data, to = output
+        if action == TUN:
+            tun_write(data)  # type: ignore[arg-type]
+        elif action == SEND:
+            udp_reply(data, to)  # type: ignore[arg-type]   # a keepalive echo: from the well-known port
+
+    return from_tun, from_overlay

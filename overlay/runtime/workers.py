@@ -1,5 +1,5 @@
-"""A distributor's extra packet loops (`[node] workers = N`): N - 1 worker processes next to the agent's
-own, one event loop each, sharing the one decision (issue 10; Nebula's `routines`).
+"""A distributor's (or an edge's) extra packet loops (`[node] workers = N`): N - 1 worker processes next to
+the agent's own, one event loop each, sharing the one decision (issue 10; Nebula's `routines`).
 
 - Each worker attaches a queue of the agent's multi-queue TUN (the kernel spreads flows over the queues)
   and binds the underlay port with SO_REUSEPORT (the kernel spreads datagrams over the sockets), plus send
@@ -116,6 +116,86 @@ class SharedLag:
 
 
 async def _serve(source: str, document: str | None, index: int, control: Connection) -> None:
+    config = _load(source, document)
+    if config.role == "edge":
+        await _serve_edge(source, index, control)
+    else:
+        await _serve_distributor(source, document, index, control)
+
+
+async def _serve_edge(source: str, index: int, control: Connection) -> None:
+    """An edge's packet loop: the same node as the agent's (its distributors, keys in lane `index`); the
+    edge keeps no state a packet needs, so which loop sees a packet never matters. The agent alone sends
+    the announces."""
+    from overlay.edge import EdgeNode
+    from overlay.runtime.agent import UplinkAgent, authenticator, reconfigured_authenticator
+    from overlay.runtime.edge_agent import edge_counters, edge_handlers
+    from overlay.runtime.tun import TunDevice, wants_offload
+    from overlay.runtime.udp import UnderlayEndpoint
+
+    loop = asyncio.get_running_loop()
+    config = _load(source, None)
+    assert config.edge is not None
+    node = EdgeNode(config.edge.prefixes, UplinkAgent._distributors(config), config.underlay.gre_key,
+                    authenticator(config, lane=index))
+    tun = TunDevice(config.tun.name, multi_queue=True, offload=wants_offload(config.tun.offload, config.role))
+    udp = UnderlayEndpoint(config.underlay.address, config.underlay.port, source_ports=config.underlay.source_ports)
+    stop = asyncio.Event()
+
+    def on_control() -> None:
+        nonlocal config
+        try:
+            message = control.recv()
+        except (EOFError, OSError):
+            stop.set()
+            return
+        if message[0] == "config":
+            new = _load(message[1], None)
+            node.configure(UplinkAgent._distributors(new), new.underlay.gre_key,
+                           reconfigured_authenticator(node.auth, config, new))
+            config = new
+        elif message[0] == "stop":
+            stop.set()
+
+    def report() -> None:
+        counters = {**udp.counters, **tun.counters, **edge_counters(node)}
+        drops = {f"agent:{reason}": count for reason, count in node.drops.items()}
+        try:
+            control.send(("stats", index, counters, {}, drops))
+        except (BrokenPipeError, OSError):
+            stop.set()
+            return
+        loop.call_later(STATS_INTERVAL, report)
+
+    from_tun, from_overlay = edge_handlers(node, tun, udp, loop.time)
+
+    def start() -> None:
+        tun.start(loop, from_tun, lambda error: stop.set())
+        udp.start(loop, from_overlay)
+
+    await _run(loop, control, on_control, report, stop, tun, udp, index, start)
+
+
+async def _run(loop: asyncio.AbstractEventLoop, control: Connection, on_control: Callable[[], None],
+               report: Callable[[], None], stop: asyncio.Event, tun: Any, udp: Any, index: int,
+               start: Callable[[], None]) -> None:
+    """A worker's life: read the control pipe, start the packet callbacks, report, stop and close."""
+    loop.add_reader(control.fileno(), on_control)
+    start()
+    control.send(("ready", index, os.getpid()))
+    loop.call_soon(report)
+    try:
+        await stop.wait()
+    finally:
+        loop.remove_reader(control.fileno())
+        tun.stop_reading()
+        udp.stop_reading()
+        udp.drain_all()
+        tun.close()
+        udp.close()
+
+
+async def _serve_distributor(source: str, document: str | None, index: int, control: Connection) -> None:
     from overlay.distributor.core import Distributor
     from overlay.runtime.agent import authenticator, reconfigured_authenticator
     from overlay.runtime.packet_path import packet_handlers
@@ -178,28 +258,20 @@ async def _serve(source: str, document: str | None, index: int, control: Connect
             return
         loop.call_later(STATS_INTERVAL, report)
 
-    loop.add_reader(control.fileno(), on_control)
-    tun.start(loop, from_tun, lambda error: stop.set(), from_tun_train, from_tun_batch)
-    udp.start(loop, from_overlay, from_overlay_train, from_overlay_batch)
-    control.send(("ready", index, os.getpid()))
-    loop.call_soon(report)
-    try:
-        await stop.wait()
-    finally:
-        loop.remove_reader(control.fileno())
-        tun.stop_reading()
-        udp.stop_reading()
-        udp.drain_all()
-        tun.close()
-        udp.close()
+    def start() -> None:
+        tun.start(loop, from_tun, lambda error: stop.set(), from_tun_train, from_tun_batch)
+        udp.start(loop, from_overlay, from_overlay_train, from_overlay_batch)
+
+    await _run(loop, control, on_control, report, stop, tun, udp, index, start)
 
 
 # -- the agent's side ----------------------------------------------------------------------------------------
 
 class WorkerPool:
-    """Workers 1..count-1 of a distributor agent: started, kept in step, their counters collected."""
+    """Workers 1..count-1 of a distributor (or edge) agent: started, kept in step, their counters collected.
+    An edge has no fleet state: its `state` gives None, and its workers take only configs."""
 
-    def __init__(self, count: int, loop: asyncio.AbstractEventLoop, state: Callable[[], FleetState],
+    def __init__(self, count: int, loop: asyncio.AbstractEventLoop, state: Callable[[], FleetState | None],
                  on_shared: Callable[[tuple[Any, ...]], None] = lambda message: None,
                  known: Callable[[], list[tuple[Any, ...]]] = list) -> None:
         self.count = count

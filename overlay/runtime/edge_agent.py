@@ -19,8 +19,7 @@ from overlay.edge import EdgeNode
 from overlay.runtime.agent import UplinkAgent, authenticator, reconfigured_authenticator
 from overlay.runtime.netsetup import NetPlan, edge_plan
 from overlay.runtime.tun import TunDevice
-from overlay.runtime.udp import UnderlayEndpoint, attach_steering
-from overlay.runtime.workers import WorkerPool
+from overlay.runtime.udp import UnderlayEndpoint
 from overlay.uplink import SEND, TUN, NodeOutput
 
 
@@ -32,7 +31,6 @@ class EdgeAgent(UplinkAgent):
             raise ValueError(f"{config.source}: not an edge config (node.role = {config.role!r})")
         super().__init__(config)
         self.node: EdgeNode | None = None
-        self.pool: WorkerPool | None = None          # [node] workers > 1: the other packet loops
 
     def net_plan(self) -> NetPlan:
         assert self.config.edge is not None
@@ -46,11 +44,6 @@ class EdgeAgent(UplinkAgent):
         self.tun.start(loop, from_tun, self.tun_lost)
         self.udp.start(loop, from_overlay)
         self._announce()
-        if self.config.workers > 1:
-            # The other packet loops (overlay/runtime/workers.py): the edge keeps no state a packet needs.
-            attach_steering(self.udp.receive_socket, self.config.workers)
-            self.pool = WorkerPool(self.config.workers, loop, lambda: None)
-            self.pool.start(self.config.source)
 
     def _reconfigure(self, new: NodeConfig) -> None:
         assert self.node is not None and self.config.edge is not None
@@ -60,34 +53,21 @@ class EdgeAgent(UplinkAgent):
             raise ValueError("edge.prefixes changed: the TUN's addresses and rules apply only at restart")
         rekeyed = reconfigured_authenticator(self.node.auth, self.config, new)
         self.node.configure(self._distributors(new), new.underlay.gre_key, rekeyed)
-        if self.pool is not None:
-            self.pool.reconfigure(new.source, None, "")
 
     def _close_role(self) -> None:
         self._stop_announcing()
-        if self.pool is not None:
-            self.pool.stop()
-            self.pool = None
 
     def _role_status(self) -> dict:
         if self.node is None:
             return {}
         counters = {**self.transport_counters(), **edge_counters(self.node)}
         drops = {f"agent:{reason}": count for reason, count in self.node.drops.items()}
-        if self.pool is not None:
-            # One edge, several packet loops: their counters and drops add up.
-            for worker_counters, _, worker_drops, _ in self.pool.stats.values():
-                for name, value in worker_counters.items():
-                    counters[name] = counters.get(name, 0) + value
-                for reason, value in worker_drops.items():
-                    drops[reason] = drops.get(reason, 0) + value
         return {
             "auth": self.config.auth.mode,
             "prefixes": [str(prefix) for prefix in self.node.prefixes],
             "peers": {f"{host}:{port}": {"packets": count} for (host, port), count in self.node.peers.items()},
             "drops": drops,
             "counters": counters,
-            "workers": {"count": 1, "running": 1} if self.pool is None else self.pool.status(),
         }
 
 
@@ -98,7 +78,7 @@ def edge_counters(node: EdgeNode) -> dict[str, int]:
 
 def edge_handlers(node: EdgeNode, tun: TunDevice, udp: UnderlayEndpoint, clock: Callable[[], float]
                   ) -> tuple[Callable[[bytes], None], Callable[[bytes, tuple[str, int]], None]]:
-    """The edge's two packet callbacks (the agent's loop and each worker's): TUN → `from_tun` → the
+    """The edge's two packet callbacks: TUN → `from_tun` → the
     distributor; underlay → `from_overlay` → the TUN (or a keepalive echo back)."""
     tun_write, udp_send, udp_reply = tun.write, udp.send, udp.reply
     node_from_tun, node_from_overlay = node.from_tun, node.from_overlay

@@ -1,5 +1,5 @@
-"""A distributor's (or an edge's) extra packet loops (`[node] workers = N`): N - 1 worker processes next to
-the agent's own, one event loop each, sharing the one decision (issue 10; Nebula's `routines`).
+"""A distributor's extra packet loops (`[node] workers = N`): N - 1 worker processes next to the agent's
+own, one event loop each, sharing the one decision (issue 10; Nebula's `routines`).
 
 - Each worker attaches a queue of the agent's multi-queue TUN (the kernel spreads flows over the queues)
   and binds the underlay port with SO_REUSEPORT (the kernel spreads datagrams over the sockets), plus send
@@ -9,13 +9,13 @@ the agent's own, one event loop each, sharing the one decision (issue 10; Nebula
   hands each one the fleet state after every change (`Distributor.fleet_state()`: admin states, health,
   returns) and every reload (the config file and the fleet document it applied). The distributor is
   stateless per packet, so which process sees a packet never matters.
-- With `[auth]` worker i seals in lane i (overlay/auth.py: its own nonces, its own replay windows at the
-  receiver) and the receive group is steered by sealed bytes only (a replayed copy meets the window that
-  saw the original). What one loop learns from a datagram that every loop needs goes through the agent
-  (`Distributor.share`): where a peer behind NAT is (`ShareFilter`: a peer's first endpoint and a new
-  address at once, a new port at most once per `STATS_INTERVAL`), what an edge announced; so do the
-  replication telemetry (`SharedLag`) and keepalive echoes that reach a worker (probes from the
-  well-known port, to a TM behind NAT): the agent's status and health see them all.
+- Not with `[auth]` yet (the config refuses it). Sealing is ready — worker i seals in lane i
+  (overlay/auth.py: its own nonces, its own replay windows at the receiver) — and what one loop learns
+  from a sealed datagram that every loop needs would go through the agent (`Distributor.share`:
+  `ShareFilter`). Opening is not: each loop's replay windows see only the datagrams that reach it, and
+  nothing makes every copy of a datagram reach the same loop (docs/design-runtime.md, "Workers").
+- Replication telemetry (`SharedLag`: a batch fanned out at one loop may be acknowledged at another) and
+  keepalive echoes that reach a worker go to the agent, whose status and health see them all.
 - Workers report their counters every `STATS_INTERVAL`; the agent's status and metrics add them up.
 - A worker dies with the agent (PR_SET_PDEATHSIG): a SIGKILLed agent leaves no process holding a TUN
   queue (the device, its routes and the fail-closed blackholes behave as for one process). A worker that
@@ -115,67 +115,6 @@ class SharedLag:
         return {}
 
 
-async def _serve(source: str, document: str | None, index: int, control: Connection) -> None:
-    config = _load(source, document)
-    if config.role == "edge":
-        await _serve_edge(source, index, control)
-    else:
-        await _serve_distributor(source, document, index, control)
-
-
-async def _serve_edge(source: str, index: int, control: Connection) -> None:
-    """An edge's packet loop: the same node as the agent's (its distributors, keys in lane `index`); the
-    edge keeps no state a packet needs, so which loop sees a packet never matters. The agent alone sends
-    the announces."""
-    from overlay.edge import EdgeNode
-    from overlay.runtime.agent import UplinkAgent, authenticator, reconfigured_authenticator
-    from overlay.runtime.edge_agent import edge_counters, edge_handlers
-    from overlay.runtime.tun import TunDevice, wants_offload
-    from overlay.runtime.udp import UnderlayEndpoint
-
-    loop = asyncio.get_running_loop()
-    config = _load(source, None)
-    assert config.edge is not None
-    node = EdgeNode(config.edge.prefixes, UplinkAgent._distributors(config), config.underlay.gre_key,
-                    authenticator(config, lane=index))
-    tun = TunDevice(config.tun.name, multi_queue=True, offload=wants_offload(config.tun.offload, config.role))
-    udp = UnderlayEndpoint(config.underlay.address, config.underlay.port, source_ports=config.underlay.source_ports)
-    stop = asyncio.Event()
-
-    def on_control() -> None:
-        nonlocal config
-        try:
-            message = control.recv()
-        except (EOFError, OSError):
-            stop.set()
-            return
-        if message[0] == "config":
-            new = _load(message[1], None)
-            node.configure(UplinkAgent._distributors(new), new.underlay.gre_key,
-                           reconfigured_authenticator(node.auth, config, new))
-            config = new
-        elif message[0] == "stop":
-            stop.set()
-
-    def report() -> None:
-        counters = {**udp.counters, **tun.counters, **edge_counters(node)}
-        drops = {f"agent:{reason}": count for reason, count in node.drops.items()}
-        try:
-            control.send(("stats", index, counters, {}, drops))
-        except (BrokenPipeError, OSError):
-            stop.set()
-            return
-        loop.call_later(STATS_INTERVAL, report)
-
-    from_tun, from_overlay = edge_handlers(node, tun, udp, loop.time)
-
-    def start() -> None:
-        tun.start(loop, from_tun, lambda error: stop.set())
-        udp.start(loop, from_overlay)
-
-    await _run(loop, control, on_control, report, stop, tun, udp, index, start)
-
-
 async def _run(loop: asyncio.AbstractEventLoop, control: Connection, on_control: Callable[[], None],
                report: Callable[[], None], stop: asyncio.Event, tun: Any, udp: Any, index: int,
                start: Callable[[], None]) -> None:
@@ -195,7 +134,7 @@ async def _run(loop: asyncio.AbstractEventLoop, control: Connection, on_control:
         udp.close()
 
 
-async def _serve_distributor(source: str, document: str | None, index: int, control: Connection) -> None:
+async def _serve(source: str, document: str | None, index: int, control: Connection) -> None:
     from overlay.distributor.core import Distributor
     from overlay.runtime.agent import authenticator, reconfigured_authenticator
     from overlay.runtime.packet_path import packet_handlers
@@ -268,10 +207,9 @@ async def _serve_distributor(source: str, document: str | None, index: int, cont
 # -- the agent's side ----------------------------------------------------------------------------------------
 
 class WorkerPool:
-    """Workers 1..count-1 of a distributor (or edge) agent: started, kept in step, their counters collected.
-    An edge has no fleet state: its `state` gives None, and its workers take only configs."""
+    """Workers 1..count-1 of a distributor agent: started, kept in step, their counters collected."""
 
-    def __init__(self, count: int, loop: asyncio.AbstractEventLoop, state: Callable[[], FleetState | None],
+    def __init__(self, count: int, loop: asyncio.AbstractEventLoop, state: Callable[[], FleetState],
                  on_shared: Callable[[tuple[Any, ...]], None] = lambda message: None,
                  known: Callable[[], list[tuple[Any, ...]]] = list) -> None:
         self.count = count

@@ -230,23 +230,28 @@ def test_tun_offload_auto_means_bulk_roles_with_the_extension(monkeypatch: pytes
     assert parse_node_config(BASE, "base.toml").tun.offload == "auto"
 
 
-def test_workers_with_authentication_are_a_distributors_and_a_tms_are_refused(tmp_path) -> None:
-    """`workers` with `[auth]`: each loop seals in a lane of its own (overlay/auth.py), so a distributor may;
-    a TM's connection table is one process's, so a TM may not — refused naming the field and its line."""
+def test_workers_are_a_distributors_without_authentication_and_refused_otherwise(tmp_path) -> None:
+    """`workers`: a distributor's packet loops. Refused, naming the field and its line: with `[auth]` (each
+    loop's replay windows would see only part of the traffic), on a TM (its connection table is one
+    process's) and on an edge."""
     from overlay import auth
 
+    assert parse_node_config(BASE.replace('name = "dist1"', 'name = "dist1"\nworkers = 2'), "dist.toml").workers == 2
     key = tmp_path / "dist.key"
     key.write_text(auth.encode_key(auth.generate_private_key()) + "\n")
     key.chmod(0o600)
     peer = auth.encode_key(auth.public_key_of(auth.generate_private_key()))
-    text = BASE.replace('name = "dist1"', 'name = "dist1"\nworkers = 2')
+    text = BASE.replace('name = "dist1"', 'name = "dist1"\nworkers = 2 ' + MARK)
     for tm in ("tm1", "tm2"):
         text = text.replace(f'name = "{tm}"\n', f'name = "{tm}"\npublic_key = "{peer}"\n')
     text += f'\n[auth]\nmode = "encrypt"\nprivate_key_file = "{key}"\n'
-    config = parse_node_config(text, "dist.toml")
-    assert config.workers == 2 and config.auth.mode == "encrypt"
-    tm = """[node]\nrole = "tm"\nname = "tm1"\nworkers = 2 # <-\n[underlay]\naddress = "192.0.2.71"\n
-[[distributor]]\nunderlay = "192.0.2.2"\n[tm]\nmode = "firewall"\n"""
-    with pytest.raises(ConfigError) as caught:
-        parse_node_config(tm, "tm.toml")
-    assert (caught.value.field, caught.value.line) == ("node.workers", 4), str(caught.value)
+    with pytest.raises(ConfigError, match="replay windows") as caught:
+        parse_node_config(text, "dist.toml")
+    assert (caught.value.field, caught.value.line) == ("node.workers", marked_line(text)), str(caught.value)
+    assert parse_node_config(text.replace("workers = 2 " + MARK, "workers = 1"), "dist.toml").auth.mode == "encrypt"
+    for role, table in (("tm", '[tm]\nmode = "firewall"\n'), ("edge", '[edge]\nprefixes = ["203.0.113.12/32"]\n')):
+        other = f"""[node]\nrole = "{role}"\nname = "n1"\nworkers = 2 # <-\n[underlay]\naddress = "192.0.2.71"\n
+[[distributor]]\nunderlay = "192.0.2.2"\n{table}"""
+        with pytest.raises(ConfigError, match="only a distributor") as caught:
+            parse_node_config(other, f"{role}.toml")
+        assert (caught.value.field, caught.value.line) == ("node.workers", 4), str(caught.value)

@@ -197,32 +197,44 @@ def test_ipv6_underlay_reports_peers_as_host_and_port() -> None:
         sender.close()
 
 
+def steered_group(size: int = 3) -> tuple[list[socket.socket], int]:
+    """A SO_REUSEPORT group of `size` loopback sockets with the workers' steering program, and its port."""
+    from overlay.runtime.udp import _bind_udp, attach_steering
+
+    first = _bind_udp(LOOPBACK, 0)
+    port = first.getsockname()[1]
+    group = [first, *(_bind_udp(LOOPBACK, port) for _ in range(size - 1))]
+    attach_steering(first, len(group))
+    return group, port
+
+
+def received_at(group: list[socket.socket], sender: socket.socket, datagram: bytes, port: int) -> int:
+    """Which socket of the group `datagram` reaches, sent from `sender`."""
+    sender.sendto(datagram, ("127.0.0.1", port))
+    for _ in range(100):
+        for index, sock in enumerate(group):
+            try:
+                sock.recv(2048)
+                return index
+            except BlockingIOError:
+                pass
+        time.sleep(0.001)
+    raise AssertionError("the datagram never arrived")
+
+
 def test_workers_steering_spreads_by_the_inner_flow_and_keeps_each_flow_on_one_socket() -> None:
     """`attach_steering`: a TM sends every datagram from one port to one port, yet the SO_REUSEPORT group
     of the workers' sockets must spread them — by the inner flow, both directions of a translated flow to
     the same worker, with or without a GRE key, IPv4 and IPv6. (Linux hands connect() even ports: a hash
     of the low bits alone would put every flow on one socket.)"""
     from overlay import gre
-    from overlay.runtime.udp import _bind_udp, attach_steering
     from tests.distributor import packets as P
 
-    first = _bind_udp(LOOPBACK, 0)
-    port = first.getsockname()[1]
-    group = [first, _bind_udp(LOOPBACK, port), _bind_udp(LOOPBACK, port)]
-    attach_steering(first, len(group))
+    group, port = steered_group()
     sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 
     def where(inner: bytes, key: int | None = None) -> int:
-        sender.sendto(gre.encapsulate(inner, key=key), ("127.0.0.1", port))
-        for _ in range(100):
-            for index, sock in enumerate(group):
-                try:
-                    sock.recv(2048)
-                    return index
-                except BlockingIOError:
-                    pass
-            time.sleep(0.001)
-        raise AssertionError("the datagram never arrived")
+        return received_at(group, sender, gre.encapsulate(inner, key=key), port)
 
     try:
         flows = [(f"198.51.100.{10 + i % 5}", 40000 + 2 * i) for i in range(150)]
@@ -241,33 +253,21 @@ def test_workers_steering_spreads_by_the_inner_flow_and_keeps_each_flow_on_one_s
 
 
 def test_workers_steering_of_sealed_datagrams_follows_what_the_tag_covers() -> None:
-    """With `[auth]` each worker keeps its own replay windows, so every copy of a sealed datagram must reach
-    the same worker — chosen from the sealed bytes, never from the outer source a replayer picks — and a
+    """Sealed datagrams in a workers' group (groundwork for workers with `[auth]`, docs/design-runtime.md):
+    every copy of one must reach the same worker — chosen from the sealed bytes, never from the outer source
+    a replayer picks (this group's part of it; a node's windows must also be one for all its loops) — and a
     flow must stay on one worker although every datagram carries a new counter. Authenticated only: by
     the inner flow, as plain GRE is (both directions alike); encrypted: by the sender's key and lane.
     (Negative control: the program before sealed datagrams had a branch of their own read the header as
     GRE and hashed counter bytes — a flow's datagrams scattered over the workers.)"""
     from overlay import auth, gre
-    from overlay.runtime.udp import _bind_udp, attach_steering
     from tests.distributor import packets as P
 
-    first = _bind_udp(LOOPBACK, 0)
-    port = first.getsockname()[1]
-    group = [first, _bind_udp(LOOPBACK, port), _bind_udp(LOOPBACK, port)]
-    attach_steering(first, len(group))
+    group, port = steered_group()
     senders = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(3)]   # three source ports
 
     def where(datagram: bytes, sender: int = 0) -> int:
-        senders[sender].sendto(datagram, ("127.0.0.1", port))
-        for _ in range(100):
-            for index, sock in enumerate(group):
-                try:
-                    sock.recv(2048)
-                    return index
-                except BlockingIOError:
-                    pass
-            time.sleep(0.001)
-        raise AssertionError("the datagram never arrived")
+        return received_at(group, senders[sender], datagram, port)
 
     keys = {name: auth.generate_private_key() for name in ("tm", "dist")}
     public = {name: auth.public_key_of(key) for name, key in keys.items()}

@@ -25,6 +25,7 @@
  *   distribute(packets, start, state) -> (queues, combos, stop)  the distributor's fast path, compiled
  *   deliver(items, start, state) -> (inners, stop)          its from_overlay for TMs' data, compiled
  *   translate(items, start, state, now) -> (outputs, stop, received, last)  the TM's fast path, compiled
+ *   window_accept(region, key, counter) -> 0..3             a shared replay window (overlay/antireplay.py)
  *
  * One thread only: the message arrays and slots are static (the agents are single-threaded; workers are
  * processes), and recv_batch lets the kernel fill them with the GIL released.
@@ -1582,6 +1583,81 @@ static PyObject *read_batch(PyObject *self, PyObject *args) {
     return pair;
 }
 
+/* ---- replay windows shared by a node's packet loops (overlay/antireplay.py: the layout and why) ---------- */
+
+#define WINDOWS_MAGIC "OVLWIN01"
+#define WINDOWS_KEYS 64
+#define WINDOWS_ATOMIC 1
+
+/* 0 accepted, 1 replayed, 2 too old, 3 no free window; -1 not a region of this layout. Lock-free: a slot
+ * only ever grows, by compare-and-swap, so a counter is accepted at most once whatever runs alongside. */
+static int window_accept_at(char *base, Py_ssize_t length, uint64_t key, uint64_t counter) {
+    if (length < WINDOWS_KEYS || memcmp(base, WINDOWS_MAGIC, 8) != 0)
+        return -1;
+    uint32_t implementation, capacity, window;
+    memcpy(&implementation, base + 8, 4);
+    memcpy(&capacity, base + 12, 4);
+    memcpy(&window, base + 16, 4);
+    uint64_t stride = ((uint64_t)window + 1) * 8;
+    if (implementation != WINDOWS_ATOMIC || capacity < 4 || (capacity & (capacity - 1)) || window == 0
+        || (window & (window - 1)) || (uint64_t)length < WINDOWS_KEYS + (uint64_t)capacity * (8 + stride))
+        return -1;
+    uint64_t *keys = (uint64_t *)(base + WINDOWS_KEYS);
+    uint32_t *in_use = (uint32_t *)(base + 20);
+    uint32_t start = (uint32_t)((key * 0x9E3779B97F4A7C15ULL) >> 32) & (capacity - 1), index = 0;
+    int found = 0;
+    for (uint32_t probe = 0; probe < capacity && !found; probe++) {
+        index = (start + probe) & (capacity - 1);
+        uint64_t held = __atomic_load_n(&keys[index], __ATOMIC_ACQUIRE);
+        if (held == key) {
+            found = 1;
+        } else if (held == 0) {
+            if (__atomic_load_n(in_use, __ATOMIC_RELAXED) >= capacity / 4 * 3)
+                return 3;
+            uint64_t expected = 0;
+            if (__atomic_compare_exchange_n(&keys[index], &expected, key, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+                __atomic_fetch_add(in_use, 1, __ATOMIC_RELAXED);
+                found = 1;
+            } else if (expected == key) {
+                found = 1;   /* another loop claimed it for the same sender just now */
+            }
+        }
+    }
+    if (!found)
+        return 3;
+    uint64_t *highest = (uint64_t *)(base + WINDOWS_KEYS + (uint64_t)capacity * 8 + index * stride);
+    uint64_t value = counter + 1, top = __atomic_load_n(highest, __ATOMIC_ACQUIRE);
+    if (counter == UINT64_MAX || (value <= top && top - value >= window))
+        return 2;
+    uint64_t *slot = highest + 1 + (counter & (window - 1));
+    uint64_t seen = __atomic_load_n(slot, __ATOMIC_ACQUIRE);
+    for (;;) {
+        if (seen == value)
+            return 1;
+        if (seen > value)
+            return 2;
+        if (__atomic_compare_exchange_n(slot, &seen, value, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+            break;
+    }
+    while (value > top && !__atomic_compare_exchange_n(highest, &top, value, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+        ;
+    return 0;
+}
+
+static PyObject *window_accept(PyObject *self, PyObject *args) {
+    Py_buffer view;
+    unsigned long long key, counter;
+    if (!PyArg_ParseTuple(args, "w*KK", &view, &key, &counter))
+        return NULL;
+    int result = ((uintptr_t)view.buf & 7) ? -1 : window_accept_at(view.buf, view.len, key, counter);
+    PyBuffer_Release(&view);
+    if (result < 0) {
+        PyErr_SetString(PyExc_ValueError, "not a replay-window region for the compiled extension");
+        return NULL;
+    }
+    return PyLong_FromLong(result);
+}
+
 static PyMethodDef methods[] = {
     {"recv_batch", recv_batch, METH_VARARGS, "recvmmsg up to max datagrams: [(payload, (host, port))]"},
     {"send_batch", send_batch, METH_VARARGS, "sendmmsg items[start:]: (sent, errno of the first refused or 0)"},
@@ -1595,6 +1671,7 @@ static PyMethodDef methods[] = {
     {"distribute", distribute, METH_VARARGS, "the distributor's fast path for a batch of TUN packets"},
     {"deliver", deliver, METH_VARARGS, "the distributor's from_overlay for a batch of TMs' data datagrams"},
     {"translate", translate, METH_VARARGS, "the TM's established-flow fast path for a receive batch"},
+    {"window_accept", window_accept, METH_VARARGS, "a counter against a shared replay window: 0 new, 1 replayed, 2 too old, 3 full"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -30,9 +30,9 @@ far apart: one window would refuse the slower loop's as too old). Lane 0 is the 
 node without workers talks to any peer; a peer must know lanes before it hears from lane 1 and up (older
 peers refuse a lane as `auth:malformed`). Each receiver keeps, per sender key and lane, the highest
 counter seen and a window of the WINDOW below it: a counter seen before, or older than the window, is
-dropped — but only after the tag verified, so forgeries cannot move the window. A receiver with several
-workers must hand every copy of a datagram to the same worker (its window): `udp.steering_program` picks
-the worker from the sealed bytes alone, never from the outer addresses a replayer chooses.
+dropped — but only after the tag verified, so forgeries cannot move the window (overlay/antireplay.py). A
+receiver with several packet loops keeps one set of windows for them all, in shared memory: a replay may
+be sent to any of its sockets, and whichever loop it reaches meets the window that saw the original.
 
 Rotation without loss: a node lists several private keys (the first signs, all are accepted) and several
 public keys per peer (the first is sealed to, all are accepted), so old and new keys overlap while
@@ -54,6 +54,9 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from overlay import antireplay
+from overlay.antireplay import WINDOW, LocalWindows, SharedWindows
+
 MARKER = 0x4F
 FLAG_ENCRYPTED = 0x01
 LANE_SHIFT = 1
@@ -62,8 +65,6 @@ _HEADER = struct.Struct("!BBIIQ")
 HEADER_SIZE = _HEADER.size   # 18
 TAG_SIZE = 16
 OVERHEAD = HEADER_SIZE + TAG_SIZE   # bytes a sealed datagram adds (MTU arithmetic)
-WINDOW = 4096   # a power of two: slots are counter & (WINDOW - 1)
-_SLOT = WINDOW - 1
 _NONCE_PAD = bytes(4)   # ChaCha20-Poly1305 takes 96-bit nonces: 32 zero bits, then the 64-bit counter
 MODES = ("off", "authenticate", "encrypt")
 
@@ -72,8 +73,8 @@ UNAUTHENTICATED = "auth:unauthenticated"   # plain GRE where authentication is r
 MALFORMED = "auth:malformed"               # shorter than header and tag, or an unknown version
 UNKNOWN_KEY = "auth:unknown-key"           # sealed by a key no peer has, or to a key we do not hold
 BAD_TAG = "auth:bad-tag"                   # forged, corrupted, or sealed with another key
-REPLAYED = "auth:replayed"                 # a counter already seen from that key
-TOO_OLD = "auth:too-old"                   # a counter below the replay window
+REPLAYED = antireplay.REPLAYED            # a counter already seen from that key and lane
+TOO_OLD = antireplay.TOO_OLD               # a counter below the replay window
 REASONS = (UNAUTHENTICATED, MALFORMED, UNKNOWN_KEY, BAD_TAG, REPLAYED, TOO_OLD)
 
 
@@ -123,42 +124,13 @@ class AuthConfig:
         return self.mode != "off"
 
 
-class _ReplayWindow:
-    """Counters seen from one sender key: the highest, and a ring of WINDOW slots below it (slot
-    `counter % WINDOW`). A ring of bytes costs O(1) per datagram in order — shifting a 4,096-bit integer
-    cost ~0.4 µs a datagram (tests/bench_auth.py) — and a jump clears only the slots it passes."""
-
-    __slots__ = ("highest", "seen")
-
-    def __init__(self) -> None:
-        self.highest = -1
-        self.seen = bytearray(WINDOW)
-
-    def check_and_set(self, counter: int) -> str | None:
-        highest, seen = self.highest, self.seen
-        if counter > highest:
-            if counter - highest >= WINDOW:
-                seen[:] = bytes(WINDOW)
-            else:
-                for stale in range(highest + 1, counter):   # slots of counters now below the window
-                    seen[stale & _SLOT] = 0
-            seen[counter & _SLOT] = 1
-            self.highest = counter
-            return None
-        if highest - counter >= WINDOW:
-            return TOO_OLD
-        slot = counter & _SLOT
-        if seen[slot]:
-            return REPLAYED
-        seen[slot] = 1
-        return None
-
-
 class Authenticator:
     """Seals datagrams to peers and opens datagrams from them. `counter_start`: the wall clock in ns at
-    start (the caller's clock)."""
+    start (the caller's clock); `windows`: the node's shared replay windows where it runs several packet
+    loops (overlay/antireplay.py), else this loop's own."""
 
-    def __init__(self, config: AuthConfig, counter_start: int, lane: int = 0) -> None:
+    def __init__(self, config: AuthConfig, counter_start: int, lane: int = 0,
+                 windows: LocalWindows | SharedWindows | None = None) -> None:
         if not 0 <= lane < LANES:
             raise ValueError(f"lane must be 0 to {LANES - 1}")
         self.config = config
@@ -176,14 +148,14 @@ class Authenticator:
                 self._peer_by_id[key_id(public)] = (name, public)
         self._send: dict[str, list] = {}   # peer → [header prefix, AEAD, counter]
         self._receive: dict[tuple[int, int], ChaCha20Poly1305] = {}
-        self._windows: dict[tuple[int, int], _ReplayWindow] = {}   # (sender key id, lane) → its window
+        self.windows = windows if windows is not None else LocalWindows()   # per (sender key id, lane)
         self.refused = dict.fromkeys(REASONS, 0)
 
     def reconfigure(self, config: AuthConfig) -> Authenticator:
         """The same node with new keys (a reload): the counter keeps rising and the replay windows of
         senders whose keys stay are kept, so a reload neither reuses a nonce nor reopens a replay."""
         new = Authenticator(config, max([self._counter, *(sender[2] for sender in self._send.values())]), self.lane)
-        new._windows = {sender: window for sender, window in self._windows.items() if sender[0] in new._peer_by_id}
+        new.windows = self.windows.kept(new._peer_by_id)
         new.refused = self.refused
         return new
 
@@ -243,10 +215,7 @@ class Authenticator:
                 payload = datagram[HEADER_SIZE:-TAG_SIZE]
         except InvalidTag:
             return self._refuse(BAD_TAG)
-        window = self._windows.get((sender_id, lane))
-        if window is None:
-            window = self._windows[(sender_id, lane)] = _ReplayWindow()
-        refused = window.check_and_set(counter)
+        refused = self.windows.check(sender_id, lane, counter)
         if refused is not None:
             return self._refuse(refused)
         return self._peer_by_id[sender_id][0], payload
@@ -265,5 +234,5 @@ def _aead(own_private: X25519PrivateKey, own_public: bytes, their_public: bytes,
     return ChaCha20Poly1305(key)
 
 
-__all__ = ["AuthConfig", "Authenticator", "LANES", "OVERHEAD", "MODES", "REASONS", "decode_key", "encode_key",
+__all__ = ["AuthConfig", "Authenticator", "LANES", "OVERHEAD", "MODES", "REASONS", "WINDOW", "decode_key", "encode_key",
            "generate_private_key", "public_key_of", "key_id"]

@@ -137,14 +137,6 @@ def parse_node_config(text: str, source: str = "config", base: Path | None = Non
     log = _parse_log(root.section("log"))
     underlay = _parse_underlay(root.section("underlay", required=True))
     auth_mode, private_keys = parse_auth_section(root.section("auth"), base)
-    if workers > 1 and auth_mode != "off":
-        # Each loop would open sealed datagrams with replay windows of its own, and nothing makes every
-        # copy of a datagram reach the same loop: a replay sent to another loop's socket (its send sockets
-        # are outside the steered group, a GRO train lands whole, a restarting loop leaves the group)
-        # would meet a window that never saw it. Sealing in lanes is ready (overlay/auth.py); opening in
-        # one place is not yet (docs/design-runtime.md, "Workers").
-        raise node.error("workers", "more than one worker with [auth] on is not supported yet: "
-                                    "each loop's replay windows would see only part of the traffic")
     tun = _parse_tun(root.section("tun"), role, underlay, auth_mode != "off")
 
     distributor = tm = edge = None

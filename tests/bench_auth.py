@@ -37,7 +37,8 @@ if __package__ in (None, ""):
 from overlay import auth, gre
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from overlay.auth import Authenticator, _ReplayWindow
+from overlay.antireplay import LocalWindows, SharedWindows
+from overlay.auth import Authenticator
 from overlay.config import load_node_config
 from overlay.runtime.agent import authenticator
 from overlay.tm.node import SEND
@@ -183,14 +184,22 @@ def inside_cases() -> dict[tuple[str, int, str], Case]:
         cases[("inside", size, "aead-seal:encrypt")] = seal_encrypt
         cases[("inside", size, "aead-open:authenticate")] = open_authenticate
         cases[("inside", size, "aead-open:encrypt")] = open_encrypt
-    window = _ReplayWindow()
+    # The replay check as `Authenticator.open` makes it: one loop's windows, and a node's shared ones (the
+    # compiled compare-and-swap where the extension is built, else the locked fallback).
+    for name, windows in (("window", LocalWindows()), ("window:shared", SharedWindows.create())):
+        cases[("inside", 0, name)] = _accept_next(windows)
+    return cases
+
+
+def _accept_next(windows: LocalWindows | SharedWindows) -> Case:
+    next_counter = [1]
 
     def accept_next(calls: int) -> float:
-        check_and_set, first = window.check_and_set, window.highest + 1
-        return _time(lambda: [check_and_set(counter) for counter in range(first, first + calls)], calls)
+        check, first = windows.check, next_counter[0]
+        next_counter[0] += calls
+        return _time(lambda: [check(7, 0, counter) for counter in range(first, first + calls)], calls)
 
-    cases[("inside", 0, "window")] = accept_next
-    return cases
+    return accept_next
 
 
 def path_cases(setup: Setup) -> dict[tuple[str, int, str], Case]:

@@ -23,6 +23,7 @@ import structlog
 from pyroute2.netlink.exceptions import NetlinkError
 
 from overlay import __version__
+from overlay.antireplay import SharedWindows
 from overlay.auth import Authenticator
 from overlay.config import NodeConfig, load_node_config
 from overlay.configlib import ConfigError
@@ -40,10 +41,10 @@ class StartupError(RuntimeError):
     """The agent cannot start for a reason the operator can fix; the message says what to do."""
 
 
-def authenticator(config: NodeConfig, lane: int = 0) -> Authenticator | None:
+def authenticator(config: NodeConfig, lane: int = 0, windows: SharedWindows | None = None) -> Authenticator | None:
     """The node's datagram authenticator, its counter started at the wall clock (overlay/auth.py); `lane`:
-    the packet loop's (worker i seals in lane i)."""
-    return Authenticator(config.auth, time.time_ns(), lane) if config.auth.enabled else None
+    the packet loop's (worker i seals in lane i); `windows`: the replay windows all the node's loops share."""
+    return Authenticator(config.auth, time.time_ns(), lane, windows) if config.auth.enabled else None
 
 
 def reconfigured_authenticator(running: Authenticator | None, old: NodeConfig, new: NodeConfig) -> Authenticator | None:

@@ -25,11 +25,12 @@ from overlay.fleetview import FleetView
 from overlay.runtime.fleet_sync import FleetSync
 from overlay.distributor.core import PINNED, Distributor
 from overlay.health import HealthChecker
+from overlay.antireplay import SharedWindows
 from overlay.runtime.agent import Agent, authenticator, reconfigured_authenticator
 from overlay.runtime.netsetup import NetPlan, distributor_plan
 from overlay.runtime.packet_path import packet_handlers
 from overlay.runtime.udp import attach_steering
-from overlay.runtime.workers import WorkerPool
+from overlay.runtime.workers import WorkerPool, replay_capacity
 
 log = structlog.get_logger("overlay.distributor")
 
@@ -56,6 +57,7 @@ class DistributorAgent(Agent):
         self._fleet_document_revision = 0
         self.fleet_document_error: str | None = None
         self.pool: WorkerPool | None = None          # [node] workers > 1: the other packet loops
+        self.windows: SharedWindows | None = None    # ... with [auth]: their one set of replay windows
         self._synced_state: object = None
 
     def net_plan(self) -> NetPlan:
@@ -69,7 +71,10 @@ class DistributorAgent(Agent):
     def _open_role(self, loop: asyncio.AbstractEventLoop) -> None:
         assert self.config.distributor is not None and self.tun is not None and self.udp is not None
         dconfig = self.config.distributor
-        self.core = core = Distributor(dconfig, authenticator(self.config))
+        if self.config.workers > 1 and self.config.auth.enabled:
+            # Every loop opens sealed datagrams against the same replay windows (overlay/antireplay.py).
+            self.windows = SharedWindows.create(replay_capacity(self.config))
+        self.core = core = Distributor(dconfig, authenticator(self.config, windows=self.windows))
         core.clock = loop.time
         now = loop.time()
         self.health = HealthChecker(dconfig.health, [tm.name for tm in dconfig.tms], now, sender=self.config.name)
@@ -84,7 +89,8 @@ class DistributorAgent(Agent):
         if self.config.workers > 1:
             # The receive sockets of all workers form one SO_REUSEPORT group: spread by the inner flow.
             attach_steering(self.udp.receive_socket, self.config.workers)
-            self.pool = WorkerPool(self.config.workers, loop, core.fleet_state, self._on_shared, core.shared_state)
+            self.pool = WorkerPool(self.config.workers, loop, core.fleet_state, self._on_shared, core.shared_state,
+                                   self.windows)
             core.share = self.pool.share
             self.pool.start(self.config.source)
             self._synced_state = core.fleet_state()
@@ -300,6 +306,9 @@ class DistributorAgent(Agent):
         if self.pool is not None:
             self.pool.stop()
             self.pool = None
+        if self.windows is not None:
+            self.windows.close()
+            self.windows = None
 
     # -- status ---------------------------------------------------------------------------------------
 

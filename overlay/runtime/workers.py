@@ -9,11 +9,12 @@ own, one event loop each, sharing the one decision (issue 10; Nebula's `routines
   hands each one the fleet state after every change (`Distributor.fleet_state()`: admin states, health,
   returns) and every reload (the config file and the fleet document it applied). The distributor is
   stateless per packet, so which process sees a packet never matters.
-- Not with `[auth]` yet (the config refuses it). Sealing is ready — worker i seals in lane i
-  (overlay/auth.py: its own nonces, its own replay windows at the receiver) — and what one loop learns
-  from a sealed datagram that every loop needs would go through the agent (`Distributor.share`:
-  `ShareFilter`). Opening is not: each loop's replay windows see only the datagrams that reach it, and
-  nothing makes every copy of a datagram reach the same loop (docs/design-runtime.md, "Workers").
+- With `[auth]` worker i seals in lane i (overlay/auth.py: its own nonces, its own replay window at the
+  receiver), and every loop opens against the same replay windows: the agent creates them in shared
+  memory (overlay/antireplay.py) and hands each worker the descriptor as it starts, so a replay meets
+  the window that saw the original whichever socket it was sent to, and a restarted worker rejoins with
+  everything the node saw. What one loop learns from a datagram that every loop needs goes through the
+  agent (`Distributor.share`): where a peer behind NAT is (`ShareFilter`), what an edge announced.
 - Replication telemetry (`SharedLag`: a batch fanned out at one loop may be acknowledged at another) and
   keepalive echoes that reach a worker go to the agent, whose status and health see them all.
 - Workers report their counters every `STATS_INTERVAL`; the agent's status and metrics add them up.
@@ -29,12 +30,17 @@ import ctypes
 import multiprocessing
 import os
 import signal
+import socket
+import struct
 import time
 from collections.abc import Callable
+from multiprocessing import reduction
 from multiprocessing.connection import Connection
 from typing import Any
 
 import structlog
+
+from overlay.antireplay import SharedWindows
 
 log = structlog.get_logger("overlay.workers")
 
@@ -46,6 +52,13 @@ FleetState = tuple[dict[str, str], dict[str, bool], frozenset[str]]
 
 
 # -- the worker process ------------------------------------------------------------------------------------
+
+def replay_capacity(config: Any) -> int:
+    """Shared replay windows for a node's peers: one per sender key and lane, room for each key in several
+    lanes and for the keys reloads add (a power of two; 32 KiB a window, touched only once used)."""
+    keys = sum(len(keys) for keys in config.auth.peers.values())
+    return max(1024, 1 << (8 * keys - 1).bit_length())
+
 
 def worker_main(source: str, document: str | None, index: int, control: Connection) -> None:
     """The worker's process: the packet loop until the agent says stop (or goes away)."""
@@ -89,6 +102,16 @@ class ShareFilter:
         self._pending.pop(peer, None)
         self._sent[peer] = value
         self._send(message)
+
+    def heard(self, message: tuple[Any, ...]) -> None:
+        """What another loop shared (through the agent): the endpoint every loop now uses. A later port
+        seen here is thinned against that, not against what this loop last sent — else a loop would stay
+        silent on a port the others have since moved away from."""
+        kind, peer, value = message
+        if kind == "learned":
+            self._sent[peer] = value
+            if self._pending.get(peer) == value:
+                del self._pending[peer]
 
     def flush(self) -> None:
         pending, self._pending = self._pending, {}
@@ -143,7 +166,9 @@ async def _serve(source: str, document: str | None, index: int, control: Connect
 
     loop = asyncio.get_running_loop()
     config = _load(source, document)
-    core = Distributor(config.distributor, authenticator(config, lane=index))
+    # The agent hands over the node's replay windows first thing on the pipe (WorkerPool._spawn).
+    windows = SharedWindows.receive(control) if config.auth.enabled else None
+    core = Distributor(config.distributor, authenticator(config, lane=index, windows=windows))
     core.clock = loop.time
     tun = TunDevice(config.tun.name, multi_queue=True, offload=wants_offload(config.tun.offload, config.role))
     udp = UnderlayEndpoint(config.underlay.address, config.underlay.port, source_ports=config.underlay.source_ports)
@@ -179,6 +204,7 @@ async def _serve(source: str, document: str | None, index: int, control: Connect
             core.apply_fleet_state(*message[1])
         elif kind == "shared":
             core.apply_shared(message[1])
+            shared.heard(message[1])
         elif kind == "config":
             new = _load(message[1], message[2], message[3])
             rekeyed = reconfigured_authenticator(core.auth, config, new)   # the agent checked it applies
@@ -206,13 +232,22 @@ async def _serve(source: str, document: str | None, index: int, control: Connect
 
 # -- the agent's side ----------------------------------------------------------------------------------------
 
+def _frame(message: tuple[Any, ...]) -> bytes:
+    """`message` as `Connection.send` frames it: a 4-byte big-endian length, then the pickle."""
+    data = bytes(reduction.ForkingPickler.dumps(message))
+    if len(data) > 0x7FFFFFFF:
+        return struct.pack("!iQ", -1, len(data)) + data
+    return struct.pack("!i", len(data)) + data
+
+
 class WorkerPool:
     """Workers 1..count-1 of a distributor agent: started, kept in step, their counters collected."""
 
     def __init__(self, count: int, loop: asyncio.AbstractEventLoop, state: Callable[[], FleetState],
                  on_shared: Callable[[tuple[Any, ...]], None] = lambda message: None,
-                 known: Callable[[], list[tuple[Any, ...]]] = list) -> None:
+                 known: Callable[[], list[tuple[Any, ...]]] = list, windows: SharedWindows | None = None) -> None:
         self.count = count
+        self.windows = windows                   # with [auth]: handed to every worker as it starts
         self.loop = loop
         self._state = state
         self._on_shared = on_shared              # what a worker shared: the agent takes it in
@@ -222,6 +257,7 @@ class WorkerPool:
         self._context = multiprocessing.get_context("spawn")   # a fresh interpreter: no forked event loop
         self._processes: dict[int, multiprocessing.process.BaseProcess] = {}
         self._controls: dict[int, Connection] = {}
+        self._outbox: dict[int, bytearray] = {}   # what a worker's pipe has not taken yet, in order
         self.stats: dict[int, tuple[dict[str, int], dict[str, int], dict[str, int], float]] = {}
         self.restarts = 0
         self.ready: set[int] = set()     # workers whose TUN queue and sockets are open
@@ -254,6 +290,8 @@ class WorkerPool:
                                         name=f"overlay-worker-{index}", daemon=False)
         process.start()
         theirs.close()
+        if self.windows is not None and process.pid is not None:
+            self.windows.send_to(ours, process.pid)   # before anything else on the pipe
         self._processes[index], self._controls[index] = process, ours
         self.loop.add_reader(ours.fileno(), self._on_message, index)
         self.loop.add_reader(process.sentinel, self._on_exit, index)
@@ -281,11 +319,14 @@ class WorkerPool:
             shared = message[2]
             self._on_shared(shared)
             if shared[0] in ("learned", "announced"):
+                self._shared.heard(shared)           # the agent's own loop: it now uses that endpoint too
                 self._broadcast(shared, but=index)   # the other workers; the agent took it just now
 
     def _on_exit(self, index: int) -> None:
         process = self._processes.pop(index, None)
-        control = self._controls.pop(index, None)
+        control = self._controls.get(index)
+        self._drop_outbox(index, control)
+        self._controls.pop(index, None)
         if process is not None:
             self.loop.remove_reader(process.sentinel)
             process.join(0)
@@ -306,13 +347,49 @@ class WorkerPool:
             self._spawn(index)
 
     def _send(self, index: int, message: tuple[Any, ...]) -> None:
+        """`message` to a worker without ever blocking the agent's loop: as much as its pipe takes now, the
+        rest when it is writable again (a restarted worker's `shared_state` can be large, and a worker
+        busy with packets reads its pipe only between batches). The framing is multiprocessing's, so the
+        worker reads it with `Connection.recv`."""
         control = self._controls.get(index)
         if control is None:
             return
+        frame = _frame(message)
+        pending = self._outbox.get(index)
+        if pending:
+            pending += frame
+            return
+        sent = self._write(control, frame)
+        if 0 <= sent < len(frame):
+            self._outbox[index] = bytearray(frame[sent:])
+            self.loop.add_writer(control.fileno(), self._flush, index)
+
+    def _write(self, control: Connection, data: bytes | bytearray) -> int:
+        """Bytes the pipe took (MSG_DONTWAIT: the descriptor stays blocking for `recv`), -1 if it is gone."""
         try:
-            control.send(message)
-        except (BrokenPipeError, OSError):
-            pass    # it died: `_on_exit` restarts it, with the state of then
+            with socket.socket(fileno=os.dup(control.fileno())) as sock:
+                return sock.send(data, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return 0
+        except OSError:
+            return -1   # it died: `_on_exit` restarts it, with the state of then
+
+    def _flush(self, index: int) -> None:
+        control, pending = self._controls.get(index), self._outbox.get(index)
+        if control is None or not pending:
+            self._drop_outbox(index, control)
+            return
+        sent = self._write(control, pending)
+        if sent < 0:
+            self._drop_outbox(index, control)
+            return
+        del pending[:sent]
+        if not pending:
+            self._drop_outbox(index, control)
+
+    def _drop_outbox(self, index: int, control: Connection | None) -> None:
+        if self._outbox.pop(index, None) is not None and control is not None:
+            self.loop.remove_writer(control.fileno())
 
     def sync(self) -> None:
         """The fleet state changed (health, admin, a return ended): every worker takes it."""
@@ -338,6 +415,9 @@ class WorkerPool:
             # What each worker read from its TUN queue and its sockets (the agent's own are its counters).
             "packets": {str(index): counters.get("tun_rx_packets", 0) + counters.get("udp_rx_datagrams", 0)
                         for index, (counters, _, _, _) in sorted(self.stats.items())},
+            # With [auth]: the replay windows every loop opens against (per sender key and lane).
+            "replay_windows": None if self.windows is None else
+            {"shared": True, "in_use": self.windows.in_use(), "capacity": self.windows.capacity * 3 // 4},
         }
 
     def stop(self, timeout: float = 3.0) -> None:
@@ -345,7 +425,14 @@ class WorkerPool:
         if self._ticker is not None:
             self._ticker.cancel()
         for index in list(self._controls):
-            self._send(index, ("stop",))
+            if self._outbox.get(index):
+                # Behind a message the worker has not taken: end its pipe instead (EOF stops it too).
+                control = self._controls.pop(index)
+                self._drop_outbox(index, control)
+                self.loop.remove_reader(control.fileno())
+                control.close()
+            else:
+                self._send(index, ("stop",))
         deadline = time.monotonic() + timeout
         for process in list(self._processes.values()):
             process.join(max(0.0, deadline - time.monotonic()))

@@ -85,6 +85,28 @@ def test_an_endpoint_that_moves_per_datagram_is_shared_thinned_and_a_rebinding_a
     assert other.endpoint("edge1") == ("198.51.100.224", 40001)
 
 
+def test_a_port_is_thinned_against_what_every_loop_uses_not_against_what_this_one_sent() -> None:
+    """Loop A shared port 1; loop B moved everyone to port 2 (`heard`). When A then sees port 1 again, it
+    must say so at the next flush — every loop sends to port 2 now. Negative control: without `heard`, A
+    compares with its own last message (port 1) and stays silent."""
+    for hears in (True, False):
+        sent: list[tuple] = []
+        loop_a = ShareFilter(sent.append)
+        loop_a.offer(("learned", "edge1", (NAT[0], 40001)))
+        if hears:
+            loop_a.heard(("learned", "edge1", (NAT[0], 40002)))   # from loop B, through the agent
+        loop_a.offer(("learned", "edge1", (NAT[0], 40001)))
+        loop_a.flush()
+        assert (sent[-1:] == [("learned", "edge1", (NAT[0], 40001))] and len(sent) == 2) == hears, (hears, sent)
+    sent = []
+    loop_a = ShareFilter(sent.append)
+    loop_a.offer(("learned", "edge1", (NAT[0], 40001)))
+    loop_a.offer(("learned", "edge1", (NAT[0], 40002)))      # pending here...
+    loop_a.heard(("learned", "edge1", (NAT[0], 40002)))      # ...and already shared by another loop
+    loop_a.flush()
+    assert len(sent) == 1, "nothing to say that every loop does not know"
+
+
 def test_a_workers_replication_telemetry_goes_to_the_agent() -> None:
     sent: list[tuple] = []
     lag = SharedLag(sent.append)

@@ -1,6 +1,6 @@
 """The overlay's benchmark suite (issue 10): the product against baselines, measured in the same run.
 
-    sudo .venv/bin/python -m benchmarks.run [--quick] [--rounds N] [--only NAME[,NAME...]] [--json FILE]
+    sudo .venv/bin/python -m benchmarks.run [--quick] [--rounds N] [--only NAME[,NAME...]] [--auth authenticate] [--json FILE]
 
 NAME is one of: distributor, workers, tm, iperf, rtt (the default: all five), and profile (only when asked).
 
@@ -14,6 +14,9 @@ NAME is one of: distributor, workers, tm, iperf, rtt (the default: all five), an
   per sample: workers = 1 on the subject core; workers = 2 with process 0 on the subject core and worker 1
   on the generator core (shared with the flood and the sink). Packets/s, CPU per packet of all the agent's
   processes, each worker's share; the scaling (pps 2 / 1) and efficiency (CPU/packet 2 / 1) ratios.
+  With --auth authenticate: the distributor seals every datagram (one TM, keyed with the distributor's
+  own key so that the sink's unchanged echoes open again); its packets then take the per-packet Python
+  path, three or four times the work of the C one, which the generator's share of a core hurts less.
 - tm: the TM agent (NAT, established flows) vs benchmarks/c/tm_relay.c (recvmmsg, conntrack hash, DNAT
   with incremental checksums, sendmmsg). flood.c imitates the distributor: GRE-in-UDP straight to the TM,
   4,096 inner UDP flows; a warm-up pass opens them; the sink counts what the TM sends back.
@@ -189,6 +192,7 @@ class Settings:
     profile_seconds: float
     offered_pps: int = 800_000
     steer_rx: bool = False
+    auth: str = "off"       # the workers benchmark's distributor: [auth] mode (see `workers_auth`)
 
 
 @dataclass
@@ -479,13 +483,31 @@ class Lab:
 
     # agents ---------------------------------------------------------------------------------------------
 
-    def write_configs(self, tms: int, workers: int = 1) -> None:
+    def write_configs(self, tms: int, workers: int = 1, auth_mode: str = "off") -> None:
         entries = "".join(TM_ENTRY.format(n=n + 1, address=address) for n, address in enumerate(TM_UNDERLAYS[:tms]))
-        self.overlay.distributor_config.write_text(DISTRIBUTOR_TOML.format(
-            dist=DIST_UNDERLAY, vip=VIP, server=SERVER, tms=entries, workers=workers))
+        distributor = DISTRIBUTOR_TOML.format(dist=DIST_UNDERLAY, vip=VIP, server=SERVER, tms=entries, workers=workers)
+        if auth_mode != "off":
+            distributor = self.workers_auth(distributor, auth_mode)
+        self.overlay.distributor_config.write_text(distributor)
         self.overlay.tm_config.write_text(TM_TOML.format(
             tm=TM_UNDERLAYS[0], dist=DIST_UNDERLAY, vip=VIP, server=SERVER, iperf=IPERF_PORT, echo=ECHO_PORT,
             sink=SINK_PORT))
+
+    def workers_auth(self, distributor: str, mode: str) -> str:
+        """The distributor's config with `[auth]` on, for one TM whose key is the distributor's own: the C
+        sink echoes a sealed keepalive unchanged, and sealed from our key to our key it opens here again
+        (sender and receiver key ids both ours, the one direction key of that pair), so health works without
+        a TM agent. Every data datagram is sealed as it would be to a real TM."""
+        from overlay import auth
+
+        key = auth.generate_private_key()
+        key_file = self.workdir / "bench-dist.key"
+        key_file.write_text(auth.encode_key(key) + "\n")
+        key_file.chmod(0o600)
+        public = auth.encode_key(auth.public_key_of(key))
+        assert distributor.count("[[tm]]\nname = ") == 1, "one TM: a key names one peer"
+        distributor = distributor.replace('[[tm]]\nname = "tm1"\n', f'[[tm]]\nname = "tm1"\npublic_key = "{public}"\n')
+        return distributor + f'\n[auth]\nmode = "{mode}"\nprivate_key_file = "{key_file}"\n'
 
     def start_agent(self, role: str, cpus: set[int]) -> subprocess.Popen:
         proc = self.overlay.start(role)
@@ -807,11 +829,14 @@ def bench_workers(lab: Lab) -> list[Result]:
     sink = Sink(processes, tools["sink"], ns["tm"], [f"{address}:4754" for address in TM_UNDERLAYS])
     subject, generator = lab.settings.subject_cpu, lab.settings.generator_cpu
 
+    auth_mode = lab.settings.auth
+    tms = ["tm1", "tm2", "tm3"] if auth_mode == "off" else ["tm1"]
+
     def sample_with(count: int) -> Sample:
-        lab.write_configs(tms=3, workers=count)
+        lab.write_configs(tms=len(tms), workers=count, auth_mode=auth_mode)
         agent = lab.start_agent("distributor", lab.subject_cpus)
         try:
-            lab.wait_tms_up(["tm1", "tm2", "tm3"])
+            lab.wait_tms_up(tms)
             loops = wait_workers(lab, count)
             # Process 0 and whatever else the agent started (multiprocessing's resource tracker) on the
             # subject core; worker 1 (and any further) on the generator core.
@@ -846,7 +871,8 @@ def bench_workers(lab: Lab) -> list[Result]:
 
     try:
         subjects: dict[str, tuple[int, Callable[[], Sample]]] = {
-            f"workers = {count}": (0, functools.partial(sample_with, count)) for count in WORKER_COUNTS}
+            f"workers = {count}{'' if auth_mode == 'off' else ', auth'}": (0, functools.partial(sample_with, count))
+            for count in WORKER_COUNTS}
         results = run_pps(lab, "workers", subjects, flags=workers_flags, progress=workers_progress)
         results[1].ratio = (results[1].subject, results[0].subject)
         return results
@@ -1269,6 +1295,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steer", action="store_true",
                         help="RPS: the kernel's receive work on the generator core during the packet-rate benchmarks "
                              "(default: where it lands; docs/performance.md compares both)")
+    parser.add_argument("--auth", choices=("off", "authenticate"), default="off",
+                        help="workers: the distributor with [auth] on (one TM keyed with its own key, so the "
+                             "sink's echoes open; every datagram sealed, per-packet Python instead of the C path)")
     parser.add_argument("--json", type=Path, help="also write every sample here")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs, profiles)")
     args = parser.parse_args(argv)
@@ -1282,7 +1311,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def settings_for(args: argparse.Namespace) -> Settings:
     common = {"subject_cpu": args.subject_cpu, "generator_cpu": args.generator_cpu, "offered_pps": args.offered,
-              "steer_rx": args.steer}
+              "steer_rx": args.steer, "auth": args.auth}
     if args.quick:
         return Settings(rounds=args.rounds or 2, warmup=0.4, seconds=1.0, iperf_seconds=1, rtt_count=2000,
                         profile_seconds=2.0, **common)

@@ -298,7 +298,9 @@ def report(results: Results) -> str:
     for size in SIZES:
         lines.append(f"{size:6}" + "".join(f" {results.ns(('inside', size, f'aead-{op}:{mode}')):15.0f}"
                                            for op in ("seal", "open") for mode in SEALED))
-    lines.append(f"replay window, accepting the next counter (every open): {results.ns(('inside', 0, 'window')):.0f}")
+    window, shared = ("inside", 0, "window"), ("inside", 0, "window:shared")
+    lines.append(f"replay window, accepting the next counter (every open): one loop's {results.ns(window):.0f}, "
+                 f"shared by a node's loops {results.ns(shared):.0f} ({results.ratio(shared, window):.2f}×)")
     lines += ["", "whole sans-I/O paths; +ns: added to the auth-off path; budget: that as a share of one packet's"
               " time at the agent's measured rate", f"{'path':32} {'inner':>6} {'off':>7}"
               f" {'authenticate: ns (×off) +ns budget':>37} {'encrypt: ns (×off) +ns budget':>37}"]

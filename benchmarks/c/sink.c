@@ -1,7 +1,7 @@
 /* sink.c: counts the GRE-in-UDP datagrams a subject sends (benchmarks/run.py).
  *
  * Binds one UDP socket per ADDR:PORT, drains them with recvmmsg, and counts every datagram except
- * keepalives (GRE protocol 0x88B5), which it echoes unchanged to their sender, as a TM agent does, so a
+ * keepalives (GRE protocol 0x88B5, plain or sealed authenticate-only), which it echoes unchanged to their sender, as a TM agent does, so a
  * distributor under test sees its TMs up. SIGUSR1 prints "count N ns T" (T: CLOCK_MONOTONIC), which is how
  * the harness takes its two readings around a measurement window. Exits on SIGTERM/SIGINT or after
  * SECONDS (default 600), printing the final line.
@@ -95,7 +95,12 @@ int main(int argc, char **argv)
                 if (n <= 0) break;
                 for (int i = 0; i < n; i++) {
                     const uint8_t *d = buffers[i];
-                    if (msgs[i].msg_len >= 4 && d[2] == 0x88 && d[3] == 0xB5) {   /* keepalive: echo */
+                    /* A keepalive, plain or sealed authenticate-only (overlay/auth.py: marker 0x4F, flags bit 0
+                     * clear, the GRE header behind the 18-byte header): echoed unchanged. */
+                    int plain = msgs[i].msg_len >= 4 && d[2] == 0x88 && d[3] == 0xB5;
+                    int sealed = msgs[i].msg_len >= 18 + 4 + 16 && d[0] == 0x4F && !(d[1] & 1)
+                                 && d[20] == 0x88 && d[21] == 0xB5;
+                    if (plain || sealed) {
                         sendto(pfds[s].fd, d, msgs[i].msg_len, MSG_DONTWAIT, (struct sockaddr *)&peers[i],
                                msgs[i].msg_hdr.msg_namelen);
                         echoed++;

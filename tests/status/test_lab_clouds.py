@@ -13,7 +13,9 @@ invalid on the TMs, part of them answered by the server behind the edge; outboun
 (v4 and v6) leaves with a TM's xlate address; cloud C's NAT is made to rebind (its conntrack flushed,
 `random` gives new public ports) while traffic runs, the distributor follows the edge to its new endpoint,
 and no connection fails; nothing is refused as replayed or too old, and no keepalive probe of a TM behind
-NAT is lost while traffic runs.
+NAT is lost while traffic runs. All of it once more with two packet loops in the distributor (`[node]
+workers = 2`: lanes, one set of shared replay windows, learned endpoints shared through the agent), where
+every loop must carry traffic.
 """
 
 from __future__ import annotations
@@ -100,9 +102,10 @@ def cloud_c(lab: Lab) -> None:
 
 
 class CloudsLab:
-    def __init__(self, lab: Lab, config_dir: Path):
+    def __init__(self, lab: Lab, config_dir: Path, workers: int = 1):
         self.lab = lab
         self.config_dir = config_dir
+        self.workers = workers
 
     def status(self, role: str) -> dict:
         if role in EDGE_ROLES:
@@ -133,26 +136,32 @@ def start_edge(lab: Lab, config_dir: Path) -> None:
     pytest.fail(f"the distributor did not hear from every peer behind NAT:\n{lab.processes.log_tail('edge1')}")
 
 
-@pytest.fixture(scope="module")
-def clouds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CloudsLab]:
+@pytest.fixture(scope="module", params=[1, 2], ids=["one-loop", "workers-2"])
+def clouds(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CloudsLab]:
+    """`workers-2`: the distributor with two packet loops, each sealing in its own lane, both opening
+    against one set of replay windows and sharing what they learn of the peers behind NAT."""
     if LAB_UNAVAILABLE:
         pytest.skip(f"lab cannot run: {LAB_UNAVAILABLE}")
-    root = tmp_path_factory.mktemp("clouds-lab")
+    workers = request.param
+    root = tmp_path_factory.mktemp(f"clouds-lab-{workers}")
     config_dir = root / "config"
     with_edge(config_dir, f"{NAT_C_WAN}:4754", edge_address=EDGE_HOST)
     with_auth(config_dir, source=config_dir)
+    if workers > 1:
+        path = config_dir / "distributor.toml"
+        path.write_text(path.read_text().replace("[node]\n", f"[node]\nworkers = {workers}\n", 1))
     for tm in topology.TMS:   # behind NAT: announce often, so the distributor finds them at once
         path = config_dir / f"{tm}.toml"
         text = path.read_text()
         path.write_text(text.replace("[underlay]\n", "[underlay]\nannounce_interval = 1\n", 1))
-    lab = Lab(lab_prefix("cl"), config_dir=config_dir, state_dir=root / "state")
+    lab = Lab(lab_prefix(f"cl{workers}"), config_dir=config_dir, state_dir=root / "state")
     with lab_running(lab, before_agents=lambda lab: (nat_cloud_b(lab), cloud_c(lab))):
         try:
             start_edge(lab, config_dir)
         except BaseException:
             print(lab.processes.log_tail("edge1"))
             raise
-        yield CloudsLab(lab, config_dir)
+        yield CloudsLab(lab, config_dir, workers)
 
 
 def test_tms_behind_nat_are_reached_at_their_public_endpoints(clouds: CloudsLab) -> None:
@@ -194,12 +203,18 @@ def test_thousands_of_connections_through_three_clouds(clouds: CloudsLab) -> Non
     refused = {f"{role}:{reason}": count for role in ("dist", "edge1") for reason, count in
                clouds.status(role)["drops"].items() if reason.startswith(("auth:", "agent:auth:")) and count}
     assert refused == {}, refused
-    # The TMs are behind NAT: probed from the well-known port, and their echoes answered: no probe lost
-    # while the traffic ran.
+    # The TMs are behind NAT: probed from the well-known port, and their echoes answered — with workers,
+    # echoes that land at a worker go to the agent's health checker: no probe lost while the traffic ran.
     time.sleep(1.0)
     after = probes(clouds)
     assert all(after[tm][0] == before[tm][0] and after[tm][1] > before[tm][1] for tm in topology.TMS), (before, after)
-    print(f"\nclouds: {report.summary()}")
+    if clouds.workers > 1:
+        time.sleep(1.2)    # the worker's last counters reach the agent
+        workers = clouds.status("dist")["workers"]
+        assert workers["running"] == clouds.workers, workers
+        assert all(count > 0 for count in workers["packets"].values()), workers["packets"]
+        assert workers["replay_windows"]["shared"] and workers["replay_windows"]["in_use"] >= len(topology.TMS), workers
+    print(f"\nclouds (workers {clouds.workers}): {report.summary()}")
 
 
 def outbound(source: str, remote: str) -> dict:

@@ -1599,8 +1599,10 @@ static int window_accept_at(char *base, Py_ssize_t length, uint64_t key, uint64_
     memcpy(&capacity, base + 12, 4);
     memcpy(&window, base + 16, 4);
     uint64_t stride = ((uint64_t)window + 1) * 8;
-    if (implementation != WINDOWS_ATOMIC || capacity < 4 || (capacity & (capacity - 1)) || window == 0
-        || (window & (window - 1)) || (uint64_t)length < WINDOWS_KEYS + (uint64_t)capacity * (8 + stride))
+    /* Bounded before any product (a region's header is ours, but a wrong one must not overflow them). */
+    if (implementation != WINDOWS_ATOMIC || capacity < 4 || capacity > (1u << 20) || (capacity & (capacity - 1))
+        || window == 0 || window > (1u << 16) || (window & (window - 1))
+        || (uint64_t)length < WINDOWS_KEYS + (uint64_t)capacity * (8 + stride))
         return -1;
     uint64_t *keys = (uint64_t *)(base + WINDOWS_KEYS);
     uint32_t *in_use = (uint32_t *)(base + 20);
@@ -1612,8 +1614,17 @@ static int window_accept_at(char *base, Py_ssize_t length, uint64_t key, uint64_
         if (held == key) {
             found = 1;
         } else if (held == 0) {
-            if (__atomic_load_n(in_use, __ATOMIC_RELAXED) >= capacity / 4 * 3)
-                return 3;
+            if (__atomic_load_n(in_use, __ATOMIC_RELAXED) >= capacity / 4 * 3) {
+                /* Full — unless another loop claimed this entry meanwhile, for this key (found) or another
+                 * (probe on). An entry that is still free ends the search: keys are never freed, so a key
+                 * never lies beyond a free entry of its probe sequence. */
+                held = __atomic_load_n(&keys[index], __ATOMIC_ACQUIRE);
+                if (held == key)
+                    found = 1;
+                else if (held == 0)
+                    return 3;
+                continue;
+            }
             uint64_t expected = 0;
             if (__atomic_compare_exchange_n(&keys[index], &expected, key, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
                 __atomic_fetch_add(in_use, 1, __ATOMIC_RELAXED);

@@ -46,9 +46,10 @@ LAST_COUNTER = 2**64 - 1    # never sealed (a counter of 64 bits would end there
 
 REPLAYED = "auth:replayed"                 # a counter already seen from that key and lane
 TOO_OLD = "auth:too-old"                   # a counter below the replay window
-FULL = "auth:too-old"                      # no free shared window for a new sender: fail closed, as too old
+NO_WINDOW = "auth:no-window"               # shared windows full: a new sender key or lane is refused
 
 MAGIC = b"OVLWIN01"
+MAX_CAPACITY = 1 << 20
 IMPL_ATOMIC, IMPL_LOCKED = 1, 2
 _HEADER = struct.Struct("=8sIIII")          # magic, implementation, capacity, window, in use
 _KEYS = 64
@@ -148,13 +149,13 @@ class SharedWindows:
         if implementation == IMPL_LOCKED and accept is not None:
             accept = None     # a region made by a pure-Python agent: take its lock, as it does
         self._accept = accept
-        self._reasons = (None, REPLAYED, TOO_OLD, FULL)
+        self._reasons = (None, REPLAYED, TOO_OLD, NO_WINDOW)
 
     @classmethod
     def create(cls, capacity: int = 1024) -> SharedWindows:
         """A new region for `capacity` windows (a power of two; at most three quarters are used)."""
-        if capacity < 4 or capacity & (capacity - 1):
-            raise ValueError("capacity must be a power of two, 4 or more")
+        if not 4 <= capacity <= MAX_CAPACITY or capacity & (capacity - 1):
+            raise ValueError(f"capacity must be a power of two from 4 to {MAX_CAPACITY}")
         fd = os.memfd_create("overlay-replay-windows", os.MFD_CLOEXEC)
         try:
             os.ftruncate(fd, _size(capacity))   # sparse: a window's pages exist once a sender uses it
@@ -168,16 +169,25 @@ class SharedWindows:
 
     @classmethod
     def attach(cls, fd: int) -> SharedWindows:
-        """The region behind `fd` (a worker's copy of the agent's descriptor; the windows own it now)."""
-        size = os.fstat(fd).st_size
-        if size < _KEYS:
-            raise ValueError("not a replay-window region: too short")
-        region = mmap.mmap(fd, size)
-        magic, _, capacity, window, _ = _HEADER.unpack_from(region, 0)
-        if magic != MAGIC or window != WINDOW or capacity < 4 or capacity & (capacity - 1) or size < _size(capacity):
-            region.close()
-            raise ValueError("not a replay-window region of this version")
-        return cls(fd, region, capacity)
+        """The region behind `fd` (a worker's copy of the agent's descriptor; the windows own it now, and
+        close it when they refuse it)."""
+        region = None
+        try:
+            os.set_inheritable(fd, False)   # SCM_RIGHTS copies are inheritable: no child needs this one
+            size = os.fstat(fd).st_size
+            if size < _KEYS:
+                raise ValueError("not a replay-window region: too short")
+            region = mmap.mmap(fd, size)
+            magic, _, capacity, window, _ = _HEADER.unpack_from(region, 0)
+            if magic != MAGIC or window != WINDOW or not 4 <= capacity <= MAX_CAPACITY or capacity & (capacity - 1) \
+                    or size < _size(capacity):
+                raise ValueError("not a replay-window region of this version")
+            return cls(fd, region, capacity)
+        except BaseException:
+            if region is not None:
+                region.close()
+            os.close(fd)
+            raise
 
     def fileno(self) -> int:
         return self._fd
@@ -257,4 +267,4 @@ def _find(region: mmap.mmap, capacity: int, key: int) -> int:
     return -1
 
 
-__all__ = ["LocalWindows", "SharedWindows", "WINDOW", "REPLAYED", "TOO_OLD"]
+__all__ = ["LocalWindows", "SharedWindows", "WINDOW", "REPLAYED", "TOO_OLD", "NO_WINDOW"]

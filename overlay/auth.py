@@ -61,6 +61,7 @@ MARKER = 0x4F
 FLAG_ENCRYPTED = 0x01
 LANE_SHIFT = 1
 LANES = 128            # flags bits 1-7: the sealing worker (lane 0: a node's only or first loop)
+OPEN_LANES = 64        # lanes a receiver opens: one per worker at most (`[node] workers` <= 64); above, malformed
 _HEADER = struct.Struct("!BBIIQ")
 HEADER_SIZE = _HEADER.size   # 18
 TAG_SIZE = 16
@@ -75,7 +76,8 @@ UNKNOWN_KEY = "auth:unknown-key"           # sealed by a key no peer has, or to 
 BAD_TAG = "auth:bad-tag"                   # forged, corrupted, or sealed with another key
 REPLAYED = antireplay.REPLAYED            # a counter already seen from that key and lane
 TOO_OLD = antireplay.TOO_OLD               # a counter below the replay window
-REASONS = (UNAUTHENTICATED, MALFORMED, UNKNOWN_KEY, BAD_TAG, REPLAYED, TOO_OLD)
+NO_WINDOW = antireplay.NO_WINDOW           # a node's shared replay windows are all taken (a new key or lane)
+REASONS = (UNAUTHENTICATED, MALFORMED, UNKNOWN_KEY, BAD_TAG, REPLAYED, TOO_OLD, NO_WINDOW)
 
 
 def key_id(public_key: bytes) -> int:
@@ -198,6 +200,8 @@ class Authenticator:
             return self._refuse(MALFORMED)
         _, flags, sender_id, receiver_id, counter = _HEADER.unpack_from(datagram, 0)
         lane = flags >> LANE_SHIFT
+        if lane >= OPEN_LANES:
+            return self._refuse(MALFORMED)   # no node has that many loops: nor a window for each
         aead = self._receive.get((sender_id, receiver_id))
         if aead is None:
             sender = self._peer_by_id.get(sender_id)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import threading
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -148,31 +149,56 @@ CACHED_BYTES = 64 << 20
 def _cached_bytes() -> int:
     return sum(table.levels.nbytes for table in _recent.values() if table.levels is not None)
 
-_recent: OrderedDict[tuple[bytes, int, frozenset[tuple[str, int]]], SelectionTable] = OrderedDict()
+
+TableKey = tuple[bytes, int, frozenset[tuple[str, int]]]   # (seed, rows_log2, the fleet's weights)
+
+_lock = threading.Lock()    # `_recent` is shared with the table builder's thread
+_recent: OrderedDict[TableKey, SelectionTable] = OrderedDict()
+
+
+def table_key(weights: Mapping[str, int], seed: bytes, rows_log2: int) -> TableKey:
+    return (seed, rows_log2, frozenset(weights.items()))
 
 
 def table_for(weights: Mapping[str, int], seed: bytes, rows_log2: int = MIN_ROWS_LOG2) -> SelectionTable:
     """The table `build_table` would build, derived from a recent table of the same seed when one differs
     by a few TMs (cheap), else built; recent tables are kept for the next call (the process's last
-    CACHED_TABLES)."""
+    CACHED_TABLES). Safe to call from a thread while the event loop calls `cheap_table`."""
+    return cheap_table(weights, seed, rows_log2) or _keep(table_key(weights, seed, rows_log2),
+                                                          build_table(weights, seed, rows_log2))
+
+
+def cheap_table(weights: Mapping[str, int], seed: bytes, rows_log2: int = MIN_ROWS_LOG2) -> SelectionTable | None:
+    """`table_for`'s table where that is cheap — kept, or derived from a recent one (~1-12 ms, whatever the
+    fleet's size) — else None: it needs a full build (a second or two for a thousand TMs), which an agent
+    runs off its event loop (overlay/runtime/tables.py)."""
     _check(weights, rows_log2)
-    key = (seed, rows_log2, frozenset(weights.items()))
-    table = _recent.get(key)
-    if table is None:
-        table = _derive(weights, seed, rows_log2) or build_table(weights, seed, rows_log2)
+    key = table_key(weights, seed, rows_log2)
+    with _lock:
+        table = _recent.get(key)
+        if table is not None:
+            _recent.move_to_end(key)
+            return table
+        recent = list(_recent.items())
+    derived = _derive(weights, seed, rows_log2, recent)
+    return None if derived is None else _keep(key, derived)
+
+
+def _keep(key: TableKey, table: SelectionTable) -> SelectionTable:
+    with _lock:
         _recent[key] = table
+        _recent.move_to_end(key)
         # Bounded in count and in bytes (a 2^22-row table's scores are 128 MiB), keeping at least two: a
         # drain needs the tables with and without the draining TM.
         while len(_recent) > CACHED_TABLES or (len(_recent) > 2 and _cached_bytes() > CACHED_BYTES):
             _recent.popitem(last=False)
-    else:
-        _recent.move_to_end(key)
     return table
 
 
-def _derive(weights: Mapping[str, int], seed: bytes, rows_log2: int) -> SelectionTable | None:
+def _derive(weights: Mapping[str, int], seed: bytes, rows_log2: int,
+            recent: list[tuple[TableKey, SelectionTable]]) -> SelectionTable | None:
     wanted = frozenset(weights.items())
-    candidates = [(len(wanted ^ items), items, table) for (s, r, items), table in _recent.items()
+    candidates = [(len(wanted ^ items), items, table) for (s, r, items), table in recent
                   if s == seed and r == rows_log2]
     if not candidates:
         return None

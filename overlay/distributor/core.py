@@ -41,7 +41,7 @@ from overlay.distributor.config import DistributorConfig
 from overlay.tm import replication
 from overlay.tm.packet import ADDRESS_LENGTH
 from overlay.packet import PROTO_ICMP, PROTO_ICMPV6, Flow, parse_flow
-from overlay.selection import SelectionTable, table_for
+from overlay.selection import SelectionTable, TableKey, cheap_table, table_for, table_key
 
 ACTION_TM = "tm"
 ACTION_FORWARD = "forward"
@@ -128,6 +128,13 @@ class Distributor:
         # need too — where a peer behind NAT is, what an edge announced — goes out through `share`
         # (("learned", peer, endpoint), ("announced", edge, prefixes)); `apply_shared` takes it in.
         self.share: Callable[[tuple[Any, ...]], None] | None = None
+        # Table builds off the event loop (the agent's overlay/runtime/tables.py): a rebuild that needs a
+        # full build hands `prepare_tables(wanted, seed, rows_log2, done)` the fleets it needs tables for
+        # and keeps the table it has until `done` (`tables_prepared`) brings them. None: build here and now.
+        self.prepare_tables: Callable[[list[dict[str, int]], bytes, int,
+                                       Callable[[dict[TableKey, SelectionTable] | None], None]], None] | None = None
+        self._prepared: dict[TableKey, SelectionTable] = {}
+        self.rebuilds_deferred = 0
         self.reconfigure(config)
 
     # -- configuration and fleet state ----------------------------------------------------------------
@@ -275,7 +282,8 @@ class Distributor:
             for name in self._admin
         }
 
-    def _rebuild(self) -> None:
+    def _fleet_maps(self) -> tuple[dict[str, int], dict[str, int], set[str]] | None:
+        """(serving, draining, returning) weights the table is built from; None: keep the last table."""
         up = {tm.name: tm.weight for tm in self.config.tms if self._up[tm.name]}
         serving = {name: weight for name, weight in up.items() if self._admin[name] == "enabled"}
         draining = {name: weight for name, weight in up.items() if self._admin[name] == "draining"}
@@ -283,19 +291,53 @@ class Distributor:
             # Draining the last serving TMs leaves nobody to take their rows: they keep them.
             serving, draining = {**serving, **draining}, {}
         if not any(serving.values()) and self.config.health.all_down == "keep-last" and hasattr(self, "_table"):
-            return  # keep the last known fleet — table, owners and all — rather than nowhere
+            return None  # keep the last known fleet — table, owners and all — rather than nowhere
+        return serving, draining, self._returning & set(serving)
+
+    @staticmethod
+    def _wanted(serving: dict[str, int], draining: dict[str, int], returning: set[str]) -> list[dict[str, int]]:
+        """The tables a rebuild reads: the serving TMs', with the draining ones (their second chance), and
+        without the returning ones (the heirs of their rows)."""
+        wanted = [serving]
+        if draining:
+            wanted.append({**serving, **draining})
+        if returning:
+            wanted.append({name: weight for name, weight in serving.items() if name not in returning})
+        return wanted
+
+    def _lookup(self, weights: dict[str, int]) -> SelectionTable | None:
+        prepared = self._prepared.get(table_key(weights, self.config.seed, self.config.rows_log2))
+        return prepared if prepared is not None else cheap_table(weights, self.config.seed, self.config.rows_log2)
+
+    def _rebuild(self, here: bool = False) -> None:
+        maps = self._fleet_maps()
+        if maps is None:
+            return
+        serving, draining, returning = maps
+        if self.prepare_tables is not None and not here and hasattr(self, "_table"):
+            slow = [weights for weights in self._wanted(serving, draining, returning) if self._lookup(weights) is None]
+            if slow:
+                # A full build (a second or two for a thousand TMs): off the event loop. The packets keep the
+                # table they have until `tables_prepared` swaps in the new one.
+                self.rebuilds_deferred += 1
+                self.prepare_tables(slow, self.config.seed, self.config.rows_log2, self.tables_prepared)
+                return
+
+        def table(weights: dict[str, int]) -> SelectionTable:
+            return self._lookup(weights) or table_for(weights, self.config.seed, self.config.rows_log2)
+
         # Reachable: up and not disabled, whatever the weight — a weight-0 TM takes no new rows but still
         # owns its xlate addresses, so replies to its source-NATed connections must reach it.
         self._active = frozenset({**serving, **draining})
         self._serving = frozenset(name for name, weight in serving.items() if weight > 0)
-        self._table: SelectionTable = table_for(serving, self.config.seed, self.config.rows_log2)
+        self._table: SelectionTable = table(serving)
         self._mask = self._table.rows - 1
         # Rows a draining TM would still win get it as their second chance: the new first choice takes
         # new connections and hands back packets it has no state for (see gre.SECOND_CHANCE_PROTOCOL).
         self._fallback: list[int] | None = None
         ids = {tm.name: tm.id for tm in self.config.tms}
         if draining:
-            with_draining = table_for({**serving, **draining}, self.config.seed, self.config.rows_log2)
+            with_draining = table({**serving, **draining})
             fallback = [0] * self._table.rows
             for row, winner in enumerate(with_draining.first):
                 if winner >= 0:
@@ -303,18 +345,27 @@ class Distributor:
                     if name in draining:
                         fallback[row] = ids[name]
             self._fallback = fallback
-        returning = self._returning & set(serving)
         if returning:
             # Rows a returning TM wins back are marked with the TM that held them while it was down: the
             # returned TM takes new connections and hands back what it has no state for (second chance).
-            without = table_for({name: w for name, w in serving.items() if name not in returning},
-                                  self.config.seed, self.config.rows_log2)
+            without = table({name: w for name, w in serving.items() if name not in returning})
             fallback = self._fallback or [0] * self._table.rows
             names, first, heirs = self._table.names, self._table.first, without.first
             for row, winner in enumerate(first):
                 if winner >= 0 and names[winner] in returning and heirs[row] >= 0 and not fallback[row]:
                     fallback[row] = ids[without.names[heirs[row]]]
             self._fallback = fallback
+        self._prepared.clear()
+
+    def tables_prepared(self, tables: dict[TableKey, SelectionTable] | None) -> None:
+        """The tables a deferred rebuild asked for, built off the loop, by `table_key` (None: the build
+        failed; build here): the rebuild now, for the fleet state of now — which asks for others again if
+        the state moved on meanwhile."""
+        if tables is None:
+            self._rebuild(here=True)
+            return
+        self._prepared.update(tables)
+        self._rebuild()
 
     @property
     def table(self) -> SelectionTable:

@@ -29,6 +29,7 @@ from overlay.antireplay import SharedWindows
 from overlay.runtime.agent import Agent, authenticator, reconfigured_authenticator
 from overlay.runtime.netsetup import NetPlan, distributor_plan
 from overlay.runtime.packet_path import packet_handlers
+from overlay.runtime.tables import TableBuilder
 from overlay.runtime.udp import attach_steering
 from overlay.runtime.workers import WorkerPool, replay_capacity
 
@@ -58,6 +59,7 @@ class DistributorAgent(Agent):
         self.fleet_document_error: str | None = None
         self.pool: WorkerPool | None = None          # [node] workers > 1: the other packet loops
         self.windows: SharedWindows | None = None    # ... with [auth]: their one set of replay windows
+        self.tables: TableBuilder | None = None
         self._synced_state: object = None
 
     def net_plan(self) -> NetPlan:
@@ -76,6 +78,7 @@ class DistributorAgent(Agent):
             self.windows = SharedWindows.create(replay_capacity(self.config))
         self.core = core = Distributor(dconfig, authenticator(self.config, windows=self.windows))
         core.clock = loop.time
+        self.tables = core.prepare_tables = TableBuilder(loop)   # full table builds off the loop
         now = loop.time()
         self.health = HealthChecker(dconfig.health, [tm.name for tm in dconfig.tms], now, sender=self.config.name)
         self._serving = self.health.serving()
@@ -92,7 +95,7 @@ class DistributorAgent(Agent):
             self.pool = WorkerPool(self.config.workers, loop, core.fleet_state, self._on_shared, core.shared_state,
                                    self.windows)
             core.share = self.pool.share
-            self.pool.start(self.config.source)
+            self.pool.start(self.config)
             self._synced_state = core.fleet_state()
         if dconfig.fleet.store == "etcd":
             registration = {"underlay": f"{self.config.underlay.address}:{self.config.underlay.port}",
@@ -292,9 +295,7 @@ class DistributorAgent(Agent):
             self.core.set_tm_up(tm.name, tm.name in self._serving)
         self._arm_health(now)
         if self.pool is not None:
-            view = self._fleet_view
-            document = view.document if self.fleet is not None and view is not None else None
-            self.pool.reconfigure(new.source, document, self.fleet.prefix if self.fleet is not None else "")
+            self.pool.reconfigure(new)
             self._synced_state = self.core.fleet_state()
 
     def _close_role(self) -> None:
@@ -309,6 +310,9 @@ class DistributorAgent(Agent):
         if self.windows is not None:
             self.windows.close()
             self.windows = None
+        if self.tables is not None:
+            self.tables.close()
+            self.tables = None
 
     # -- status ---------------------------------------------------------------------------------------
 
@@ -318,6 +322,7 @@ class DistributorAgent(Agent):
         snapshot = self.core.snapshot()
         counters = self.transport_counters()
         counters.update(self.core.counters())
+        counters["table.rebuilds_deferred"] = self.core.rebuilds_deferred   # full builds run off the loop
         if self.pool is not None:
             # One fleet, several packet loops: their counters add up (status, metrics, the page).
             for worker_counters, by_tm, drops, _ in self.pool.stats.values():

@@ -7,7 +7,9 @@ own, one event loop each, sharing the one decision (issue 10; Nebula's `routines
   TMs, serves status and admin, and follows the fleet store.
 - The decision is the same everywhere: every worker builds the core from the same config, and the agent
   hands each one the fleet state after every change (`Distributor.fleet_state()`: admin states, health,
-  returns) and every reload (the config file and the fleet document it applied). The distributor is
+  returns) and every reload (the config it applied — the node's `NodeConfig` itself, keys included, never
+  the file again: a file edited since, or a key file rotated on disk, must not reach a restarted worker
+  before the agent reloads it). The distributor is
   stateless per packet, so which process sees a packet never matters.
 - With `[auth]` worker i seals in lane i (overlay/auth.py: its own nonces, its own replay window at the
   receiver), and every loop opens against the same replay windows: the agent creates them in shared
@@ -41,6 +43,7 @@ from typing import Any
 import structlog
 
 from overlay.antireplay import SharedWindows
+from overlay.config import NodeConfig
 
 log = structlog.get_logger("overlay.workers")
 
@@ -55,12 +58,13 @@ FleetState = tuple[dict[str, str], dict[str, bool], frozenset[str]]
 
 def replay_capacity(config: Any) -> int:
     """Shared replay windows for a node's peers: one per sender key and lane, room for each key in several
-    lanes and for the keys reloads add (a power of two; 32 KiB a window, touched only once used)."""
+    lanes and for the keys reloads and the fleet store add (a power of two; 32 KiB a window, touched only
+    once used; the keys table itself 8 bytes a window)."""
     keys = sum(len(keys) for keys in config.auth.peers.values())
-    return max(1024, 1 << (8 * keys - 1).bit_length())
+    return max(8192, 1 << (16 * keys - 1).bit_length())
 
 
-def worker_main(source: str, document: str | None, index: int, control: Connection) -> None:
+def worker_main(config: NodeConfig, index: int, control: Connection) -> None:
     """The worker's process: the packet loop until the agent says stop (or goes away)."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -70,13 +74,7 @@ def worker_main(source: str, document: str | None, index: int, control: Connecti
     import uvloop
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(_serve(source, document, index, control))
-
-
-def _load(source: str, document: str | None, prefix: str = "") -> Any:
-    from overlay.config import load_node_config
-
-    return load_node_config(source, document, f"etcd:{prefix}tms")
+        runner.run(_serve(config, index, control))
 
 
 class ShareFilter:
@@ -110,7 +108,10 @@ class ShareFilter:
         kind, peer, value = message
         if kind == "learned":
             self._sent[peer] = value
-            if self._pending.get(peer) == value:
+            pending = self._pending.get(peer)
+            if pending is not None and (pending == value or pending[0] != value[0]):
+                # Nothing new, or a port at an address the peer has since moved away from (a rebinding
+                # another loop saw first): sending it would move every loop back for a while.
                 del self._pending[peer]
 
     def flush(self) -> None:
@@ -157,19 +158,22 @@ async def _run(loop: asyncio.AbstractEventLoop, control: Connection, on_control:
         udp.close()
 
 
-async def _serve(source: str, document: str | None, index: int, control: Connection) -> None:
+async def _serve(config: NodeConfig, index: int, control: Connection) -> None:
     from overlay.distributor.core import Distributor
     from overlay.runtime.agent import authenticator, reconfigured_authenticator
     from overlay.runtime.packet_path import packet_handlers
+    from overlay.runtime.tables import TableBuilder
     from overlay.runtime.tun import TunDevice, wants_offload
     from overlay.runtime.udp import UnderlayEndpoint
 
     loop = asyncio.get_running_loop()
-    config = _load(source, document)
-    # The agent hands over the node's replay windows first thing on the pipe (WorkerPool._spawn).
+    # The agent hands over the node's replay windows first thing on the pipe (WorkerPool._spawn): it
+    # made them because this config has [auth] on, the config it handed us.
     windows = SharedWindows.receive(control) if config.auth.enabled else None
+    assert config.distributor is not None, "the agent hands workers a distributor's config"
     core = Distributor(config.distributor, authenticator(config, lane=index, windows=windows))
     core.clock = loop.time
+    tables = core.prepare_tables = TableBuilder(loop)   # full table builds off the loop, as at the agent
     tun = TunDevice(config.tun.name, multi_queue=True, offload=wants_offload(config.tun.offload, config.role))
     udp = UnderlayEndpoint(config.underlay.address, config.underlay.port, source_ports=config.underlay.source_ports)
     stop = asyncio.Event()
@@ -206,7 +210,8 @@ async def _serve(source: str, document: str | None, index: int, control: Connect
             core.apply_shared(message[1])
             shared.heard(message[1])
         elif kind == "config":
-            new = _load(message[1], message[2], message[3])
+            new = message[1]
+            assert new.distributor is not None
             rekeyed = reconfigured_authenticator(core.auth, config, new)   # the agent checked it applies
             core.reconfigure(new.distributor)
             core.auth, config = rekeyed, new
@@ -215,7 +220,7 @@ async def _serve(source: str, document: str | None, index: int, control: Connect
 
     def report() -> None:
         shared.flush()
-        counters = {**udp.counters, **tun.counters, **core.counters()}
+        counters = {**udp.counters, **tun.counters, **core.counters(), "table.rebuilds_deferred": core.rebuilds_deferred}
         try:
             control.send(("stats", index, counters, dict(core.counters_tm), dict(core.counters_drop)))
         except (BrokenPipeError, OSError):
@@ -227,7 +232,10 @@ async def _serve(source: str, document: str | None, index: int, control: Connect
         tun.start(loop, from_tun, lambda error: stop.set(), from_tun_train, from_tun_batch)
         udp.start(loop, from_overlay, from_overlay_train, from_overlay_batch)
 
-    await _run(loop, control, on_control, report, stop, tun, udp, index, start)
+    try:
+        await _run(loop, control, on_control, report, stop, tun, udp, index, start)
+    finally:
+        tables.close()
 
 
 # -- the agent's side ----------------------------------------------------------------------------------------
@@ -261,11 +269,11 @@ class WorkerPool:
         self.stats: dict[int, tuple[dict[str, int], dict[str, int], dict[str, int], float]] = {}
         self.restarts = 0
         self.ready: set[int] = set()     # workers whose TUN queue and sockets are open
-        self._config: tuple[str, str | None, str] = ("", None, "")
+        self._config: NodeConfig | None = None
         self._stopping = False
 
-    def start(self, source: str, document: str | None = None, prefix: str = "") -> None:
-        self._config = (source, document, prefix)
+    def start(self, config: NodeConfig) -> None:
+        self._config = config
         for index in range(1, self.count):
             self._spawn(index)
         self._tick()
@@ -284,14 +292,17 @@ class WorkerPool:
                 self._send(index, ("shared", message))
 
     def _spawn(self, index: int) -> None:
-        source, document, _ = self._config
         ours, theirs = self._context.Pipe()
-        process = self._context.Process(target=worker_main, args=(source, document, index, theirs),
+        process = self._context.Process(target=worker_main, args=(self._config, index, theirs),
                                         name=f"overlay-worker-{index}", daemon=False)
         process.start()
         theirs.close()
         if self.windows is not None and process.pid is not None:
-            self.windows.send_to(ours, process.pid)   # before anything else on the pipe
+            try:
+                self.windows.send_to(ours, process.pid)   # before anything else on the pipe
+            except OSError as error:
+                # It is gone already: its sentinel fires `_on_exit` below, which restarts it.
+                log.error("worker.handover_failed", worker=index, error=repr(error))
         self._processes[index], self._controls[index] = process, ours
         self.loop.add_reader(ours.fileno(), self._on_message, index)
         self.loop.add_reader(process.sentinel, self._on_exit, index)
@@ -324,15 +335,11 @@ class WorkerPool:
 
     def _on_exit(self, index: int) -> None:
         process = self._processes.pop(index, None)
-        control = self._controls.get(index)
-        self._drop_outbox(index, control)
-        self._controls.pop(index, None)
         if process is not None:
             self.loop.remove_reader(process.sentinel)
             process.join(0)
-        if control is not None:
-            self.loop.remove_reader(control.fileno())
-            control.close()
+        if index in self._controls:
+            self._close_control(index)
         self.stats.pop(index, None)
         self.ready.discard(index)
         if self._stopping:
@@ -397,11 +404,12 @@ class WorkerPool:
         for index in list(self._controls):
             self._send(index, ("state", state))
 
-    def reconfigure(self, source: str, document: str | None, prefix: str) -> None:
-        """A reload was applied: the same config (and fleet document) everywhere, then the state."""
-        self._config = (source, document, prefix)
+    def reconfigure(self, config: NodeConfig) -> None:
+        """A reload was applied: the same config (with the fleet document it took in) everywhere, then
+        the state."""
+        self._config = config
         for index in list(self._controls):
-            self._send(index, ("config", source, document, prefix))
+            self._send(index, ("config", config))
         self.sync()
 
     def status(self) -> dict[str, Any]:
@@ -424,15 +432,12 @@ class WorkerPool:
         self._stopping = True
         if self._ticker is not None:
             self._ticker.cancel()
-        for index in list(self._controls):
-            if self._outbox.get(index):
-                # Behind a message the worker has not taken: end its pipe instead (EOF stops it too).
-                control = self._controls.pop(index)
-                self._drop_outbox(index, control)
-                self.loop.remove_reader(control.fileno())
-                control.close()
-            else:
-                self._send(index, ("stop",))
+        stop = _frame(("stop",))
+        for index, control in list(self._controls.items()):
+            if self._outbox.get(index) or self._write(control, stop) != len(stop):
+                # Behind a message it has not taken (or a pipe too full for this one): end the pipe
+                # instead — EOF stops a worker too — since nothing drains an outbox while we join.
+                self._close_control(index)
         deadline = time.monotonic() + timeout
         for process in list(self._processes.values()):
             process.join(max(0.0, deadline - time.monotonic()))
@@ -440,8 +445,12 @@ class WorkerPool:
                 process.kill()
                 process.join(1.0)
             self.loop.remove_reader(process.sentinel)
-        for control in self._controls.values():
-            self.loop.remove_reader(control.fileno())
-            control.close()
+        for index in list(self._controls):
+            self._close_control(index)
         self._processes.clear()
-        self._controls.clear()
+
+    def _close_control(self, index: int) -> None:
+        control = self._controls.pop(index)
+        self._drop_outbox(index, control)
+        self.loop.remove_reader(control.fileno())
+        control.close()

@@ -210,7 +210,8 @@ def test_a_replay_sent_to_any_socket_of_either_loop_is_refused(tmp_path: Path) -
     """The threat the shared windows answer: a datagram captured on the underlay and sent again — to the
     well-known port from other source ports, to each send socket of each loop (outside the steered group,
     so at the loop that never opened the original), and again after the worker was killed and restarted
-    (a new process with no memory of its own). Every copy is refused as replayed, none reaches the
+    (a new process with no memory of its own: the datagram captured before its restart is sent to it
+    again, as is a new one). Every copy is refused as replayed, none reaches the
     client; the sockets it was sent to belong to both processes. (Loops with windows of their own accept
     it at the loop that did not see it: tests/test_antireplay.py, the negative control.)"""
     require_lab()
@@ -223,7 +224,7 @@ def test_a_replay_sent_to_any_socket_of_either_loop_is_refused(tmp_path: Path) -
         assert wait_for(lambda: overlay.status("distributor")["workers"]["running"] == 2), "the worker starts"
         assert wait_for(lambda: overlay.status("distributor")["tms"]["tm1"]["up"], 10)
 
-        def replay_everywhere() -> int:
+        def replay_everywhere(earlier: str | None = None) -> tuple[str, int]:
             capture = subprocess.Popen(["ip", "netns", "exec", overlay.ns["dist"], sys.executable, "-c", CAPTURE,
                                         tm_address, "4754"], stdout=subprocess.PIPE, text=True)
             try:
@@ -239,20 +240,23 @@ def test_a_replay_sent_to_any_socket_of_either_loop_is_refused(tmp_path: Path) -
             assert {agent, worker} <= set(sockets.values()), ("both loops' sockets are targets", sockets)
             targets = [*sockets, *[4754] * 4]
             before = overlay.status("distributor")["drops"].get("auth:replayed", 0)
-            in_ns(overlay.ns["tm"], sys.executable, "-c", SEND, datagram.strip(), dist_address, *map(str, targets))
-            expected = before + len(targets)
+            for copy in (datagram.strip(), *([earlier] if earlier else [])):
+                in_ns(overlay.ns["tm"], sys.executable, "-c", SEND, copy, dist_address, *map(str, targets))
+            expected = before + len(targets) * (2 if earlier else 1)
             assert wait_for(lambda: overlay.status("distributor")["drops"].get("auth:replayed", 0) >= expected, 5), \
                 (overlay.status("distributor")["drops"], expected)
             time.sleep(1.2)   # anything late from the worker's counters
             assert overlay.status("distributor")["drops"].get("auth:replayed", 0) == expected, "each copy, once"
-            return len(targets)
+            return datagram.strip(), expected - before
 
-        sent = replay_everywhere()
+        first, sent = replay_everywhere()
         (pid,) = worker_pids(overlay)
         os.kill(pid, signal.SIGKILL)
         assert wait_for(lambda: worker_pids(overlay) not in ([], [pid]) and
                         overlay.status("distributor")["workers"]["running"] == 2, 15), "restarted"
-        sent += replay_everywhere()
+        # The restarted worker is a new process: the datagram captured before it existed is a replay to
+        # it too, at every socket (its own new ones included), and so is one captured now.
+        sent += replay_everywhere(earlier=first)[1]
         status = overlay.status("distributor")
         assert {reason for reason in refused(status)} == {"auth:replayed"}, refused(status)
         assert connections(overlay, 30) == 30, "the traffic itself still crosses"

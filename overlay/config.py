@@ -105,7 +105,7 @@ class NodeConfig:
     auth: auth.AuthConfig = auth.AuthConfig()
     distributor_names: tuple[str, ...] = ()   # a TM's or edge's [[distributor]] names, as `distributors`
     edge: EdgeConfig | None = None
-    workers: int = 1    # packet-loop processes (`[node] workers`): a distributor's TUN queues and sockets
+    workers: int = 1    # packet-loop processes (`[node] workers`): a distributor's or edge's TUN queues and sockets
 
 
 def load_node_config(path: str | Path, fleet_document: str | None = None, fleet_source: str = "fleet") -> NodeConfig:
@@ -194,17 +194,17 @@ def parse_node_config(text: str, source: str = "config", base: Path | None = Non
 
 
 def _parse_workers(node: Section, role: str) -> int:
-    """`workers = N | "auto"` (the machine's cores): a distributor's packet loops, one process each."""
+    """`workers = N | "auto"` (the machine's cores): a distributor's or an edge's packet loops, one process each."""
     value = node.convert("workers", lambda v: v, 1)
     if value == "auto":
         value = len(os.sched_getaffinity(0))
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
         raise node.error("workers", 'must be a number of processes from 1 to 64, or "auto"')
-    if value > 1 and role != "distributor":
+    if value > 1 and role == "tm":
         # A TM's connection table lives in one process; several would need flows steered to the worker
-        # that holds them, which SO_REUSEPORT's hash does not do (docs/performance.md). An edge follows
-        # the distributor it last heard from, per process, and crosses clouds sealed (above).
-        raise node.error("workers", f"only a distributor runs several workers (a {role}'s state is per process)")
+        # that holds them, which SO_REUSEPORT's hash does not do (docs/performance.md).
+        raise node.error("workers", "a TM runs one packet loop: its connection table is per process "
+                                    "(run more TMs to use more cores)")
     return value
 
 

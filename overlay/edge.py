@@ -32,6 +32,7 @@ class EdgeNode(Uplink):
         self.set_prefixes(prefixes)
         self.sent = 0
         self.delivered = 0
+        self.heard_at = float("-inf")   # when `last` was last heard from (the caller's clock)
         super().__init__(distributors, fleet_id, authenticator)
 
     def set_prefixes(self, prefixes: tuple[IPNetwork, ...]) -> None:
@@ -75,6 +76,7 @@ class EdgeNode(Uplink):
         name, frame, instead = self.receive(payload, peer)
         if frame is None:
             return instead   # a keepalive echo, or refused
+        self.heard_at = now   # `receive` made `name` the distributor we follow
         if frame.protocol == gre.REPLICATION_PROTOCOL:
             self.drops["unsupported-gre-protocol"] += 1    # TM state: never for an edge
             return NO_OUTPUT

@@ -107,7 +107,7 @@ def test_a_region_of_the_compiled_kind_is_refused_by_a_pure_python_process(monke
 # -- several processes ------------------------------------------------------------------------------------
 
 COUNTERS = 4000    # under WINDOW: in any order, none is too old
-SENDERS = ((11, 0), (11, 1), (12, 0))
+SENDERS = tuple((sender, lane) for sender in (11, 12, 13) for lane in (0, 1))   # 6 windows
 
 
 def _race(control: Connection, shared: bool, start: Any, offset: int) -> None:
@@ -150,14 +150,15 @@ def race(windows: SharedWindows | None, loops: int = 3, rotate: bool = True) -> 
 
 @pytest.mark.parametrize("kind", [kind for kind in KINDS if kind != "local"])
 def test_loops_racing_over_one_region_accept_each_counter_exactly_once(kind: str) -> None:
-    for rotate in (False, False, True):
+    for rotate in (False, True):
         windows = windows_of(kind)
         assert isinstance(windows, SharedWindows)
         accepted = race(windows, rotate=rotate)
         everything = [item for loop in accepted for item in loop]
         assert len(everything) == len(set(everything)) == COUNTERS * len(SENDERS), "each counter once, in all"
-        if rotate:
-            assert all(len(loop) > 0 for loop in accepted), "every loop took part"
+        # How the work fell (not asserted: a loop the scheduler starts late may find its share taken — the
+        # check above holds either way). With the lock removed, this test failed 4 runs of 5 (by hand).
+        print(f"\n{kind}, {'from offsets' if rotate else 'same order'}: accepted per loop {[len(loop) for loop in accepted]}")
 
 
 def test_the_negative_control_loops_with_their_own_windows_accept_each_counter_once_per_loop() -> None:

@@ -135,6 +135,7 @@ class Distributor:
                                        Callable[[dict[TableKey, SelectionTable] | None], None]], None] | None = None
         self._prepared: dict[TableKey, SelectionTable] = {}
         self.rebuilds_deferred = 0
+        self.building = False   # a deferred build is in flight: the table is the fleet's as it was
         self.reconfigure(config)
 
     # -- configuration and fleet state ----------------------------------------------------------------
@@ -312,14 +313,21 @@ class Distributor:
     def _rebuild(self, here: bool = False) -> None:
         maps = self._fleet_maps()
         if maps is None:
+            self._prepared.clear()
             return
         serving, draining, returning = maps
         if self.prepare_tables is not None and not here and hasattr(self, "_table"):
+            # Who is reachable does not depend on the table: replies to a TM that went down go to its
+            # backup at once, whatever the table still says.
+            self._active = frozenset({**serving, **draining})
+            if self.building:
+                return   # the build in flight comes back to `tables_prepared`, which rebuilds for the state of then
             slow = [weights for weights in self._wanted(serving, draining, returning) if self._lookup(weights) is None]
             if slow:
-                # A full build (a second or two for a thousand TMs): off the event loop. The packets keep the
-                # table they have until `tables_prepared` swaps in the new one.
+                # A full build (a second or two for a thousand TMs): off the event loop, one at a time. The
+                # packets keep the table they have until `tables_prepared` swaps in the new one.
                 self.rebuilds_deferred += 1
+                self.building = True
                 self.prepare_tables(slow, self.config.seed, self.config.rows_log2, self.tables_prepared)
                 return
 
@@ -361,6 +369,7 @@ class Distributor:
         """The tables a deferred rebuild asked for, built off the loop, by `table_key` (None: the build
         failed; build here): the rebuild now, for the fleet state of now — which asks for others again if
         the state moved on meanwhile."""
+        self.building = False
         if tables is None:
             self._rebuild(here=True)
             return
@@ -860,6 +869,7 @@ class Distributor:
             "generation": self.generation,
             "hash_key": self.config.hash_key,
             "table_rows": self._table.rows,
+            "table_pending": self.building,
             "tms": {
                 tm.name: {
                     "underlay": f"{self._tm_dest[tm.name][0]}:{self._tm_dest[tm.name][1]}",

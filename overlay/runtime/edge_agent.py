@@ -19,7 +19,9 @@ from overlay.edge import EdgeNode
 from overlay.runtime.agent import UplinkAgent, authenticator, reconfigured_authenticator
 from overlay.runtime.netsetup import NetPlan, edge_plan
 from overlay.runtime.tun import TunDevice
-from overlay.runtime.udp import UnderlayEndpoint
+from overlay.antireplay import SharedWindows
+from overlay.runtime.udp import UnderlayEndpoint, attach_steering
+from overlay.runtime.workers import LastHeard, WorkerPool, replay_capacity
 from overlay.uplink import SEND, TUN, NodeOutput
 
 
@@ -31,6 +33,15 @@ class EdgeAgent(UplinkAgent):
             raise ValueError(f"{config.source}: not an edge config (node.role = {config.role!r})")
         super().__init__(config)
         self.node: EdgeNode | None = None
+        self.pool: WorkerPool | None = None          # [node] workers > 1: the other packet loops
+        self.windows: SharedWindows | None = None    # ... with [auth]: their one set of replay windows
+        self.following: LastHeard | None = None      # ... and the distributor they all follow
+
+    def source_ports(self) -> int:
+        # With several loops, everything leaves from the well-known port: what a distributor learns of us
+        # (and sends our traffic back to) is then the receive group, steered by sealed bytes over all our
+        # loops — not the entropy socket of whichever loop sent last.
+        return 0 if self.config.workers > 1 else self.config.underlay.source_ports
 
     def net_plan(self) -> NetPlan:
         assert self.config.edge is not None
@@ -38,12 +49,29 @@ class EdgeAgent(UplinkAgent):
 
     def _open_role(self, loop: asyncio.AbstractEventLoop) -> None:
         assert self.config.edge is not None and self.tun is not None and self.udp is not None
+        if self.config.workers > 1 and self.config.auth.enabled:
+            self.windows = SharedWindows.create(replay_capacity(self.config))   # overlay/antireplay.py
         self.node = node = EdgeNode(self.config.edge.prefixes, self._distributors(self.config),
-                                    self.config.underlay.gre_key, authenticator(self.config))
+                                    self.config.underlay.gre_key, authenticator(self.config, windows=self.windows))
         from_tun, from_overlay = edge_handlers(node, self.tun, self.udp, loop.time)
         self.tun.start(loop, from_tun, self.tun_lost)
         self.udp.start(loop, from_overlay)
         self._announce()
+        if self.config.workers > 1:
+            # The other packet loops (overlay/runtime/workers.py): the edge keeps no state a packet needs
+            # but the distributor it follows, which its loops tell each other through us (`LastHeard`).
+            attach_steering(self.udp.receive_socket, self.config.workers)
+            self.pool = pool = WorkerPool(self.config.workers, loop, lambda: None, self._on_shared,
+                                          lambda: [("heard", *self.following.newest())] if self.following else [],
+                                          self.windows)
+            self.following = LastHeard(node, pool.broadcast)
+            pool.ticking.append(self.following.flush)
+            pool.start(self.config)
+
+    def _on_shared(self, message: tuple) -> None:
+        """What a worker said: the distributor it now follows (the pool tells the other workers)."""
+        if message[0] == "heard" and self.following is not None:
+            self.following.heard(message)
 
     def _reconfigure(self, new: NodeConfig) -> None:
         assert self.node is not None and self.config.edge is not None
@@ -53,21 +81,41 @@ class EdgeAgent(UplinkAgent):
             raise ValueError("edge.prefixes changed: the TUN's addresses and rules apply only at restart")
         rekeyed = reconfigured_authenticator(self.node.auth, self.config, new)
         self.node.configure(self._distributors(new), new.underlay.gre_key, rekeyed)
+        if self.pool is not None:
+            self.pool.reconfigure(new)
 
     def _close_role(self) -> None:
         self._stop_announcing()
+        if self.pool is not None:
+            self.pool.stop()
+            self.pool = None
+        if self.windows is not None:
+            self.windows.close()
+            self.windows = None
 
     def _role_status(self) -> dict:
         if self.node is None:
             return {}
         counters = {**self.transport_counters(), **edge_counters(self.node)}
         drops = {f"agent:{reason}": count for reason, count in self.node.drops.items()}
+        peers = {f"{host}:{port}": {"packets": count} for (host, port), count in self.node.peers.items()}
+        if self.pool is not None:
+            # One edge, several packet loops: their counters and drops add up.
+            for worker_counters, worker_peers, worker_drops, _ in self.pool.stats.values():
+                for name, value in worker_counters.items():
+                    counters[name] = counters.get(name, 0) + value
+                for reason, value in worker_drops.items():
+                    drops[reason] = drops.get(reason, 0) + value
+                for peer, value in worker_peers.items():
+                    peers[peer] = {"packets": peers.get(peer, {"packets": 0})["packets"] + value}
         return {
             "auth": self.config.auth.mode,
             "prefixes": [str(prefix) for prefix in self.node.prefixes],
-            "peers": {f"{host}:{port}": {"packets": count} for (host, port), count in self.node.peers.items()},
+            "peers": peers,
             "drops": drops,
             "counters": counters,
+            "following": self.node.last,
+            "workers": {"count": 1, "running": 1} if self.pool is None else self.pool.status(),
         }
 
 

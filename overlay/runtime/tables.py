@@ -2,17 +2,18 @@
 
 Most fleet changes derive the new table from a recent one in milliseconds (overlay/selection.py,
 `cheap_table`), on the loop. The rest — several TMs down at once that shared rows, a worker catching up
-on many changes, a fleet store view that moved a lot — need a full build: about a second for a thousand
-TMs, most of it numpy and shake_256 (which release the GIL for their large buffers). `TableBuilder` is the
-core's `prepare_tables`: it builds those tables in a thread of its own and hands them back on the loop
-(`Distributor.tables_prepared`); meanwhile the packets keep the table they have, and the loop keeps
-moving them. One thread: builds run in the order asked, and a rebuild asks again if the fleet moved on.
+on many changes — need a full build: about a second for a thousand TMs, most of it numpy and shake_256
+(which release the GIL for their large buffers; with 2^22 rows the list conversion holds it ~0.1 s a
+table). `TableBuilder` is the core's `prepare_tables`: it builds those tables in a thread and hands them
+back on the loop (`Distributor.tables_prepared`); meanwhile the packets keep the table they have, and the
+loop keeps moving them. One build at a time: changes that come meanwhile wait for it, and the rebuild it
+ends is for the fleet state of then. A reload is not among them: its dry run and apply build on the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import threading
 from collections.abc import Callable
 
 import structlog
@@ -29,9 +30,12 @@ def build_all(wanted: list[dict[str, int]], seed: bytes, rows_log2: int) -> dict
 
 
 class TableBuilder:
+    """The core's `prepare_tables`: each build in a thread of its own (a daemon: an agent that exits does not
+    wait for a build nobody needs), its result handed back on the loop. The core asks for one build at a
+    time (`Distributor.building`)."""
+
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="overlay-tables")
         self.builds = 0
         self._closed = False
 
@@ -39,19 +43,23 @@ class TableBuilder:
         if self._closed:
             return
         self.builds += 1
-        future = self.loop.run_in_executor(self._executor, build_all, wanted, seed, rows_log2)
-        future.add_done_callback(lambda finished: self._finished(finished, done))
+        threading.Thread(target=self._build, args=(wanted, seed, rows_log2, done), name="overlay-tables",
+                         daemon=True).start()
 
-    def _finished(self, future: asyncio.Future[dict[TableKey, SelectionTable]], done: Done) -> None:
-        if self._closed or future.cancelled():
-            return
-        error = future.exception()
-        if error is not None:
+    def _build(self, wanted: list[dict[str, int]], seed: bytes, rows_log2: int, done: Done) -> None:
+        try:
+            tables: dict[TableKey, SelectionTable] | None = build_all(wanted, seed, rows_log2)
+        except Exception as error:   # a bug, not the input: build on the loop instead, and say so
             log.error("tables.build_failed", error=repr(error), building="on the loop instead")
-            done(None)
-            return
-        done(future.result())
+            tables = None
+        try:
+            self.loop.call_soon_threadsafe(self._deliver, tables, done)
+        except RuntimeError:
+            pass   # the loop is closed: the agent is gone
+
+    def _deliver(self, tables: dict[TableKey, SelectionTable] | None, done: Done) -> None:
+        if not self._closed:
+            done(tables)
 
     def close(self) -> None:
         self._closed = True
-        self._executor.shutdown(wait=False, cancel_futures=True)

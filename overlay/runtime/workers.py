@@ -1,5 +1,6 @@
-"""A distributor's extra packet loops (`[node] workers = N`): N - 1 worker processes next to the agent's
-own, one event loop each, sharing the one decision (issue 10; Nebula's `routines`).
+"""A distributor's (or an edge's) extra packet loops (`[node] workers = N`): N - 1 worker processes next to
+the agent's own, one event loop each, sharing the one decision (issue 10; Nebula's `routines`). An edge's
+loops share the distributor they follow instead (`LastHeard`).
 
 - Each worker attaches a queue of the agent's multi-queue TUN (the kernel spreads flows over the queues)
   and binds the underlay port with SO_REUSEPORT (the kernel spreads datagrams over the sockets), plus send
@@ -158,7 +159,118 @@ async def _run(loop: asyncio.AbstractEventLoop, control: Connection, on_control:
         udp.close()
 
 
+class LastHeard:
+    """An edge's loops agreeing on a distributor. An edge sends to the distributor it last heard from
+    (overlay/uplink.py: a dead one stops sending, a live one takes over); a loop that seldom or never
+    receives would stay with its first choice, up or down. So each loop says which distributor it follows
+    when that changed, with when it last heard from it (`EdgeNode.heard_at`: the loops' clock is the
+    machine's monotonic clock, one for all processes) — checked every STATS_INTERVAL, so a choice that
+    flips per datagram (two distributors answering) costs one message a second at most — and follows what
+    another loop heard more recently than anything it heard itself: the newest datagram decides, as in one
+    loop, not the order the messages happen to arrive in."""
+
+    def __init__(self, node: Any, send: Callable[[tuple[Any, ...]], None]) -> None:
+        self._node = node
+        self._send = send
+        self._said = node.last
+        self._adopted = float("-inf")   # when the choice we took from another loop was heard there
+
+    def newest(self) -> tuple[str, float]:
+        """The choice here and when it was heard (for a loop that starts later)."""
+        node = self._node
+        return (node.last, node.heard_at) if node.heard_at >= self._adopted else (node.last, self._adopted)
+
+    def flush(self) -> None:
+        node = self._node
+        if node.last != self._said and node.heard_at > self._adopted:
+            self._said = node.last
+            self._send(("heard", node.last, node.heard_at))
+
+    def heard(self, message: tuple[Any, ...]) -> None:
+        _, name, at = message
+        node = self._node
+        if name in node.by_name and at > max(node.heard_at, self._adopted):
+            node.last = self._said = name
+            self._adopted = at
+
+
 async def _serve(config: NodeConfig, index: int, control: Connection) -> None:
+    # The agent hands over the node's replay windows first thing on the pipe (WorkerPool._spawn): it
+    # made them because this config has [auth] on, the config it handed us.
+    windows = SharedWindows.receive(control) if config.auth.enabled else None
+    if config.role == "edge":
+        await _serve_edge(config, index, control, windows)
+    else:
+        await _serve_distributor(config, index, control, windows)
+
+
+async def _serve_edge(config: NodeConfig, index: int, control: Connection, windows: SharedWindows | None) -> None:
+    """An edge's packet loop: the same node as the agent's (its distributors; its key in lane `index`). The
+    edge keeps no state a packet needs but which distributor it follows (`LastHeard`); the agent alone
+    sends the announces."""
+    from overlay.edge import EdgeNode
+    from overlay.runtime.agent import UplinkAgent, authenticator, reconfigured_authenticator
+    from overlay.runtime.edge_agent import edge_counters, edge_handlers
+    from overlay.runtime.tun import TunDevice, wants_offload
+    from overlay.runtime.udp import UnderlayEndpoint
+
+    loop = asyncio.get_running_loop()
+    assert config.edge is not None, "the agent hands its workers its own config"
+    node = EdgeNode(config.edge.prefixes, UplinkAgent._distributors(config), config.underlay.gre_key,
+                    authenticator(config, lane=index, windows=windows))
+    tun = TunDevice(config.tun.name, multi_queue=True, offload=wants_offload(config.tun.offload, config.role))
+    # Everything from the well-known port, as the agent's (EdgeAgent.source_ports): the receive group.
+    udp = UnderlayEndpoint(config.underlay.address, config.underlay.port, source_ports=0)
+    stop = asyncio.Event()
+
+    def to_agent(message: tuple[Any, ...]) -> None:
+        try:
+            control.send(("shared", index, message))
+        except (BrokenPipeError, OSError):
+            stop.set()
+
+    following = LastHeard(node, to_agent)
+
+    def on_control() -> None:
+        nonlocal config
+        try:
+            message = control.recv()
+        except (EOFError, OSError):
+            stop.set()
+            return
+        if message[0] == "shared":
+            following.heard(message[1])
+        elif message[0] == "config":
+            new = message[1]
+            node.configure(UplinkAgent._distributors(new), new.underlay.gre_key,
+                           reconfigured_authenticator(node.auth, config, new))
+            config = new
+        elif message[0] == "stop":
+            stop.set()
+
+    def report() -> None:
+        following.flush()
+        counters = {**udp.counters, **tun.counters, **edge_counters(node)}
+        drops = {f"agent:{reason}": count for reason, count in node.drops.items()}
+        peers = {f"{host}:{port}": count for (host, port), count in node.peers.items()}
+        try:
+            control.send(("stats", index, counters, peers, drops))
+        except (BrokenPipeError, OSError):
+            stop.set()
+            return
+        loop.call_later(STATS_INTERVAL, report)
+
+    from_tun, from_overlay = edge_handlers(node, tun, udp, loop.time)
+
+    def start() -> None:
+        tun.start(loop, from_tun, lambda error: stop.set())
+        udp.start(loop, from_overlay)
+
+    await _run(loop, control, on_control, report, stop, tun, udp, index, start)
+
+
+async def _serve_distributor(config: NodeConfig, index: int, control: Connection,
+                             windows: SharedWindows | None) -> None:
     from overlay.distributor.core import Distributor
     from overlay.runtime.agent import authenticator, reconfigured_authenticator
     from overlay.runtime.packet_path import packet_handlers
@@ -167,13 +279,16 @@ async def _serve(config: NodeConfig, index: int, control: Connection) -> None:
     from overlay.runtime.udp import UnderlayEndpoint
 
     loop = asyncio.get_running_loop()
-    # The agent hands over the node's replay windows first thing on the pipe (WorkerPool._spawn): it
-    # made them because this config has [auth] on, the config it handed us.
-    windows = SharedWindows.receive(control) if config.auth.enabled else None
-    assert config.distributor is not None, "the agent hands workers a distributor's config"
+    assert config.distributor is not None, "the agent hands its workers its own config"
     core = Distributor(config.distributor, authenticator(config, lane=index, windows=windows))
     core.clock = loop.time
-    tables = core.prepare_tables = TableBuilder(loop)   # full table builds off the loop, as at the agent
+    # The fleet state comes next on the pipe (WorkerPool._spawn): taken before the first packet and built on
+    # the spot — a worker that starts (or restarts) must not forward a single packet by the default table.
+    if control.poll(30):
+        first = control.recv()
+        if first[0] == "state":
+            core.apply_fleet_state(*first[1])
+    tables = core.prepare_tables = TableBuilder(loop)   # later full table builds off the loop, as at the agent
     tun = TunDevice(config.tun.name, multi_queue=True, offload=wants_offload(config.tun.offload, config.role))
     udp = UnderlayEndpoint(config.underlay.address, config.underlay.port, source_ports=config.underlay.source_ports)
     stop = asyncio.Event()
@@ -249,9 +364,10 @@ def _frame(message: tuple[Any, ...]) -> bytes:
 
 
 class WorkerPool:
-    """Workers 1..count-1 of a distributor agent: started, kept in step, their counters collected."""
+    """Workers 1..count-1 of a distributor (or edge) agent: started, kept in step, their counters
+    collected. An edge has no fleet state: its `state` gives None, which its workers ignore."""
 
-    def __init__(self, count: int, loop: asyncio.AbstractEventLoop, state: Callable[[], FleetState],
+    def __init__(self, count: int, loop: asyncio.AbstractEventLoop, state: Callable[[], FleetState | None],
                  on_shared: Callable[[tuple[Any, ...]], None] = lambda message: None,
                  known: Callable[[], list[tuple[Any, ...]]] = list, windows: SharedWindows | None = None) -> None:
         self.count = count
@@ -262,6 +378,7 @@ class WorkerPool:
         self._known = known                      # what the agent knows of it: for a (re)started worker
         self._shared = ShareFilter(self._broadcast)   # what the agent's own loop learned: to every worker
         self._ticker: asyncio.TimerHandle | None = None
+        self.ticking: list[Callable[[], None]] = []   # more of the agent's own loop to share, every tick
         self._context = multiprocessing.get_context("spawn")   # a fresh interpreter: no forked event loop
         self._processes: dict[int, multiprocessing.process.BaseProcess] = {}
         self._controls: dict[int, Connection] = {}
@@ -280,7 +397,13 @@ class WorkerPool:
 
     def _tick(self) -> None:
         self._shared.flush()
+        for flush in self.ticking:
+            flush()
         self._ticker = self.loop.call_later(STATS_INTERVAL, self._tick)
+
+    def broadcast(self, message: tuple[Any, ...]) -> None:
+        """To every worker as it is (an edge's `LastHeard`: thinned already)."""
+        self._broadcast(message)
 
     def share(self, message: tuple[Any, ...]) -> None:
         """The agent's own loop learned something every loop needs (`Distributor.share`)."""
@@ -329,7 +452,7 @@ class WorkerPool:
         elif message[0] == "shared":
             shared = message[2]
             self._on_shared(shared)
-            if shared[0] in ("learned", "announced"):
+            if shared[0] in ("learned", "announced", "heard"):
                 self._shared.heard(shared)           # the agent's own loop: it now uses that endpoint too
                 self._broadcast(shared, but=index)   # the other workers; the agent took it just now
 

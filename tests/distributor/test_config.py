@@ -230,10 +230,10 @@ def test_tun_offload_auto_means_bulk_roles_with_the_extension(monkeypatch: pytes
     assert parse_node_config(BASE, "base.toml").tun.offload == "auto"
 
 
-def test_workers_are_a_distributors_with_or_without_authentication_and_refused_otherwise(tmp_path) -> None:
-    """`workers`: a distributor's packet loops, also with `[auth]` (one set of replay windows for all its
-    loops). Refused, naming the field and its line, on a TM (its connection table is one process's) and on
-    an edge."""
+def test_workers_are_a_distributors_or_an_edges_with_or_without_authentication_never_a_tms(tmp_path) -> None:
+    """`workers`: a distributor's or an edge's packet loops, also with `[auth]` (one set of replay windows
+    for all of a node's loops). Refused, naming the field and its line, on a TM (its connection table is
+    one process's)."""
     from overlay import auth
 
     assert parse_node_config(BASE.replace('name = "dist1"', 'name = "dist1"\nworkers = 2'), "dist.toml").workers == 2
@@ -250,6 +250,9 @@ def test_workers_are_a_distributors_with_or_without_authentication_and_refused_o
     for role, table in (("tm", '[tm]\nmode = "firewall"\n'), ("edge", '[edge]\nprefixes = ["203.0.113.12/32"]\n')):
         other = f"""[node]\nrole = "{role}"\nname = "n1"\nworkers = 2 # <-\n[underlay]\naddress = "192.0.2.71"\n
 [[distributor]]\nunderlay = "192.0.2.2"\n{table}"""
-        with pytest.raises(ConfigError, match="only a distributor") as caught:
+        if role == "edge":
+            assert parse_node_config(other, "edge.toml").workers == 2
+            continue
+        with pytest.raises(ConfigError, match="a TM runs one packet loop") as caught:
             parse_node_config(other, f"{role}.toml")
         assert (caught.value.field, caught.value.line) == ("node.workers", 4), str(caught.value)

@@ -68,18 +68,21 @@ def test_a_full_build_is_handed_off_and_the_old_table_serves_until_it_comes_back
     assert core.table.second == expected.table.second and not core.tm_states()["tm0010"]["serving"]
 
 
-def test_a_fleet_that_moved_on_during_the_build_asks_again_and_a_failed_build_is_done_here() -> None:
+def test_changes_during_a_build_wait_for_it_then_the_fleet_of_then_is_built_and_a_failed_build_is_done_here() -> None:
     core = core_of()
     asked: list[tuple] = []
     core.prepare_tables = lambda wanted, seed, rows_log2, done: asked.append((wanted, seed, rows_log2, done))
     core.apply_fleet_state(*down(core, DOWN))
     moved = down(core, [*DOWN, *(f"tm{i:04}" for i in range(30, 40))])
     core.apply_fleet_state(*moved)           # while the first build runs: ten more down
-    assert len(asked) == 2
+    assert len(asked) == 1, "one build at a time: the change waits for it"
+    assert core.snapshot()["table_pending"] is True
+    assert not core.tm_states()["tm0035"]["reachable"], "who is reachable follows at once (owner replies)"
     first = asked[0]
     first[3](build_all(*first[:3]))          # the first comes back: not what the fleet needs now
-    assert len(asked) == 3, "the rebuild asked again, for the fleet of now"
-    asked[2][3](None)                        # that build failed: the core builds here, now
+    assert len(asked) == 2, "the rebuild asked again, for the fleet of now"
+    asked[1][3](None)                        # that build failed: the core builds here, now
+    assert core.snapshot()["table_pending"] is False
     expected = reference(moved)
     assert core.table.first == expected.table.first and core.table.names == expected.table.names
 

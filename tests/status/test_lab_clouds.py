@@ -13,9 +13,9 @@ invalid on the TMs, part of them answered by the server behind the edge; outboun
 (v4 and v6) leaves with a TM's xlate address; cloud C's NAT is made to rebind (its conntrack flushed,
 `random` gives new public ports) while traffic runs, the distributor follows the edge to its new endpoint,
 and no connection fails; nothing is refused as replayed or too old, and no keepalive probe of a TM behind
-NAT is lost while traffic runs. All of it once more with two packet loops in the distributor (`[node]
-workers = 2`: lanes, one set of shared replay windows, learned endpoints shared through the agent), where
-every loop must carry traffic.
+NAT is lost while traffic runs. All of it once more with two packet loops in the distributor and in the
+edge (`[node] workers = 2`: lanes, one set of shared replay windows per node, learned endpoints and the
+edge's distributor shared through the agents), where every loop must carry traffic.
 """
 
 from __future__ import annotations
@@ -138,8 +138,8 @@ def start_edge(lab: Lab, config_dir: Path) -> None:
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["one-loop", "workers-2"])
 def clouds(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CloudsLab]:
-    """`workers-2`: the distributor with two packet loops, each sealing in its own lane, both opening
-    against one set of replay windows and sharing what they learn of the peers behind NAT."""
+    """`workers-2`: the distributor and the edge with two packet loops each, each loop sealing in its own
+    lane, a node's loops opening against one set of replay windows and sharing what they learn."""
     if LAB_UNAVAILABLE:
         pytest.skip(f"lab cannot run: {LAB_UNAVAILABLE}")
     workers = request.param
@@ -148,8 +148,9 @@ def clouds(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     with_edge(config_dir, f"{NAT_C_WAN}:4754", edge_address=EDGE_HOST)
     with_auth(config_dir, source=config_dir)
     if workers > 1:
-        path = config_dir / "distributor.toml"
-        path.write_text(path.read_text().replace("[node]\n", f"[node]\nworkers = {workers}\n", 1))
+        for node in ("distributor", "edge1"):
+            path = config_dir / f"{node}.toml"
+            path.write_text(path.read_text().replace("[node]\n", f"[node]\nworkers = {workers}\n", 1))
     for tm in topology.TMS:   # behind NAT: announce often, so the distributor finds them at once
         path = config_dir / f"{tm}.toml"
         text = path.read_text()
@@ -209,11 +210,12 @@ def test_thousands_of_connections_through_three_clouds(clouds: CloudsLab) -> Non
     after = probes(clouds)
     assert all(after[tm][0] == before[tm][0] and after[tm][1] > before[tm][1] for tm in topology.TMS), (before, after)
     if clouds.workers > 1:
-        time.sleep(1.2)    # the worker's last counters reach the agent
-        workers = clouds.status("dist")["workers"]
-        assert workers["running"] == clouds.workers, workers
-        assert all(count > 0 for count in workers["packets"].values()), workers["packets"]
-        assert workers["replay_windows"]["shared"] and workers["replay_windows"]["in_use"] >= len(topology.TMS), workers
+        time.sleep(1.2)    # the workers' last counters reach their agents
+        for role in ("dist", "edge1"):
+            workers = clouds.status(role)["workers"]
+            assert workers["running"] == clouds.workers, (role, workers)
+            assert all(count > 0 for count in workers["packets"].values()), (role, workers["packets"])
+            assert workers["replay_windows"]["shared"] and workers["replay_windows"]["in_use"] >= 1, (role, workers)
     print(f"\nclouds (workers {clouds.workers}): {report.summary()}")
 
 

@@ -10,7 +10,7 @@ import ipaddress
 
 from overlay import gre
 from overlay.edge import EdgeNode
-from overlay.runtime.workers import LastHeard
+from overlay.runtime.sharing import LastHeard
 from overlay.uplink import SEND
 from tests.tm.packets import SYN, tcp
 

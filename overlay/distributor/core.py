@@ -224,15 +224,25 @@ class Distributor:
         self._rebuild()
 
     def set_tm_up(self, name: str, up: bool) -> None:
-        if name not in self._up:
-            raise KeyError(name)
-        if self._up[name] != up:
+        self.set_tms_up({name: up})
+
+    def set_tms_up(self, changes: dict[str, bool]) -> None:
+        """Health of several TMs at once (one health pass): one rebuild for them all."""
+        unknown = [name for name in changes if name not in self._up]
+        if unknown:
+            raise KeyError(unknown[0])
+        changed = False
+        for name, up in changes.items():
+            if self._up[name] == up:
+                continue
+            changed = True
             self._up[name] = up
             if up and self.config.health.return_grace > 0:
                 self._returning.add(name)   # until end_return(name, token): the agent's timer
                 self._return_tokens[name] = self._return_tokens.get(name, 0) + 1
             else:
                 self._returning.discard(name)
+        if changed:
             self._rebuild()
 
     def return_token(self, name: str) -> int:

@@ -227,8 +227,9 @@ class DistributorAgent(Agent):
                     serving = self._serving
         if serving != self._serving:
             grace = self.health.config.return_grace
-            for tm in serving ^ self._serving:
-                self.core.set_tm_up(tm, tm in serving)
+            changed = serving ^ self._serving
+            self.core.set_tms_up({tm: tm in serving for tm in sorted(changed)})   # one rebuild for the pass
+            for tm in changed:
                 if tm in serving and grace > 0 and self.loop is not None:
                     self.loop.call_later(grace, self._end_return, tm, self.core.return_token(tm))
             self._serving = serving

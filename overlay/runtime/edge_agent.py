@@ -21,7 +21,8 @@ from overlay.runtime.netsetup import NetPlan, edge_plan
 from overlay.runtime.tun import TunDevice
 from overlay.antireplay import SharedWindows
 from overlay.runtime.udp import UnderlayEndpoint, attach_steering
-from overlay.runtime.workers import LastHeard, WorkerPool, replay_capacity
+from overlay.runtime.sharing import LastHeard
+from overlay.runtime.workers import WorkerPool, replay_capacity
 from overlay.uplink import SEND, TUN, NodeOutput
 
 

@@ -10,8 +10,8 @@ loops share the distributor they follow instead (`LastHeard`).
   hands each one the fleet state after every change (`Distributor.fleet_state()`: admin states, health,
   returns) and every reload (the config it applied — the node's `NodeConfig` itself, keys included, never
   the file again: a file edited since, or a key file rotated on disk, must not reach a restarted worker
-  before the agent reloads it). The distributor is
-  stateless per packet, so which process sees a packet never matters.
+  before the agent reloads it). The distributor is stateless per packet, so which process sees a packet
+  never matters.
 - With `[auth]` worker i seals in lane i (overlay/auth.py: its own nonces, its own replay window at the
   receiver), and every loop opens against the same replay windows: the agent creates them in shared
   memory (overlay/antireplay.py) and hands each worker the descriptor as it starts, so a replay meets
@@ -24,15 +24,16 @@ loops share the distributor they follow instead (`LastHeard`).
 - A worker dies with the agent (PR_SET_PDEATHSIG): a SIGKILLed agent leaves no process holding a TUN
   queue (the device, its routes and the fail-closed blackholes behave as for one process). A worker that
   dies on its own is restarted.
+
+Here: the agent's side (`WorkerPool`). The worker processes' loops are overlay/runtime/worker_loops.py;
+what the loops tell each other, overlay/runtime/sharing.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import multiprocessing
 import os
-import signal
 import socket
 import struct
 import time
@@ -45,17 +46,15 @@ import structlog
 
 from overlay.antireplay import SharedWindows
 from overlay.config import NodeConfig
+from overlay.runtime.sharing import ShareFilter
+from overlay.runtime.worker_loops import STATS_INTERVAL, worker_main
 
 log = structlog.get_logger("overlay.workers")
 
-STATS_INTERVAL = 1.0
 RESTART_DELAY = 1.0
-PR_SET_PDEATHSIG = 1
 
 FleetState = tuple[dict[str, str], dict[str, bool], frozenset[str]]
 
-
-# -- the worker process ------------------------------------------------------------------------------------
 
 def replay_capacity(config: Any) -> int:
     """Shared replay windows for a node's peers: one per sender key and lane, room for each key in several
@@ -63,294 +62,6 @@ def replay_capacity(config: Any) -> int:
     once used; the keys table itself 8 bytes a window)."""
     keys = sum(len(keys) for keys in config.auth.peers.values())
     return max(8192, 1 << (16 * keys - 1).bit_length())
-
-
-def worker_main(config: NodeConfig, index: int, control: Connection) -> None:
-    """The worker's process: the packet loop until the agent says stop (or goes away)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() == 1:
-        return   # the agent died before we could ask to die with it
-    signal.signal(signal.SIGINT, signal.SIG_IGN)   # the agent stops us, over the pipe
-    import uvloop
-
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(_serve(config, index, control))
-
-
-class ShareFilter:
-    """What a packet loop shares with the others (`Distributor.share` messages), thinned: a peer that sends
-    from several ports (an edge's entropy ports) moves its learned endpoint with nearly every datagram,
-    and any of those ports reaches it. A peer's first endpoint and a change of address go out at once (a
-    NAT rebinding: the other loops must follow); a change of port only with `flush`, the latest one."""
-
-    def __init__(self, send: Callable[[tuple[Any, ...]], None]) -> None:
-        self._send = send
-        self._sent: dict[str, tuple[str, int]] = {}
-        self._pending: dict[str, tuple[str, int]] = {}
-
-    def offer(self, message: tuple[Any, ...]) -> None:
-        kind, peer, value = message
-        if kind != "learned":
-            self._send(message)
-            return
-        last = self._sent.get(peer)
-        if last is not None and last[0] == value[0]:
-            self._pending[peer] = value
-            return
-        self._pending.pop(peer, None)
-        self._sent[peer] = value
-        self._send(message)
-
-    def heard(self, message: tuple[Any, ...]) -> None:
-        """What another loop shared (through the agent): the endpoint every loop now uses. A later port
-        seen here is thinned against that, not against what this loop last sent — else a loop would stay
-        silent on a port the others have since moved away from."""
-        kind, peer, value = message
-        if kind == "learned":
-            self._sent[peer] = value
-            pending = self._pending.get(peer)
-            if pending is not None and (pending == value or pending[0] != value[0]):
-                # Nothing new, or a port at an address the peer has since moved away from (a rebinding
-                # another loop saw first): sending it would move every loop back for a while.
-                del self._pending[peer]
-
-    def flush(self) -> None:
-        pending, self._pending = self._pending, {}
-        for peer, value in pending.items():
-            if self._sent.get(peer) != value:
-                self._sent[peer] = value
-                self._send(("learned", peer, value))
-
-
-class SharedLag:
-    """A worker's stand-in for `replication.StandbyLag`: a batch fanned out here may be acknowledged at
-    another loop, so the events go to the agent, whose StandbyLag the status shows."""
-
-    def __init__(self, send: Callable[[tuple[Any, ...]], None]) -> None:
-        self._send = send
-
-    def fanned(self, origin: str, sequence: int, now: float) -> None:
-        self._send(("fanned", origin, (sequence, now)))
-
-    def acked(self, origin: str, standby: str, sequence: int, now: float) -> None:
-        self._send(("acked", origin, (standby, sequence, now)))
-
-    def status(self, now: float) -> dict[str, dict]:
-        return {}
-
-
-async def _run(loop: asyncio.AbstractEventLoop, control: Connection, on_control: Callable[[], None],
-               report: Callable[[], None], stop: asyncio.Event, tun: Any, udp: Any, index: int,
-               start: Callable[[], None]) -> None:
-    """A worker's life: read the control pipe, start the packet callbacks, report, stop and close."""
-    loop.add_reader(control.fileno(), on_control)
-    start()
-    control.send(("ready", index, os.getpid()))
-    loop.call_soon(report)
-    try:
-        await stop.wait()
-    finally:
-        loop.remove_reader(control.fileno())
-        tun.stop_reading()
-        udp.stop_reading()
-        udp.drain_all()
-        tun.close()
-        udp.close()
-
-
-class LastHeard:
-    """An edge's loops agreeing on a distributor. An edge sends to the distributor it last heard from
-    (overlay/uplink.py: a dead one stops sending, a live one takes over); a loop that seldom or never
-    receives would stay with its first choice, up or down. So each loop says which distributor it follows
-    when that changed, with when it last heard from it (`EdgeNode.heard_at`: the loops' clock is the
-    machine's monotonic clock, one for all processes) — checked every STATS_INTERVAL, so a choice that
-    flips per datagram (two distributors answering) costs one message a second at most — and follows what
-    another loop heard more recently than anything it heard itself: the newest datagram decides, as in one
-    loop, not the order the messages happen to arrive in."""
-
-    def __init__(self, node: Any, send: Callable[[tuple[Any, ...]], None]) -> None:
-        self._node = node
-        self._send = send
-        self._said = node.last
-        self._adopted = float("-inf")   # when the choice we took from another loop was heard there
-
-    def newest(self) -> tuple[str, float]:
-        """The choice here and when it was heard (for a loop that starts later)."""
-        node = self._node
-        return (node.last, node.heard_at) if node.heard_at >= self._adopted else (node.last, self._adopted)
-
-    def flush(self) -> None:
-        node = self._node
-        if node.last != self._said and node.heard_at > self._adopted:
-            self._said = node.last
-            self._send(("heard", node.last, node.heard_at))
-
-    def heard(self, message: tuple[Any, ...]) -> None:
-        _, name, at = message
-        node = self._node
-        if name in node.by_name and at > max(node.heard_at, self._adopted):
-            node.last = self._said = name
-            self._adopted = at
-
-
-async def _serve(config: NodeConfig, index: int, control: Connection) -> None:
-    # The agent hands over the node's replay windows first thing on the pipe (WorkerPool._spawn): it
-    # made them because this config has [auth] on, the config it handed us.
-    windows = SharedWindows.receive(control) if config.auth.enabled else None
-    if config.role == "edge":
-        await _serve_edge(config, index, control, windows)
-    else:
-        await _serve_distributor(config, index, control, windows)
-
-
-async def _serve_edge(config: NodeConfig, index: int, control: Connection, windows: SharedWindows | None) -> None:
-    """An edge's packet loop: the same node as the agent's (its distributors; its key in lane `index`). The
-    edge keeps no state a packet needs but which distributor it follows (`LastHeard`); the agent alone
-    sends the announces."""
-    from overlay.edge import EdgeNode
-    from overlay.runtime.agent import UplinkAgent, authenticator, reconfigured_authenticator
-    from overlay.runtime.edge_agent import edge_counters, edge_handlers
-    from overlay.runtime.tun import TunDevice, wants_offload
-    from overlay.runtime.udp import UnderlayEndpoint
-
-    loop = asyncio.get_running_loop()
-    assert config.edge is not None, "the agent hands its workers its own config"
-    node = EdgeNode(config.edge.prefixes, UplinkAgent._distributors(config), config.underlay.gre_key,
-                    authenticator(config, lane=index, windows=windows))
-    tun = TunDevice(config.tun.name, multi_queue=True, offload=wants_offload(config.tun.offload, config.role))
-    # Everything from the well-known port, as the agent's (EdgeAgent.source_ports): the receive group.
-    udp = UnderlayEndpoint(config.underlay.address, config.underlay.port, source_ports=0)
-    stop = asyncio.Event()
-
-    def to_agent(message: tuple[Any, ...]) -> None:
-        try:
-            control.send(("shared", index, message))
-        except (BrokenPipeError, OSError):
-            stop.set()
-
-    following = LastHeard(node, to_agent)
-
-    def on_control() -> None:
-        nonlocal config
-        try:
-            message = control.recv()
-        except (EOFError, OSError):
-            stop.set()
-            return
-        if message[0] == "shared":
-            following.heard(message[1])
-        elif message[0] == "config":
-            new = message[1]
-            node.configure(UplinkAgent._distributors(new), new.underlay.gre_key,
-                           reconfigured_authenticator(node.auth, config, new))
-            config = new
-        elif message[0] == "stop":
-            stop.set()
-
-    def report() -> None:
-        following.flush()
-        counters = {**udp.counters, **tun.counters, **edge_counters(node)}
-        drops = {f"agent:{reason}": count for reason, count in node.drops.items()}
-        peers = {f"{host}:{port}": count for (host, port), count in node.peers.items()}
-        try:
-            control.send(("stats", index, counters, peers, drops))
-        except (BrokenPipeError, OSError):
-            stop.set()
-            return
-        loop.call_later(STATS_INTERVAL, report)
-
-    from_tun, from_overlay = edge_handlers(node, tun, udp, loop.time)
-
-    def start() -> None:
-        tun.start(loop, from_tun, lambda error: stop.set())
-        udp.start(loop, from_overlay)
-
-    await _run(loop, control, on_control, report, stop, tun, udp, index, start)
-
-
-async def _serve_distributor(config: NodeConfig, index: int, control: Connection,
-                             windows: SharedWindows | None) -> None:
-    from overlay.distributor.core import Distributor
-    from overlay.runtime.agent import authenticator, reconfigured_authenticator
-    from overlay.runtime.packet_path import packet_handlers
-    from overlay.runtime.tables import TableBuilder
-    from overlay.runtime.tun import TunDevice, wants_offload
-    from overlay.runtime.udp import UnderlayEndpoint
-
-    loop = asyncio.get_running_loop()
-    assert config.distributor is not None, "the agent hands its workers its own config"
-    core = Distributor(config.distributor, authenticator(config, lane=index, windows=windows))
-    core.clock = loop.time
-    # The fleet state comes next on the pipe (WorkerPool._spawn): taken before the first packet and built on
-    # the spot — a worker that starts (or restarts) must not forward a single packet by the default table.
-    if control.poll(30):
-        first = control.recv()
-        if first[0] == "state":
-            core.apply_fleet_state(*first[1])
-    tables = core.prepare_tables = TableBuilder(loop)   # later full table builds off the loop, as at the agent
-    tun = TunDevice(config.tun.name, multi_queue=True, offload=wants_offload(config.tun.offload, config.role))
-    udp = UnderlayEndpoint(config.underlay.address, config.underlay.port, source_ports=config.underlay.source_ports)
-    stop = asyncio.Event()
-
-    def to_agent(message: tuple[Any, ...]) -> None:
-        try:
-            control.send(("shared", index, message))
-        except (BrokenPipeError, OSError):
-            stop.set()
-
-    shared = ShareFilter(to_agent)
-    core.share = shared.offer
-    core.replication_lag = SharedLag(to_agent)  # type: ignore[assignment]
-
-    def keepalive(payload: bytes) -> None:
-        # Probes leave from the agent's own sockets and their echoes come back there, except a probe
-        # from the well-known port (a TM behind NAT): its echo may land in any loop of the group.
-        to_agent(("keepalive", None, payload))
-
-    (from_tun, from_overlay, from_tun_train, from_overlay_train, from_tun_batch,
-     from_overlay_batch) = packet_handlers(core, tun, udp, keepalive)
-
-    def on_control() -> None:
-        try:
-            message = control.recv()
-        except (EOFError, OSError):
-            stop.set()            # the agent is gone
-            return
-        nonlocal config
-        kind = message[0]
-        if kind == "state":
-            core.apply_fleet_state(*message[1])
-        elif kind == "shared":
-            core.apply_shared(message[1])
-            shared.heard(message[1])
-        elif kind == "config":
-            new = message[1]
-            assert new.distributor is not None
-            rekeyed = reconfigured_authenticator(core.auth, config, new)   # the agent checked it applies
-            core.reconfigure(new.distributor)
-            core.auth, config = rekeyed, new
-        elif kind == "stop":
-            stop.set()
-
-    def report() -> None:
-        shared.flush()
-        counters = {**udp.counters, **tun.counters, **core.counters(), "table.rebuilds_deferred": core.rebuilds_deferred}
-        try:
-            control.send(("stats", index, counters, dict(core.counters_tm), dict(core.counters_drop)))
-        except (BrokenPipeError, OSError):
-            stop.set()
-            return
-        loop.call_later(STATS_INTERVAL, report)
-
-    def start() -> None:
-        tun.start(loop, from_tun, lambda error: stop.set(), from_tun_train, from_tun_batch)
-        udp.start(loop, from_overlay, from_overlay_train, from_overlay_batch)
-
-    try:
-        await _run(loop, control, on_control, report, stop, tun, udp, index, start)
-    finally:
-        tables.close()
 
 
 # -- the agent's side ----------------------------------------------------------------------------------------

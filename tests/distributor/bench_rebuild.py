@@ -99,8 +99,9 @@ def loop_stall(config: DistributorConfig, off_loop: bool, one_by_one: bool = Fal
         admin, up, returning = core.fleet_state()
         names = sorted(up)[10:30] if one_by_one else sorted(up)[10:20]
         if one_by_one:
-            for name in names:
+            for name in names:     # as separate health passes report them: one loop turn each
                 core.set_tm_up(name, False)
+                await asyncio.sleep(0)
         else:
             core.apply_fleet_state(admin, {**up, **dict.fromkeys(names, False)}, returning)
         while core.table is before or core.building or set(names) & set(core.table.names):

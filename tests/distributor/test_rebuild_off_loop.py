@@ -118,3 +118,17 @@ def test_with_the_builder_the_loop_keeps_running_during_the_build() -> None:
     assert on_loop == 0, "the negative control: built on the loop, nothing else ran until it was done"
     expected = reference(down(core, DOWN))
     assert core.table.first == expected.table.first
+
+
+def test_one_health_pass_is_one_rebuild() -> None:
+    """`set_tms_up`: the TMs one health pass reports, one rebuild (one derivation or one build), the same
+    table as one change after another."""
+    core, one_by_one = core_of(), core_of()
+    asked: list[tuple] = []
+    core.prepare_tables = lambda wanted, seed, rows_log2, done: asked.append((wanted, seed, rows_log2, done))
+    core.set_tms_up(dict.fromkeys(DOWN, False))
+    assert len(asked) == 1 and core.rebuilds_deferred == 1
+    asked[0][3](build_all(*asked[0][:3]))
+    for name in DOWN:
+        one_by_one.set_tm_up(name, False)
+    assert core.table.first == one_by_one.table.first and core.table.names == one_by_one.table.names

@@ -1,7 +1,7 @@
 """Several packet loops of one distributor (`[node] workers`) with `[auth]`: what one loop learns from a
 sealed datagram, every loop needs — where an edge behind NAT is reached, what it announced — and the
 replication telemetry belongs to the agent. In memory: the real distributor cores of two loops, a real
-edge core, the messages of overlay/runtime/workers.py between them."""
+edge core, the messages of overlay/runtime/sharing.py between them."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 from overlay.config import load_node_config
 from overlay.distributor.core import PINNED, Distributor
 from overlay.runtime.agent import authenticator
-from overlay.runtime.workers import ShareFilter, SharedLag
+from overlay.runtime.sharing import ShareFilter, SharedLag
 from tests.authconfig import EDGE_SERVER_V4, with_auth, with_edge
 from tests.test_edge_fleet import EDGE_UNDERLAY, EdgeFleet
 from tests.tm import packets as P

@@ -107,12 +107,16 @@ class LocalWindows:
     def __init__(self) -> None:
         self._rings: dict[tuple[int, int], _Ring] = {}
 
-    def check(self, sender: int, lane: int, counter: int) -> str | None:
-        """None when `counter` is new from that sender and lane (and now seen), else the reason."""
+    def ring(self, sender: int, lane: int) -> _Ring:
+        """The window of one sender key and lane (`Authenticator.open` keeps it at hand)."""
         ring = self._rings.get((sender, lane))
         if ring is None:
             ring = self._rings[(sender, lane)] = _Ring()
-        return ring.check_and_set(counter)
+        return ring
+
+    def check(self, sender: int, lane: int, counter: int) -> str | None:
+        """None when `counter` is new from that sender and lane (and now seen), else the reason."""
+        return self.ring(sender, lane).check_and_set(counter)
 
     def kept(self, senders: Container[int]) -> LocalWindows:
         """For a reload: the windows of senders whose keys stay (the others' memory goes with their key)."""
@@ -204,12 +208,18 @@ class SharedWindows:
     def in_use(self) -> int:
         return _HEADER.unpack_from(self._region, 0)[4]
 
+    def ring(self, sender: int, lane: int) -> _SharedWindow:
+        return _SharedWindow(self, window_key(sender, lane))
+
     def check(self, sender: int, lane: int, counter: int) -> str | None:
+        return self.check_key(window_key(sender, lane), counter)
+
+    def check_key(self, key: int, counter: int) -> str | None:
         if self._accept is not None:
-            return self._reasons[self._accept(self._region, window_key(sender, lane), counter)]
+            return self._reasons[self._accept(self._region, key, counter)]
         fcntl.lockf(self._fd, fcntl.LOCK_EX)
         try:
-            return self._reasons[_accept_locked(self._region, self.capacity, window_key(sender, lane), counter)]
+            return self._reasons[_accept_locked(self._region, self.capacity, key, counter)]
         finally:
             fcntl.lockf(self._fd, fcntl.LOCK_UN)
 
@@ -221,6 +231,19 @@ class SharedWindows:
             self._region.close()
             os.close(self._fd)
             self._fd = -1
+
+
+class _SharedWindow:
+    """One sender key and lane's window in a node's region: the same interface as one loop's `_Ring`."""
+
+    __slots__ = ("_windows", "_key")
+
+    def __init__(self, windows: SharedWindows, key: int) -> None:
+        self._windows = windows
+        self._key = key
+
+    def check_and_set(self, counter: int) -> str | None:
+        return self._windows.check_key(self._key, counter)
 
 
 def _size(capacity: int) -> int:

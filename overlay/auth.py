@@ -46,6 +46,7 @@ import hashlib
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -151,6 +152,7 @@ class Authenticator:
         self._send: dict[str, list] = {}   # peer → [header prefix, AEAD, counter]
         self._receive: dict[tuple[int, int], ChaCha20Poly1305] = {}
         self.windows = windows if windows is not None else LocalWindows()   # per (sender key id, lane)
+        self._rings: dict[tuple[int, int], Any] = {}   # each sender's window at hand: one dict lookup a datagram
         self.refused = dict.fromkeys(REASONS, 0)
 
     def reconfigure(self, config: AuthConfig) -> Authenticator:
@@ -219,7 +221,10 @@ class Authenticator:
                 payload = datagram[HEADER_SIZE:-TAG_SIZE]
         except InvalidTag:
             return self._refuse(BAD_TAG)
-        refused = self.windows.check(sender_id, lane, counter)
+        ring = self._rings.get((sender_id, lane))
+        if ring is None:
+            ring = self._rings[(sender_id, lane)] = self.windows.ring(sender_id, lane)
+        refused = ring.check_and_set(counter)
         if refused is not None:
             return self._refuse(refused)
         return self._peer_by_id[sender_id][0], payload

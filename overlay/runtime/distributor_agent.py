@@ -25,13 +25,12 @@ from overlay.fleetview import FleetView
 from overlay.runtime.fleet_sync import FleetSync
 from overlay.distributor.core import PINNED, Distributor
 from overlay.health import HealthChecker
-from overlay.antireplay import SharedWindows
 from overlay.runtime.agent import Agent, authenticator, reconfigured_authenticator
 from overlay.runtime.netsetup import NetPlan, distributor_plan
 from overlay.runtime.packet_path import packet_handlers
 from overlay.runtime.tables import TableBuilder
 from overlay.runtime.udp import attach_steering
-from overlay.runtime.workers import WorkerPool, replay_capacity
+from overlay.runtime.workers import WorkerPool, node_windows
 
 log = structlog.get_logger("overlay.distributor")
 
@@ -58,7 +57,6 @@ class DistributorAgent(Agent):
         self._fleet_document_revision = 0
         self.fleet_document_error: str | None = None
         self.pool: WorkerPool | None = None          # [node] workers > 1: the other packet loops
-        self.windows: SharedWindows | None = None    # ... with [auth]: their one set of replay windows
         self.tables: TableBuilder | None = None
         self._synced_state: object = None
 
@@ -73,10 +71,8 @@ class DistributorAgent(Agent):
     def _open_role(self, loop: asyncio.AbstractEventLoop) -> None:
         assert self.config.distributor is not None and self.tun is not None and self.udp is not None
         dconfig = self.config.distributor
-        if self.config.workers > 1 and self.config.auth.enabled:
-            # Every loop opens sealed datagrams against the same replay windows (overlay/antireplay.py).
-            self.windows = SharedWindows.create(replay_capacity(self.config))
-        self.core = core = Distributor(dconfig, authenticator(self.config, windows=self.windows))
+        windows = node_windows(self.config)   # several loops with [auth]: one set of replay windows for all
+        self.core = core = Distributor(dconfig, authenticator(self.config, windows=windows))
         core.clock = loop.time
         self.tables = core.prepare_tables = TableBuilder(loop)   # full table builds off the loop
         now = loop.time()
@@ -93,7 +89,7 @@ class DistributorAgent(Agent):
             # The receive sockets of all workers form one SO_REUSEPORT group: spread by the inner flow.
             attach_steering(self.udp.receive_socket, self.config.workers)
             self.pool = WorkerPool(self.config.workers, loop, core.fleet_state, self._on_shared, core.shared_state,
-                                   self.windows)
+                                   windows)
             core.share = self.pool.share
             self.pool.start(self.config)
             self._synced_state = core.fleet_state()
@@ -308,9 +304,6 @@ class DistributorAgent(Agent):
         if self.pool is not None:
             self.pool.stop()
             self.pool = None
-        if self.windows is not None:
-            self.windows.close()
-            self.windows = None
         if self.tables is not None:
             self.tables.close()
             self.tables = None
@@ -326,14 +319,11 @@ class DistributorAgent(Agent):
         counters["table.rebuilds_deferred"] = self.core.rebuilds_deferred   # full builds run off the loop
         if self.pool is not None:
             # One fleet, several packet loops: their counters add up (status, metrics, the page).
-            for worker_counters, by_tm, drops, _ in self.pool.stats.values():
-                for name, value in worker_counters.items():
-                    counters[name] = counters.get(name, 0) + value
+            self.pool.add_totals(counters, snapshot["drops"])  # type: ignore[arg-type]
+            for _, by_tm, _, _ in self.pool.stats.values():
                 for tm, value in by_tm.items():
                     if tm in snapshot["tms"]:  # type: ignore[operator]
                         snapshot["tms"][tm]["packets"] += value  # type: ignore[index]
-                for reason, value in drops.items():
-                    snapshot["drops"][reason] = snapshot["drops"].get(reason, 0) + value  # type: ignore[index,attr-defined]
         # Replication per TM: seconds since its last batch (≈ its [tm.replication] interval while it has
         # changes), and per standby the lag of its acks (distributor → standby → distributor).
         now = self.loop.time() if self.loop is not None else 0.0

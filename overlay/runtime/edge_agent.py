@@ -19,10 +19,9 @@ from overlay.edge import EdgeNode
 from overlay.runtime.agent import UplinkAgent, authenticator, reconfigured_authenticator
 from overlay.runtime.netsetup import NetPlan, edge_plan
 from overlay.runtime.tun import TunDevice
-from overlay.antireplay import SharedWindows
 from overlay.runtime.udp import UnderlayEndpoint, attach_steering
 from overlay.runtime.sharing import LastHeard
-from overlay.runtime.workers import WorkerPool, replay_capacity
+from overlay.runtime.workers import WorkerPool, node_windows
 from overlay.uplink import SEND, TUN, NodeOutput
 
 
@@ -35,7 +34,6 @@ class EdgeAgent(UplinkAgent):
         super().__init__(config)
         self.node: EdgeNode | None = None
         self.pool: WorkerPool | None = None          # [node] workers > 1: the other packet loops
-        self.windows: SharedWindows | None = None    # ... with [auth]: their one set of replay windows
         self.following: LastHeard | None = None      # ... and the distributor they all follow
 
     def source_ports(self) -> int:
@@ -50,10 +48,9 @@ class EdgeAgent(UplinkAgent):
 
     def _open_role(self, loop: asyncio.AbstractEventLoop) -> None:
         assert self.config.edge is not None and self.tun is not None and self.udp is not None
-        if self.config.workers > 1 and self.config.auth.enabled:
-            self.windows = SharedWindows.create(replay_capacity(self.config))   # overlay/antireplay.py
+        windows = node_windows(self.config)   # several loops with [auth]: one set of replay windows for all
         self.node = node = EdgeNode(self.config.edge.prefixes, self._distributors(self.config),
-                                    self.config.underlay.gre_key, authenticator(self.config, windows=self.windows))
+                                    self.config.underlay.gre_key, authenticator(self.config, windows=windows))
         from_tun, from_overlay = edge_handlers(node, self.tun, self.udp, loop.time)
         self.tun.start(loop, from_tun, self.tun_lost)
         self.udp.start(loop, from_overlay)
@@ -64,7 +61,7 @@ class EdgeAgent(UplinkAgent):
             attach_steering(self.udp.receive_socket, self.config.workers)
             self.pool = pool = WorkerPool(self.config.workers, loop, lambda: None, self._on_shared,
                                           lambda: [("heard", *self.following.newest())] if self.following else [],
-                                          self.windows)
+                                          windows)
             self.following = LastHeard(node, pool.broadcast)
             pool.ticking.append(self.following.flush)
             pool.start(self.config)
@@ -90,9 +87,6 @@ class EdgeAgent(UplinkAgent):
         if self.pool is not None:
             self.pool.stop()
             self.pool = None
-        if self.windows is not None:
-            self.windows.close()
-            self.windows = None
 
     def _role_status(self) -> dict:
         if self.node is None:
@@ -102,11 +96,8 @@ class EdgeAgent(UplinkAgent):
         peers = {f"{host}:{port}": {"packets": count} for (host, port), count in self.node.peers.items()}
         if self.pool is not None:
             # One edge, several packet loops: their counters and drops add up.
-            for worker_counters, worker_peers, worker_drops, _ in self.pool.stats.values():
-                for name, value in worker_counters.items():
-                    counters[name] = counters.get(name, 0) + value
-                for reason, value in worker_drops.items():
-                    drops[reason] = drops.get(reason, 0) + value
+            self.pool.add_totals(counters, drops)
+            for _, worker_peers, _, _ in self.pool.stats.values():
                 for peer, value in worker_peers.items():
                     peers[peer] = {"packets": peers.get(peer, {"packets": 0})["packets"] + value}
         return {

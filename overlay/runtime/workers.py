@@ -56,12 +56,16 @@ RESTART_DELAY = 1.0
 FleetState = tuple[dict[str, str], dict[str, bool], frozenset[str]]
 
 
-def replay_capacity(config: Any) -> int:
-    """Shared replay windows for a node's peers: one per sender key and lane, room for each key in several
-    lanes and for the keys reloads and the fleet store add (a power of two; 32 KiB a window, touched only
-    once used; the keys table itself 8 bytes a window)."""
+def node_windows(config: NodeConfig) -> SharedWindows | None:
+    """The replay windows a node's loops share (overlay/antireplay.py) — several loops with [auth] on, else
+    None. Sized for its peers: one window per sender key and lane, room for each key in several lanes and for
+    the keys reloads and the fleet store add (a power of two; 32 KiB a window, touched only once used; the
+    keys table 8 bytes a window). The agent's own authenticator opens with them, then its WorkerPool hands
+    them to every worker and closes them when it stops."""
+    if config.workers < 2 or not config.auth.enabled:
+        return None
     keys = sum(len(keys) for keys in config.auth.peers.values())
-    return max(8192, 1 << (16 * keys - 1).bit_length())
+    return SharedWindows.create(max(8192, 1 << (16 * keys - 1).bit_length()))
 
 
 # -- the agent's side ----------------------------------------------------------------------------------------
@@ -262,6 +266,14 @@ class WorkerPool:
             {"shared": True, "in_use": self.windows.in_use(), "capacity": self.windows.capacity * 3 // 4},
         }
 
+    def add_totals(self, counters: dict[str, int], drops: dict[str, int]) -> None:
+        """The workers' counters and drops onto the agent's own (one node, several loops: they add up)."""
+        for worker_counters, _, worker_drops, _ in self.stats.values():
+            for name, value in worker_counters.items():
+                counters[name] = counters.get(name, 0) + value
+            for reason, value in worker_drops.items():
+                drops[reason] = drops.get(reason, 0) + value
+
     def stop(self, timeout: float = 3.0) -> None:
         self._stopping = True
         if self._ticker is not None:
@@ -282,6 +294,9 @@ class WorkerPool:
         for index in list(self._controls):
             self._close_control(index)
         self._processes.clear()
+        if self.windows is not None:
+            self.windows.close()
+            self.windows = None
 
     def _close_control(self, index: int) -> None:
         control = self._controls.pop(index)
